@@ -1,0 +1,35 @@
+//! Load generator for abproxy.
+//!
+//! Besides throughput and latency, it checks the two promises abproxy makes about assignment:
+//! the traffic split follows the configured weights, and a user always lands on the same
+//! variant. [`run`] is the whole library in one call, so tests drive it without spawning the
+//! binary:
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use loadtest::{Budget, Mode, Options, Target};
+//!
+//! let mut options = Options::new(Target::parse("http://127.0.0.1:8080")?);
+//! options.mode = Mode::rate(500.0)?;
+//! options.budget = Budget::requests(1000);
+//! options.expected = "control=80,treatment=20".parse()?;
+//! let report = loadtest::run(options).await?;
+//! assert_eq!(report.stickiness.violations, 0);
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod cli;
+mod driver;
+pub mod options;
+pub mod population;
+mod progress;
+pub mod report;
+pub mod request;
+pub mod stats;
+
+pub use driver::{run, RunError};
+pub use options::{Budget, Mode, Options, OptionsError, Target};
+pub use population::{Distribution, Population, UserId};
+pub use report::{Checks, ExpectedSplit, Report};
+pub use request::IdSource;

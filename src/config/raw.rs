@@ -1,0 +1,83 @@
+//! The file as written: serde types that mirror the TOML, with spans kept for error messages.
+//!
+//! Nothing here is validated beyond TOML types; `super::validate` turns it into a `Config`.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct File {
+    #[serde(default)]
+    pub server: Server,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub assignment: Assignment,
+    #[serde(default, rename = "variant")]
+    pub variants: Vec<Spanned<Variant>>,
+    #[serde(default, rename = "shadow")]
+    pub shadows: Vec<Spanned<Shadow>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Server {
+    pub listen: Option<Spanned<String>>,
+    pub admin: Option<Spanned<String>>,
+    pub variant_header: Option<Spanned<String>>,
+    pub preserve_host: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Limits {
+    pub max_body: Option<Spanned<Size>>,
+    pub request_timeout: Option<Spanned<String>>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub shutdown_grace: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Assignment {
+    pub sources: Option<Vec<Spanned<String>>>,
+    pub salt: Option<String>,
+    pub buckets: Option<Spanned<i64>>,
+    pub on_missing: Option<Spanned<String>>,
+    pub override_header: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Variant {
+    pub name: Spanned<String>,
+    pub upstream: Spanned<String>,
+    pub weight: Spanned<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Shadow {
+    pub name: Spanned<String>,
+    pub upstream: Spanned<String>,
+    pub percent: Option<Spanned<f64>>,
+    pub timeout: Option<Spanned<String>>,
+    pub max_queue: Option<Spanned<i64>>,
+    pub max_concurrency: Option<Spanned<i64>>,
+    pub compare: Option<Spanned<String>>,
+    pub tolerance: Option<Spanned<f64>>,
+    pub log: Option<String>,
+    pub log_user_id: Option<bool>,
+    pub log_body_bytes: Option<Spanned<Size>>,
+    pub log_max_size: Option<Spanned<Size>>,
+    pub log_keep: Option<Spanned<i64>>,
+}
+
+/// A byte size: an integer count of bytes or a string such as `"1MiB"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum Size {
+    Bytes(i64),
+    Text(String),
+}

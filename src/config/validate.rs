@@ -1,0 +1,341 @@
+//! Turns the raw file into a `Config`, checking every rule and pointing at the offending line.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::Uri;
+use toml::Spanned;
+
+use super::raw::{self, Size};
+use super::{Assignment, Config, ConfigError, Limits, Location, Server, Shadow, Upstream, Variant};
+use crate::assign::{OnMissing, UserIdSource};
+
+const MIB: u64 = 1024 * 1024;
+
+pub(super) struct Validator<'a> {
+    pub path: &'a Path,
+    pub text: &'a str,
+}
+
+type Result<T> = std::result::Result<T, ConfigError>;
+
+impl Validator<'_> {
+    fn error(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        ConfigError::invalid(Location::at(self.path, self.text, span.start), message)
+    }
+
+    pub fn config(&self, file: raw::File) -> Result<Config> {
+        let limits = self.limits(file.limits)?;
+        let assignment = self.assignment(file.assignment)?;
+        let variants = self.variants(file.variants, assignment.buckets)?;
+        let shadows = file
+            .shadows
+            .into_iter()
+            .map(|shadow| self.shadow(shadow, &limits))
+            .collect::<Result<Vec<_>>>()?;
+        self.unique_names(shadows.iter().map(|s| s.name.as_str()), "shadow")?;
+        Ok(Config {
+            server: self.server(file.server)?,
+            limits,
+            assignment,
+            variants,
+            shadows,
+        })
+    }
+
+    fn server(&self, server: raw::Server) -> Result<Server> {
+        Ok(Server {
+            listen: self.socket_addr(server.listen, SocketAddr::from(([0, 0, 0, 0], 8080)))?,
+            admin: self.socket_addr(server.admin, SocketAddr::from(([127, 0, 0, 1], 9090)))?,
+            variant_header: self
+                .header_name(server.variant_header)?
+                .unwrap_or(HeaderName::from_static("x-variant")),
+            preserve_host: server.preserve_host.unwrap_or(true),
+        })
+    }
+
+    fn limits(&self, limits: raw::Limits) -> Result<Limits> {
+        Ok(Limits {
+            max_body: self.size(limits.max_body, MIB)?,
+            request_timeout: self.duration(limits.request_timeout, Duration::from_secs(30))?,
+            connect_timeout: self.duration(limits.connect_timeout, Duration::from_secs(1))?,
+            shutdown_grace: self.duration(limits.shutdown_grace, Duration::from_secs(30))?,
+        })
+    }
+
+    fn assignment(&self, assignment: raw::Assignment) -> Result<Assignment> {
+        let sources = match assignment.sources {
+            None => vec![UserIdSource::Header(HeaderName::from_static("x-user-id"))],
+            Some(specs) => specs
+                .into_iter()
+                .map(|spec| {
+                    spec.get_ref()
+                        .parse()
+                        .map_err(|err| self.error(spec.span(), format!("{err}")))
+                })
+                .collect::<Result<_>>()?,
+        };
+        let buckets = match assignment.buckets {
+            None => 100,
+            Some(buckets) => {
+                let value = *buckets.get_ref();
+                if !(100..=10_000).contains(&value) || value % 100 != 0 {
+                    return Err(self.error(
+                        buckets.span(),
+                        format!("buckets must be a multiple of 100 from 100 to 10000, not {value}"),
+                    ));
+                }
+                value as u32
+            }
+        };
+        let on_missing = match assignment.on_missing {
+            None => OnMissing::Random,
+            Some(text) => text
+                .get_ref()
+                .parse()
+                .map_err(|err: String| self.error(text.span(), err))?,
+        };
+        Ok(Assignment {
+            sources,
+            salt: assignment.salt.unwrap_or_default(),
+            buckets,
+            on_missing,
+            override_header: self.header_name(assignment.override_header)?,
+        })
+    }
+
+    fn variants(&self, variants: Vec<Spanned<raw::Variant>>, buckets: u32) -> Result<Vec<Variant>> {
+        let Some(first) = variants.first() else {
+            return Err(ConfigError::invalid(
+                Location::file(self.path),
+                "at least one [[variant]] is required",
+            ));
+        };
+        let first_span = first.span();
+        let mut total = 0u64;
+        let mut validated = Vec::with_capacity(variants.len());
+        for variant in variants {
+            let variant = variant.into_inner();
+            let name = self.name(&variant.name, "variant")?;
+            let weight = *variant.weight.get_ref();
+            if !(0.0..=100.0).contains(&weight) {
+                return Err(self.error(
+                    variant.weight.span(),
+                    format!("weight of variant {name:?} must be between 0 and 100, not {weight}"),
+                ));
+            }
+            let exact = weight * f64::from(buckets) / 100.0;
+            if (exact - exact.round()).abs() > 1e-6 {
+                return Err(self.error(
+                    variant.weight.span(),
+                    format!(
+                        "weight {weight} of variant {name:?} is not a whole number of buckets \
+                         ({exact} of {buckets}); raise [assignment] buckets for finer weights"
+                    ),
+                ));
+            }
+            total += exact.round() as u64;
+            validated.push(Variant {
+                upstream: self.upstream(&variant.upstream)?,
+                weight,
+                buckets: exact.round() as u32,
+                name,
+            });
+        }
+        if total != u64::from(buckets) {
+            let sum: f64 = validated.iter().map(|v| v.weight).sum();
+            return Err(self.error(
+                first_span,
+                format!("variant weights must sum to 100, they sum to {sum}"),
+            ));
+        }
+        self.unique_names(validated.iter().map(|v| v.name.as_str()), "variant")?;
+        Ok(validated)
+    }
+
+    fn shadow(&self, shadow: Spanned<raw::Shadow>, limits: &Limits) -> Result<Shadow> {
+        let shadow = shadow.into_inner();
+        let name = self.name(&shadow.name, "shadow")?;
+        let percent = match shadow.percent {
+            None => 100.0,
+            Some(percent) if (0.0..=100.0).contains(percent.get_ref()) => *percent.get_ref(),
+            Some(percent) => {
+                return Err(self.error(percent.span(), "percent must be between 0 and 100"))
+            }
+        };
+        let compare = match shadow.compare {
+            Some(pointer) if !pointer.get_ref().is_empty() && !pointer.get_ref().starts_with('/') => {
+                return Err(self.error(
+                    pointer.span(),
+                    format!("compare must be a JSON pointer starting with '/', not {:?}", pointer.get_ref()),
+                ))
+            }
+            other => other.map(Spanned::into_inner),
+        };
+        let tolerance = match shadow.tolerance {
+            None => 0.0,
+            Some(tolerance) if *tolerance.get_ref() >= 0.0 => *tolerance.get_ref(),
+            Some(tolerance) => return Err(self.error(tolerance.span(), "tolerance must not be negative")),
+        };
+        Ok(Shadow {
+            upstream: self.upstream(&shadow.upstream)?,
+            percent,
+            timeout: self.duration(shadow.timeout, limits.request_timeout)?,
+            max_queue: self.count(shadow.max_queue, 1024, "max_queue")?,
+            max_concurrency: self.count(shadow.max_concurrency, 32, "max_concurrency")?,
+            compare,
+            tolerance,
+            log: shadow.log.map(Into::into),
+            log_user_id: shadow.log_user_id.unwrap_or(true),
+            log_body_bytes: self.size(shadow.log_body_bytes, 4096)? as usize,
+            log_max_size: self.size(shadow.log_max_size, 100 * MIB)?,
+            log_keep: self.count(shadow.log_keep, 5, "log_keep")?,
+            name,
+        })
+    }
+
+    fn name(&self, name: &Spanned<String>, what: &str) -> Result<String> {
+        let text = name.get_ref();
+        let valid = !text.is_empty()
+            && text.len() <= 64
+            && text.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !valid {
+            return Err(self.error(
+                name.span(),
+                format!("{what} name {text:?} must be 1-64 characters of letters, digits, '-', '_' or '.'"),
+            ));
+        }
+        if text == "none" {
+            return Err(self.error(
+                name.span(),
+                "\"none\" is reserved: metrics use it for requests refused before assignment",
+            ));
+        }
+        Ok(text.clone())
+    }
+
+    fn unique_names<'n>(&self, names: impl Iterator<Item = &'n str>, what: &str) -> Result<()> {
+        let mut seen = HashSet::new();
+        for name in names {
+            if !seen.insert(name) {
+                let offset = self.text.find(&format!("\"{name}\"")).unwrap_or(0);
+                return Err(self.error(offset..offset, format!("{what} name {name:?} is used twice")));
+            }
+        }
+        Ok(())
+    }
+
+    fn upstream(&self, url: &Spanned<String>) -> Result<Upstream> {
+        let invalid = |why: &str| self.error(url.span(), format!("upstream {:?} {why}", url.get_ref()));
+        let uri: Uri = url.get_ref().parse().map_err(|_| invalid("is not a valid URL"))?;
+        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+            return Err(invalid("must be an absolute URL such as http://127.0.0.1:9101"));
+        };
+        if scheme != &http::uri::Scheme::HTTP {
+            return Err(invalid("must use http:// (TLS to upstreams is not supported yet)"));
+        }
+        if uri.query().is_some() {
+            return Err(invalid("must not have a query string"));
+        }
+        if authority.as_str().contains('@') {
+            return Err(invalid("must not carry credentials"));
+        }
+        Ok(Upstream {
+            scheme: scheme.clone(),
+            authority: authority.clone(),
+            path_prefix: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    fn socket_addr(&self, addr: Option<Spanned<String>>, default: SocketAddr) -> Result<SocketAddr> {
+        let Some(addr) = addr else { return Ok(default) };
+        addr.get_ref().parse().map_err(|_| {
+            self.error(
+                addr.span(),
+                format!("{:?} is not an IP:port address such as 127.0.0.1:8080", addr.get_ref()),
+            )
+        })
+    }
+
+    fn header_name(&self, name: Option<Spanned<String>>) -> Result<Option<HeaderName>> {
+        name.map(|name| {
+            HeaderName::from_bytes(name.get_ref().as_bytes()).map_err(|_| {
+                self.error(name.span(), format!("{:?} is not a valid HTTP header name", name.get_ref()))
+            })
+        })
+        .transpose()
+    }
+
+    fn duration(&self, text: Option<Spanned<String>>, default: Duration) -> Result<Duration> {
+        let Some(text) = text else { return Ok(default) };
+        match humantime::parse_duration(text.get_ref()) {
+            Ok(duration) if !duration.is_zero() => Ok(duration),
+            Ok(_) => Err(self.error(text.span(), "duration must be greater than zero")),
+            Err(err) => Err(self.error(
+                text.span(),
+                format!("{:?} is not a duration such as \"250ms\" or \"30s\": {err}", text.get_ref()),
+            )),
+        }
+    }
+
+    fn size(&self, size: Option<Spanned<Size>>, default: u64) -> Result<u64> {
+        let Some(size) = size else { return Ok(default) };
+        let bytes = match size.get_ref() {
+            Size::Bytes(bytes) => u64::try_from(*bytes).ok(),
+            Size::Text(text) => parse_size(text),
+        };
+        bytes.filter(|&bytes| bytes > 0).ok_or_else(|| {
+            self.error(
+                size.span(),
+                "size must be a positive number of bytes or a string such as \"512KiB\" or \"1MiB\"",
+            )
+        })
+    }
+
+    fn count(&self, count: Option<Spanned<i64>>, default: usize, what: &str) -> Result<usize> {
+        let Some(count) = count else { return Ok(default) };
+        usize::try_from(*count.get_ref())
+            .ok()
+            .filter(|&count| count > 0)
+            .ok_or_else(|| self.error(count.span(), format!("{what} must be a positive integer")))
+    }
+}
+
+/// `"1MiB"`, `"512 KiB"`, `"100KB"`, `"2048"` → bytes.
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return None,
+    };
+    number.checked_mul(multiplier)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_accept_binary_and_decimal_units() {
+        assert_eq!(parse_size("1MiB"), Some(1 << 20));
+        assert_eq!(parse_size("512 KiB"), Some(512 << 10));
+        assert_eq!(parse_size("100KB"), Some(100_000));
+        assert_eq!(parse_size("2048"), Some(2048));
+        assert_eq!(parse_size("1.5MiB"), None);
+        assert_eq!(parse_size("MiB"), None);
+        assert_eq!(parse_size("1 parsec"), None);
+    }
+}

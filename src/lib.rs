@@ -1,0 +1,15 @@
+//! abproxy: an A/B, canary and shadow traffic-splitting reverse proxy for model serving.
+//!
+//! The request path reads top to bottom in [`proxy::Proxy::handle`]; a config generation is
+//! an immutable [`route::Generation`] swapped whole by [`reload::Reloader`].
+
+pub mod admin;
+pub mod assign;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod proxy;
+pub mod reload;
+pub mod route;
+pub mod server;

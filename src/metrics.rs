@@ -1,0 +1,255 @@
+//! Prometheus metrics with the names and labels of the spec, as prebuilt handles.
+//!
+//! Handles are registered once (per variant, per shadow, per process) and then only
+//! incremented, so the request path never formats a label or looks one up.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use http::StatusCode;
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+static METADATA: Metadata<'static> = Metadata::new("abproxy", Level::INFO, Some(module_path!()));
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const ABS_DIFF_BUCKETS: &[f64] = &[1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0, 100.0];
+
+/// One process's metric registry; cheap to clone, rendered by the admin port.
+#[derive(Clone)]
+pub struct Metrics {
+    recorder: Arc<PrometheusRecorder>,
+    handle: PrometheusHandle,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry of its own rather than the global recorder, so that several proxies can
+    /// live in one process (tests, benches) without sharing counters.
+    pub fn new() -> Metrics {
+        let builder = PrometheusBuilder::new();
+        let builder = [
+            ("abproxy_request_duration_seconds", LATENCY_BUCKETS),
+            ("abproxy_shadow_duration_seconds", LATENCY_BUCKETS),
+            ("abproxy_shadow_abs_diff", ABS_DIFF_BUCKETS),
+        ]
+        .into_iter()
+        .fold(builder, |builder, (name, buckets)| {
+            builder
+                .set_buckets_for_metric(Matcher::Full(name.into()), buckets)
+                .unwrap_or_else(|_| unreachable!("bucket lists are not empty"))
+        });
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        let metrics = Metrics { recorder: Arc::new(recorder), handle };
+        metrics.describe();
+        metrics
+    }
+
+    fn describe(&self) {
+        let counters = [
+            ("abproxy_requests_total", "Requests answered, by variant and HTTP status returned to the client."),
+            ("abproxy_upstream_errors_total", "Failed upstream exchanges, by variant and kind (connect, timeout, reset, protocol)."),
+            ("abproxy_shadow_requests_total", "Mirrored requests, by shadow and result (ok, error, timeout, dropped)."),
+            ("abproxy_shadow_comparisons_total", "Comparisons of primary and shadow answers, by outcome."),
+            ("abproxy_config_reloads_total", "Config reload attempts, by result."),
+        ];
+        for (name, help) in counters {
+            self.recorder.describe_counter(name.into(), None, help.into());
+        }
+        let gauges = [
+            ("abproxy_variant_weight_percent", "Configured weight of each variant, in percent."),
+            ("abproxy_config_generation", "Number of the config generation serving requests."),
+            ("abproxy_requests_in_flight", "Client requests being served now."),
+        ];
+        for (name, help) in gauges {
+            self.recorder.describe_gauge(name.into(), None, help.into());
+        }
+        let histograms = [
+            ("abproxy_request_duration_seconds", Some(Unit::Seconds), "Time from request received to response head sent."),
+            ("abproxy_shadow_duration_seconds", Some(Unit::Seconds), "Latency of mirrored requests."),
+            ("abproxy_shadow_abs_diff", None, "Absolute difference between primary and shadow numeric answers."),
+        ];
+        for (name, unit, help) in histograms {
+            self.recorder.describe_histogram(name.into(), unit, help.into());
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Drains histogram samples into their buckets; run periodically so memory stays flat.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        self.recorder.register_counter(&key(name, labels), &METADATA)
+    }
+
+    fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+        self.recorder.register_gauge(&key(name, labels), &METADATA)
+    }
+
+    fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
+        self.recorder.register_histogram(&key(name, labels), &METADATA)
+    }
+
+    /// The handles of one configured variant.
+    pub fn variant(&self, name: &str) -> VariantMetrics {
+        let error = |kind: &str| self.counter("abproxy_upstream_errors_total", &[("variant", name), ("kind", kind)]);
+        VariantMetrics {
+            name: name.into(),
+            registry: self.clone(),
+            requests: (0..STATUS_CODES).map(|_| OnceLock::new()).collect(),
+            duration: self.histogram("abproxy_request_duration_seconds", &[("variant", name)]),
+            upstream_errors: UpstreamErrorKind::ALL.map(|kind| error(kind.as_str())),
+            weight: self.gauge("abproxy_variant_weight_percent", &[("variant", name)]),
+        }
+    }
+
+    /// Handles for requests refused before assignment (`variant="none"`): they have no
+    /// upstream and no weight, so only requests and durations are recorded.
+    pub fn unassigned(&self) -> VariantMetrics {
+        VariantMetrics {
+            name: "none".into(),
+            registry: self.clone(),
+            requests: (0..STATUS_CODES).map(|_| OnceLock::new()).collect(),
+            duration: self.histogram("abproxy_request_duration_seconds", &[("variant", "none")]),
+            upstream_errors: [(); 4].map(|()| Counter::noop()),
+            weight: Gauge::noop(),
+        }
+    }
+
+    pub fn process(&self) -> ProcessMetrics {
+        ProcessMetrics {
+            in_flight: self.gauge("abproxy_requests_in_flight", &[]),
+            generation: self.gauge("abproxy_config_generation", &[]),
+            reloads_ok: self.counter("abproxy_config_reloads_total", &[("result", "ok")]),
+            reloads_error: self.counter("abproxy_config_reloads_total", &[("result", "error")]),
+        }
+    }
+
+    pub fn shadow(&self, name: &str) -> ShadowMetrics {
+        let request = |result| self.counter("abproxy_shadow_requests_total", &[("shadow", name), ("result", result)]);
+        let comparison = |outcome| {
+            self.counter("abproxy_shadow_comparisons_total", &[("shadow", name), ("outcome", outcome)])
+        };
+        ShadowMetrics {
+            ok: request("ok"),
+            error: request("error"),
+            timeout: request("timeout"),
+            dropped: request("dropped"),
+            duration: self.histogram("abproxy_shadow_duration_seconds", &[("shadow", name)]),
+            matched: comparison("match"),
+            mismatched: comparison("mismatch"),
+            unparsable: comparison("unparsable"),
+            abs_diff: self.histogram("abproxy_shadow_abs_diff", &[("shadow", name)]),
+        }
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    let labels: Vec<Label> = labels
+        .iter()
+        .map(|&(key, value)| Label::new(key, value.to_owned()))
+        .collect();
+    Key::from_parts(name, labels)
+}
+
+/// Status codes 100..=599 get a slot each.
+const STATUS_CODES: usize = 500;
+
+/// Per-variant handles, built once per config generation.
+pub struct VariantMetrics {
+    name: Arc<str>,
+    registry: Metrics,
+    /// `abproxy_requests_total` by status, registered on first use so that /metrics lists only
+    /// the codes actually returned; after that a slot read is one atomic load.
+    requests: Box<[OnceLock<Counter>]>,
+    duration: Histogram,
+    upstream_errors: [Counter; 4],
+    weight: Gauge,
+}
+
+impl VariantMetrics {
+    /// Counts one answered request.
+    pub fn record(&self, status: StatusCode, elapsed: Duration) {
+        let slot = usize::from(status.as_u16()).saturating_sub(100).min(STATUS_CODES - 1);
+        self.requests[slot]
+            .get_or_init(|| {
+                self.registry.counter(
+                    "abproxy_requests_total",
+                    &[("variant", &self.name), ("code", status.as_str())],
+                )
+            })
+            .increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+    }
+
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        self.upstream_errors[kind as usize].increment(1);
+    }
+
+    pub fn set_weight(&self, percent: f64) {
+        self.weight.set(percent);
+    }
+}
+
+/// Why an upstream exchange failed, as the `kind` label says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    Connect = 0,
+    Timeout = 1,
+    Reset = 2,
+    Protocol = 3,
+}
+
+impl UpstreamErrorKind {
+    const ALL: [UpstreamErrorKind; 4] = [Self::Connect, Self::Timeout, Self::Reset, Self::Protocol];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Timeout => "timeout",
+            Self::Reset => "reset",
+            Self::Protocol => "protocol",
+        }
+    }
+}
+
+/// Process-wide handles that outlive config generations.
+pub struct ProcessMetrics {
+    pub in_flight: Gauge,
+    pub generation: Gauge,
+    pub reloads_ok: Counter,
+    pub reloads_error: Counter,
+}
+
+/// Per-shadow handles, built once per config generation.
+pub struct ShadowMetrics {
+    pub ok: Counter,
+    pub error: Counter,
+    pub timeout: Counter,
+    pub dropped: Counter,
+    pub duration: Histogram,
+    pub matched: Counter,
+    pub mismatched: Counter,
+    pub unparsable: Counter,
+    pub abs_diff: Histogram,
+}

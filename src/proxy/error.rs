@@ -1,0 +1,59 @@
+//! Every way the request path can fail, and the one place each becomes an HTTP response.
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Response, StatusCode};
+
+use super::body::ResponseBody;
+use super::upstream::UpstreamError;
+use crate::metrics::UpstreamErrorKind;
+use crate::route::AssignError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("request body is larger than the {limit}-byte limit")]
+    BodyTooLarge { limit: u64 },
+    #[error("cannot read request body: {0}")]
+    BodyRead(String),
+    #[error(transparent)]
+    Assign(#[from] AssignError),
+    #[error("cannot build upstream request: {0}")]
+    BadTarget(#[from] http::Error),
+    #[error("upstream of variant {variant:?} failed: {source}")]
+    Upstream {
+        variant: String,
+        #[source]
+        source: UpstreamError,
+    },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyRead(_) | ProxyError::Assign(_) | ProxyError::BadTarget(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Upstream { source, .. } => match source.kind {
+                UpstreamErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                UpstreamErrorKind::Connect | UpstreamErrorKind::Reset | UpstreamErrorKind::Protocol => {
+                    StatusCode::BAD_GATEWAY
+                }
+            },
+        }
+    }
+
+    /// A small JSON body that says what went wrong and, once assigned, which variant it was.
+    pub fn into_response(self) -> Response<ResponseBody> {
+        let status = self.status();
+        let mut body = serde_json::json!({ "error": self.to_string() });
+        if let ProxyError::Upstream { variant, source } = &self {
+            body["variant"] = variant.as_str().into();
+            body["kind"] = source.kind.as_str().into();
+        }
+        let mut response = Response::new(ResponseBody::full(Bytes::from(body.to_string())));
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+    }
+}

@@ -1,0 +1,118 @@
+//! Rewrites a client request for its upstream and the upstream's response for the client.
+//!
+//! RFC 9110 §7.6.1: hop-by-hop headers, and any header the `Connection` header names, describe
+//! one connection and must not cross the proxy in either direction.
+
+use std::net::SocketAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Request, Version};
+
+use super::upstream::{Upstream, UpstreamBody};
+
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+];
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Turns the client's request into the one sent to `upstream`.
+pub fn upstream_request(
+    mut parts: Parts,
+    body: UpstreamBody,
+    upstream: &Upstream,
+    client: SocketAddr,
+    preserve_host: bool,
+) -> Result<Request<UpstreamBody>, http::Error> {
+    let uri = upstream.uri_for(parts.uri.path_and_query())?;
+    let headers = &mut parts.headers;
+    remove_hop_by_hop(headers);
+    if !preserve_host {
+        headers.remove(header::HOST);
+    } else if !headers.contains_key(header::HOST) {
+        // HTTP/2 clients send the authority as a pseudo-header, not as `Host`.
+        if let Some(authority) = parts.uri.authority() {
+            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                headers.insert(header::HOST, host);
+            }
+        }
+    }
+    append_forwarded_for(headers, client);
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = parts.headers;
+    *request.extensions_mut() = parts.extensions;
+    Ok(request)
+}
+
+/// Strips the upstream's connection-level headers before the response goes to the client.
+pub fn client_response_headers(headers: &mut HeaderMap) {
+    remove_hop_by_hop(headers);
+}
+
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(connection) = headers.get(header::CONNECTION) {
+        let listed: Vec<HeaderName> = connection
+            .to_str()
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, client: SocketAddr) {
+    let ip = client.ip().to_string();
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(existing) => format!("{existing}, {ip}"),
+        None => ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_named_and_standard_hop_by_hop_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret-hop"));
+        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-end-to-end"));
+    }
+
+    #[test]
+    fn forwarded_for_is_appended_not_replaced() {
+        let mut headers = HeaderMap::new();
+        headers.insert(&X_FORWARDED_FOR, HeaderValue::from_static("10.1.2.3"));
+        append_forwarded_for(&mut headers, "127.0.0.1:5000".parse().expect("addr"));
+        assert_eq!(headers[&X_FORWARDED_FOR], "10.1.2.3, 127.0.0.1");
+    }
+}

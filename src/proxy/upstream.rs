@@ -1,0 +1,141 @@
+//! One upstream's pooled keep-alive client, and what its failures mean.
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config;
+use crate::metrics::UpstreamErrorKind;
+
+/// What abproxy sends upstream: the client's body streamed through, or one it buffered.
+pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+
+/// How long an idle upstream connection stays in the pool.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A pooled client for one upstream base URL.
+///
+/// Generations share it by `Arc` while the upstream and connect timeout stay the same,
+/// so a reload keeps warm connections; it is dropped with the last generation using it.
+#[derive(Debug)]
+pub struct Upstream {
+    target: config::Upstream,
+    connect_timeout: Duration,
+    client: Client<HttpConnector, UpstreamBody>,
+}
+
+impl Upstream {
+    pub fn new(target: config::Upstream, connect_timeout: Duration) -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        Upstream {
+            target,
+            connect_timeout,
+            client,
+        }
+    }
+
+    /// Whether this client can serve `target` unchanged, so a reload may keep it.
+    pub fn serves(&self, target: &config::Upstream, connect_timeout: Duration) -> bool {
+        &self.target == target && self.connect_timeout == connect_timeout
+    }
+
+    pub fn target(&self) -> &config::Upstream {
+        &self.target
+    }
+
+    /// The upstream URI for a client request's path and query.
+    pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        let path_and_query = path_and_query.map_or("/", PathAndQuery::as_str);
+        let builder = Uri::builder()
+            .scheme(self.target.scheme.clone())
+            .authority(self.target.authority.clone());
+        if self.target.path_prefix.is_empty() {
+            builder.path_and_query(path_and_query).build()
+        } else {
+            builder
+                .path_and_query(format!("{}{path_and_query}", self.target.path_prefix))
+                .build()
+        }
+    }
+
+    /// Sends `request` and waits at most `timeout` for the response head.
+    pub async fn send(
+        &self,
+        request: Request<UpstreamBody>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(err)) => Err(UpstreamError::from_client(&err)),
+            Err(_) => Err(UpstreamError {
+                kind: UpstreamErrorKind::Timeout,
+                detail: format!("no response within {}", humantime::format_duration(timeout)),
+            }),
+        }
+    }
+}
+
+/// A failed exchange with an upstream, classified for metrics and status codes.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: {detail}", kind.as_str())]
+pub struct UpstreamError {
+    pub kind: UpstreamErrorKind,
+    pub detail: String,
+}
+
+impl UpstreamError {
+    fn from_client(err: &hyper_util::client::legacy::Error) -> UpstreamError {
+        let kind = classify(err);
+        let mut detail = err.to_string();
+        let mut source = err.source();
+        while let Some(cause) = source {
+            detail.push_str(": ");
+            detail.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        UpstreamError { kind, detail }
+    }
+}
+
+fn classify(err: &hyper_util::client::legacy::Error) -> UpstreamErrorKind {
+    if err.is_connect() {
+        return UpstreamErrorKind::Connect;
+    }
+    let mut source = err.source();
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof) {
+                return UpstreamErrorKind::Reset;
+            }
+            if io.kind() == TimedOut {
+                return UpstreamErrorKind::Timeout;
+            }
+        }
+        if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
+            if hyper.is_incomplete_message() || hyper.is_canceled() || hyper.is_closed() {
+                return UpstreamErrorKind::Reset;
+            }
+            if hyper.is_timeout() {
+                return UpstreamErrorKind::Timeout;
+            }
+        }
+        source = cause.source();
+    }
+    UpstreamErrorKind::Protocol
+}

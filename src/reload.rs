@@ -1,0 +1,269 @@
+//! Live config: the current generation, and the watcher that replaces it when the file changes.
+//!
+//! A reload reads, validates and builds a whole new `Generation` off the request path, then
+//! swaps it in with one atomic store. Requests hold the generation they started with, so a
+//! swap never mixes two configs and never drops a request.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError, ConfigFile};
+use crate::metrics::{Metrics, ProcessMetrics};
+use crate::route::Generation;
+
+/// Quiet time after the last file event before the file is read: editors and ConfigMap
+/// swaps produce bursts of events for one logical change.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+/// A file that fails to parse right after an event may be half-written; a follow-up event
+/// within this window retries before the failure is reported.
+const SETTLE: Duration = Duration::from_millis(300);
+
+/// Owns the live generation and every change made to it.
+pub struct Reloader {
+    path: PathBuf,
+    current: Arc<ArcSwap<Generation>>,
+    metrics: Metrics,
+    process: ProcessMetrics,
+    status: Mutex<ReloadStatus>,
+    /// Reloads from the watcher and SIGHUP run one at a time.
+    serial: tokio::sync::Mutex<()>,
+}
+
+/// What `/status` reports about reloads.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReloadStatus {
+    pub last_error: Option<ReloadFailure>,
+    /// Changed settings that only take effect after a restart (listen addresses).
+    pub restart_required: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadFailure {
+    pub error: String,
+    /// SHA-256 of the rejected file, so operators can tell which revision failed.
+    pub sha256: Option<String>,
+    #[serde(with = "humantime_serde_compat")]
+    pub at: SystemTime,
+}
+
+/// What one reload attempt did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Applied { generation: u64 },
+    Unchanged,
+    Rejected,
+}
+
+impl Reloader {
+    /// Loads `path` as generation 1. A bad file here is fatal: there is no last good config.
+    pub fn load(path: &Path, metrics: &Metrics) -> Result<Reloader, ConfigError> {
+        let loaded = Config::load(path)?;
+        let generation = Generation::build(1, loaded, None, metrics);
+        let process = metrics.process();
+        process.generation.set(1.0);
+        Ok(Reloader {
+            path: path.to_path_buf(),
+            current: Arc::new(ArcSwap::from_pointee(generation)),
+            metrics: metrics.clone(),
+            process,
+            status: Mutex::new(ReloadStatus::default()),
+            serial: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The cell the request path loads from.
+    pub fn current(&self) -> &Arc<ArcSwap<Generation>> {
+        &self.current
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn status(&self) -> ReloadStatus {
+        self.status.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Re-reads the file and swaps in a new generation if it changed and is valid.
+    pub async fn reload(&self) -> Outcome {
+        let _serial = self.serial.lock().await;
+        match self.try_reload().await {
+            Ok(outcome) => outcome,
+            Err((error, sha256)) => {
+                tracing::error!(file = %self.path.display(), %error, "config rejected; still serving the last good config");
+                self.process.reloads_error.increment(1);
+                self.with_status(|status| {
+                    status.last_error = Some(ReloadFailure {
+                        error: error.to_string(),
+                        sha256,
+                        at: SystemTime::now(),
+                    });
+                });
+                Outcome::Rejected
+            }
+        }
+    }
+
+    async fn try_reload(&self) -> Result<Outcome, (ConfigError, Option<String>)> {
+        let path = self.path.clone();
+        let file = tokio::task::spawn_blocking(move || ConfigFile::read(&path))
+            .await
+            .unwrap_or_else(|join| Err(join_error(&self.path, join)))
+            .map_err(|err| (err, None))?;
+        let old = self.current.load_full();
+        if file.sha256 == old.sha256 {
+            return Ok(Outcome::Unchanged);
+        }
+        let sha256 = file.sha256.clone();
+        let loaded = file.parse(&self.path).map_err(|err| (err, Some(sha256)))?;
+        let restart_required = restart_only_changes(&old.config, &loaded.config);
+        for setting in &restart_required {
+            tracing::warn!(%setting, "changed in the file but only takes effect after a restart");
+        }
+        let mut next = loaded;
+        // Listeners stay bound where they are; keep the running values so /status is truthful.
+        next.config.server.listen = old.config.server.listen;
+        next.config.server.admin = old.config.server.admin;
+        let number = old.number + 1;
+        let generation = Generation::build(number, next, Some(&old), &self.metrics);
+        tracing::info!(
+            generation = number,
+            old = %weights(&old), new = %weights(&generation),
+            "config reloaded"
+        );
+        self.current.store(Arc::new(generation));
+        self.process.reloads_ok.increment(1);
+        self.process.generation.set(number as f64);
+        self.with_status(|status| {
+            status.last_error = None;
+            status.restart_required = restart_required;
+        });
+        Ok(Outcome::Applied { generation: number })
+    }
+
+    fn with_status(&self, change: impl FnOnce(&mut ReloadStatus)) {
+        change(&mut self.status.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// Watches the config's directory (and SIGHUP) until `shutdown`, reloading on change.
+    ///
+    /// The directory, not the file: editors replace the file by rename and Kubernetes swaps a
+    /// `..data` symlink, and a watch on the old inode would see neither.
+    pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), notify::Error> {
+        let changed = Arc::new(Notify::new());
+        let _watcher = self.start_watcher(changed.clone())?;
+        let mut hangup = hangup_signal();
+        loop {
+            tokio::select! {
+                () = changed.notified() => {}
+                Some(()) = recv_signal(&mut hangup) => {
+                    tracing::info!("SIGHUP: re-reading config");
+                    self.reload().await;
+                    continue;
+                }
+                () = shutdown.cancelled() => return Ok(()),
+            }
+            debounce(&changed, DEBOUNCE).await;
+            if self.reload().await == Outcome::Rejected {
+                // Possibly half-written: if the writer is still busy, its next event retries.
+                if tokio::time::timeout(SETTLE, changed.notified()).await.is_ok() {
+                    debounce(&changed, DEBOUNCE).await;
+                    self.reload().await;
+                }
+            }
+        }
+    }
+
+    fn start_watcher(&self, changed: Arc<Notify>) -> Result<notify::RecommendedWatcher, notify::Error> {
+        let directory = match self.path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let file_name = self.path.file_name().map(ToOwned::to_owned);
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            if matches!(event.kind, EventKind::Access(_)) {
+                return;
+            }
+            let relevant = event.paths.iter().any(|path| {
+                let name = path.file_name();
+                name == file_name.as_deref()
+                    || name.is_some_and(|name| name.to_string_lossy().starts_with(".."))
+            });
+            if relevant {
+                changed.notify_one();
+            }
+        })?;
+        watcher.watch(&directory, RecursiveMode::NonRecursive)?;
+        tracing::info!(directory = %directory.display(), "watching config for changes");
+        Ok(watcher)
+    }
+}
+
+/// Waits until `quiet` passes with no new notification.
+async fn debounce(changed: &Notify, quiet: Duration) {
+    while tokio::time::timeout(quiet, changed.notified()).await.is_ok() {}
+}
+
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
+    let mut changes = Vec::new();
+    if old.server.listen != new.server.listen {
+        changes.push(format!("server.listen {} -> {}", old.server.listen, new.server.listen));
+    }
+    if old.server.admin != new.server.admin {
+        changes.push(format!("server.admin {} -> {}", old.server.admin, new.server.admin));
+    }
+    changes
+}
+
+fn weights(generation: &Generation) -> String {
+    let parts: Vec<String> = generation
+        .config
+        .variants
+        .iter()
+        .map(|variant| format!("{}={}", variant.name, variant.weight))
+        .collect();
+    parts.join(",")
+}
+
+fn join_error(path: &Path, join: tokio::task::JoinError) -> ConfigError {
+    ConfigError::Read {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(join),
+    }
+}
+
+#[cfg(unix)]
+fn hangup_signal() -> Option<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+
+#[cfg(unix)]
+async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(not(unix))]
+fn hangup_signal() -> Option<()> {
+    None
+}
+
+#[cfg(not(unix))]
+async fn recv_signal(_: &mut Option<()>) -> Option<()> {
+    std::future::pending().await
+}
+
+mod humantime_serde_compat {
+    pub fn serialize<S: serde::Serializer>(at: &std::time::SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_rfc3339_seconds(*at))
+    }
+}

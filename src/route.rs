@@ -1,0 +1,153 @@
+//! The routing table of one config generation: buckets → variant, with everything a request
+//! needs prebuilt (upstream clients, header values, metric handles).
+//!
+//! A `Generation` is immutable once built; reloads build a new one and swap it in whole.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use http::header::{HeaderName, HeaderValue};
+use http::request::Parts;
+
+use crate::assign::{bucket, OnMissing, Split};
+use crate::config::{Config, Loaded};
+use crate::metrics::{Metrics, VariantMetrics};
+use crate::proxy::upstream::Upstream;
+
+/// One config, ready to serve.
+pub struct Generation {
+    /// Counts up from 1 with each successful load.
+    pub number: u64,
+    /// Hex SHA-256 of the file this generation came from.
+    pub sha256: String,
+    pub config: Config,
+    pub split: Split,
+    pub routes: Box<[Route]>,
+    /// True when a `json:` source means the request body must be read before routing.
+    pub needs_body: bool,
+}
+
+/// One variant as the request path sees it.
+pub struct Route {
+    pub name: String,
+    /// The variant's name as a ready-made response header value.
+    pub header_value: HeaderValue,
+    pub upstream: Arc<Upstream>,
+    pub metrics: VariantMetrics,
+}
+
+/// The outcome of assignment for one request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Assignment<'a> {
+    /// Index into `Generation::routes`.
+    pub route: usize,
+    pub user_id: Option<Cow<'a, str>>,
+    /// The user's bucket, when the variant was chosen by hash.
+    pub bucket: Option<u32>,
+}
+
+/// Why a request cannot be assigned; both are the client's doing, so both are 4xx.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AssignError {
+    #[error("no user ID in the request (looked for {0})")]
+    MissingUserId(String),
+    #[error("{header} names unknown variant {name:?}")]
+    UnknownVariant { header: HeaderName, name: String },
+}
+
+impl Generation {
+    /// Builds generation `number`, reusing `previous`'s upstream clients where unchanged.
+    pub fn build(number: u64, loaded: Loaded, previous: Option<&Generation>, metrics: &Metrics) -> Generation {
+        let Loaded { config, sha256 } = loaded;
+        let connect_timeout = config.limits.connect_timeout;
+        let mut upstreams: Vec<Arc<Upstream>> = previous
+            .map(|previous| previous.routes.iter().map(|route| route.upstream.clone()).collect())
+            .unwrap_or_default();
+        let routes: Box<[Route]> = config
+            .variants
+            .iter()
+            .map(|variant| {
+                let upstream = match upstreams.iter().find(|u| u.serves(&variant.upstream, connect_timeout)) {
+                    Some(existing) => existing.clone(),
+                    None => {
+                        let created = Arc::new(Upstream::new(variant.upstream.clone(), connect_timeout));
+                        upstreams.push(created.clone());
+                        created
+                    }
+                };
+                let metrics = metrics.variant(&variant.name);
+                metrics.set_weight(variant.weight);
+                Route {
+                    header_value: HeaderValue::from_str(&variant.name)
+                        .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
+                    name: variant.name.clone(),
+                    upstream,
+                    metrics,
+                }
+            })
+            .collect();
+        if let Some(previous) = previous {
+            for removed in previous.routes.iter().filter(|old| config.variant(&old.name).is_none()) {
+                removed.metrics.set_weight(0.0);
+            }
+        }
+        Generation {
+            number,
+            sha256,
+            split: Split::from_counts(config.variants.iter().map(|variant| variant.buckets)),
+            needs_body: config.assignment.sources.iter().any(|source| source.needs_body()),
+            config,
+            routes,
+        }
+    }
+
+    /// Picks the variant for a request: override header, then user ID sources, then `on_missing`.
+    pub fn assign<'a>(&self, parts: &'a Parts, body: Option<&[u8]>) -> Result<Assignment<'a>, AssignError> {
+        let assignment = &self.config.assignment;
+        let user_id = assignment
+            .sources
+            .iter()
+            .find_map(|source| source.extract(parts, body));
+        if let Some(forced) = self.forced_route(parts)? {
+            return Ok(Assignment { route: forced, user_id, bucket: None });
+        }
+        let Some(user_id) = user_id else {
+            let route = match assignment.on_missing {
+                OnMissing::Random => self.split.variant_of(fastrand::u32(0..self.split.buckets())),
+                OnMissing::First => 0,
+                OnMissing::Reject => return Err(AssignError::MissingUserId(self.describe_sources())),
+            };
+            return Ok(Assignment { route, user_id: None, bucket: None });
+        };
+        let bucket = bucket(&assignment.salt, &user_id, assignment.buckets);
+        Ok(Assignment {
+            route: self.split.variant_of(bucket),
+            user_id: Some(user_id),
+            bucket: Some(bucket),
+        })
+    }
+
+    /// The route named by the override header, when one is configured and present.
+    fn forced_route(&self, parts: &Parts) -> Result<Option<usize>, AssignError> {
+        let Some(header) = &self.config.assignment.override_header else {
+            return Ok(None);
+        };
+        let Some(value) = parts.headers.get(header) else {
+            return Ok(None);
+        };
+        let name = value.to_str().unwrap_or_default().trim();
+        self.routes
+            .iter()
+            .position(|route| route.name == name)
+            .map(Some)
+            .ok_or_else(|| AssignError::UnknownVariant {
+                header: header.clone(),
+                name: name.to_owned(),
+            })
+    }
+
+    fn describe_sources(&self) -> String {
+        let sources: Vec<String> = self.config.assignment.sources.iter().map(ToString::to_string).collect();
+        sources.join(", ")
+    }
+}

@@ -1,0 +1,128 @@
+//! One running abproxy: both listeners, the live config and the background tasks, wired
+//! together with an explicit shutdown order.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{Admin, Health};
+use crate::config::ConfigError;
+use crate::metrics::Metrics;
+use crate::proxy::{self, Proxy};
+use crate::reload::Reloader;
+
+/// Histogram samples are folded into buckets this often.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot watch the config file: {0}")]
+    Watch(#[from] notify::Error),
+}
+
+/// A proxy whose config is loaded and whose listeners are bound, ready to `run`.
+pub struct Server {
+    proxy_listener: TcpListener,
+    admin_listener: TcpListener,
+    reloader: Arc<Reloader>,
+    metrics: Metrics,
+    health: Arc<Health>,
+}
+
+impl Server {
+    /// Loads the config at `path` and binds its `listen` and `admin` addresses.
+    pub async fn bind(path: &Path) -> Result<Server, StartError> {
+        let metrics = Metrics::new();
+        let reloader = Arc::new(Reloader::load(path, &metrics)?);
+        let server = reloader.current().load().config.server.clone();
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { what, addr, source })
+        };
+        let proxy_listener = bind("client traffic", server.listen).await?;
+        let admin_listener = bind("the admin port", server.admin).await?;
+        Ok(Server {
+            proxy_listener,
+            admin_listener,
+            reloader,
+            metrics,
+            health: Arc::new(Health::default()),
+        })
+    }
+
+    /// The bound client address (useful when the config asked for port 0).
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_listener.local_addr().unwrap_or_else(|_| self.reloader.current().load().config.server.listen)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener.local_addr().unwrap_or_else(|_| self.reloader.current().load().config.server.admin)
+    }
+
+    /// Serves until `shutdown` fires, then drains: `/readyz` turns 503, the client listener
+    /// closes, in-flight requests get the grace period, and background tasks stop last.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
+        let (listen, admin_addr) = (self.proxy_addr(), self.admin_addr());
+        let background = CancellationToken::new();
+        let tasks = TaskTracker::new();
+
+        let watcher = self.reloader.clone().watch(background.clone());
+        let admin = Arc::new(Admin {
+            reloader: self.reloader.clone(),
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
+        });
+        tasks.spawn(admin.serve(self.admin_listener, background.clone()));
+        tasks.spawn(upkeep(self.metrics.clone(), background.clone()));
+        tasks.spawn(async move {
+            if let Err(err) = watcher.await {
+                tracing::error!(error = %err, "config watch failed; edits are not picked up until restart");
+            }
+        });
+
+        let proxy = Arc::new(Proxy::new(self.reloader.current().clone(), &self.metrics));
+        let draining = CancellationToken::new();
+        {
+            let (shutdown, draining, health) = (shutdown.clone(), draining.clone(), self.health.clone());
+            tasks.spawn(async move {
+                shutdown.cancelled().await;
+                health.set_draining();
+                draining.cancel();
+            });
+        }
+        self.health.set_ready();
+        tracing::info!(%listen, admin = %admin_addr, config = %self.reloader.path().display(), "abproxy ready");
+        proxy::serve(self.proxy_listener, proxy, draining).await;
+
+        background.cancel();
+        tasks.close();
+        tasks.wait().await;
+        tracing::info!("shut down");
+        Ok(())
+    }
+}
+
+async fn upkeep(metrics: Metrics, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(METRICS_UPKEEP);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => metrics.run_upkeep(),
+            () = stop.cancelled() => return,
+        }
+    }
+}
