@@ -80,7 +80,9 @@ impl Admin {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(admin.route(&request)) }
             });
-            let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
             tokio::spawn(async move {
                 let _ = connection.await;
             });
@@ -102,7 +104,10 @@ impl Admin {
             }
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" if self.health.is_ready() => text(StatusCode::OK, "ready\n"),
-            "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", self.health.state())),
+            "/readyz" => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{}\n", self.health.state()),
+            ),
             "/status" => {
                 let mut response = text(StatusCode::OK, self.status().to_string());
                 response
@@ -110,7 +115,10 @@ impl Admin {
                     .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 response
             }
-            _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz, /readyz or /status\n"),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /metrics, /healthz, /readyz or /status\n",
+            ),
         }
     }
 
@@ -158,7 +166,7 @@ impl Admin {
                 "sources": config.assignment.sources.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "salt": config.assignment.salt,
                 "buckets": config.assignment.buckets,
-                "on_missing": format!("{:?}", config.assignment.on_missing).to_lowercase(),
+                "on_missing": config.assignment.on_missing.to_string(),
                 "override_header": config.assignment.override_header.as_ref().map(|h| h.as_str()),
             },
             "variants": variants,

@@ -40,7 +40,9 @@ pub enum UserIdSource {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SourceError {
-    #[error("user ID source {0:?} must look like header:NAME, cookie:NAME, query:NAME or json:/pointer")]
+    #[error(
+        "user ID source {0:?} must look like header:NAME, cookie:NAME, query:NAME or json:/pointer"
+    )]
     Syntax(String),
     #[error("{0:?} is not a valid HTTP header name")]
     HeaderName(String),
@@ -64,7 +66,9 @@ impl FromStr for UserIdSource {
                 .map_err(|_| SourceError::HeaderName(arg.to_owned())),
             "cookie" => Ok(UserIdSource::Cookie(arg.to_owned())),
             "query" => Ok(UserIdSource::Query(arg.to_owned())),
-            "json" if arg.is_empty() || arg.starts_with('/') => Ok(UserIdSource::Json(arg.to_owned())),
+            "json" if arg.is_empty() || arg.starts_with('/') => {
+                Ok(UserIdSource::Json(arg.to_owned()))
+            }
             "json" => Err(SourceError::Pointer(arg.to_owned())),
             _ => Err(SourceError::Syntax(spec.to_owned())),
         }
@@ -101,7 +105,9 @@ impl UserIdSource {
                 .filter_map(|value| value.to_str().ok())
                 .find_map(|header| cookie_value(header, name))
                 .map(Cow::Borrowed),
-            UserIdSource::Query(name) => parts.uri.query().and_then(|query| query_value(query, name)),
+            UserIdSource::Query(name) => {
+                parts.uri.query().and_then(|query| query_value(query, name))
+            }
             UserIdSource::Json(pointer) => body
                 .and_then(|body| json_value(body, pointer))
                 .map(Cow::Owned),
@@ -172,6 +178,16 @@ impl FromStr for OnMissing {
     }
 }
 
+impl fmt::Display for OnMissing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OnMissing::Random => "random",
+            OnMissing::First => "first",
+            OnMissing::Reject => "reject",
+        })
+    }
+}
+
 /// Consecutive bucket ranges, one per variant in file order.
 ///
 /// Stored as exclusive range ends: variant `i` owns `ends[i-1]..ends[i]`.
@@ -232,7 +248,14 @@ mod tests {
     // Vectors computed with Python: int(hashlib.sha256((salt + uid).encode()).hexdigest(), 16) % n
     #[test]
     fn buckets_match_python_hashlib_with_defaults() {
-        for (uid, expected) in [("alice", 20), ("bob", 25), ("user-1", 79), ("user-2", 95), ("12345", 41), ("", 49)] {
+        for (uid, expected) in [
+            ("alice", 20),
+            ("bob", 25),
+            ("user-1", 79),
+            ("user-2", 95),
+            ("12345", 41),
+            ("", 49),
+        ] {
             assert_eq!(bucket("", uid, 100), expected, "user {uid:?}");
         }
     }
@@ -251,7 +274,11 @@ mod tests {
         for (uid, python_bucket) in [("alice", 20), ("user-1", 79), ("user-2", 95), ("carol", 49)] {
             let python_variant = usize::from(python_bucket >= 80);
             assert_eq!(bucket("", uid, 100), python_bucket);
-            assert_eq!(split.variant_of(bucket("", uid, 100)), python_variant, "{uid}");
+            assert_eq!(
+                split.variant_of(bucket("", uid, 100)),
+                python_variant,
+                "{uid}"
+            );
         }
     }
 
@@ -264,7 +291,11 @@ mod tests {
             for n in 0..5_000 {
                 let b = bucket("", &format!("user-{n}"), 100);
                 if before.variant_of(b) == 1 {
-                    assert_eq!(after.variant_of(b), 1, "user-{n} left treatment at {step:?}");
+                    assert_eq!(
+                        after.variant_of(b),
+                        1,
+                        "user-{n} left treatment at {step:?}"
+                    );
                 }
             }
         }
@@ -285,16 +316,25 @@ mod tests {
     #[test]
     fn header_source_reads_the_named_header() {
         let parts = request("/", &[("x-user-id", "alice")]);
-        assert_eq!(source("header:x-user-id").extract(&parts, None).as_deref(), Some("alice"));
+        assert_eq!(
+            source("header:x-user-id").extract(&parts, None).as_deref(),
+            Some("alice")
+        );
         assert_eq!(source("header:x-other").extract(&parts, None), None);
     }
 
     #[test]
     fn cookie_source_finds_the_cookie_and_strips_quotes() {
         let parts = request("/", &[("cookie", "theme=dark; user_id=\"bob\"; x=1")]);
-        assert_eq!(source("cookie:user_id").extract(&parts, None).as_deref(), Some("bob"));
+        assert_eq!(
+            source("cookie:user_id").extract(&parts, None).as_deref(),
+            Some("bob")
+        );
         let unquoted = request("/", &[("cookie", "a=1"), ("cookie", "user_id=carol")]);
-        assert_eq!(source("cookie:user_id").extract(&unquoted, None).as_deref(), Some("carol"));
+        assert_eq!(
+            source("cookie:user_id").extract(&unquoted, None).as_deref(),
+            Some("carol")
+        );
     }
 
     #[test]
@@ -305,15 +345,26 @@ mod tests {
             Some("jürgen@example.com")
         );
         let plus = request("/predict?uid=a+b", &[]);
-        assert_eq!(source("query:uid").extract(&plus, None).as_deref(), Some("a b"));
+        assert_eq!(
+            source("query:uid").extract(&plus, None).as_deref(),
+            Some("a b")
+        );
     }
 
     #[test]
     fn json_source_reads_strings_and_numbers_and_skips_malformed_bodies() {
         let parts = request("/", &[]);
         let json = source("json:/user/id");
-        assert_eq!(json.extract(&parts, Some(br#"{"user":{"id":"dana"}}"#)).as_deref(), Some("dana"));
-        assert_eq!(json.extract(&parts, Some(br#"{"user":{"id":42}}"#)).as_deref(), Some("42"));
+        assert_eq!(
+            json.extract(&parts, Some(br#"{"user":{"id":"dana"}}"#))
+                .as_deref(),
+            Some("dana")
+        );
+        assert_eq!(
+            json.extract(&parts, Some(br#"{"user":{"id":42}}"#))
+                .as_deref(),
+            Some("42")
+        );
         assert_eq!(json.extract(&parts, Some(b"{not json")), None);
         assert_eq!(json.extract(&parts, Some(br#"{"user":{"id":[1]}}"#)), None);
         assert_eq!(json.extract(&parts, None), None);
@@ -329,9 +380,21 @@ mod tests {
     #[test]
     fn source_specs_are_validated() {
         assert_eq!(source("json:/a/b"), UserIdSource::Json("/a/b".into()));
-        assert!(matches!("json:a".parse::<UserIdSource>(), Err(SourceError::Pointer(_))));
-        assert!(matches!("header:bad name".parse::<UserIdSource>(), Err(SourceError::HeaderName(_))));
-        assert!(matches!("body:x".parse::<UserIdSource>(), Err(SourceError::Syntax(_))));
-        assert!(matches!("header:".parse::<UserIdSource>(), Err(SourceError::Syntax(_))));
+        assert!(matches!(
+            "json:a".parse::<UserIdSource>(),
+            Err(SourceError::Pointer(_))
+        ));
+        assert!(matches!(
+            "header:bad name".parse::<UserIdSource>(),
+            Err(SourceError::HeaderName(_))
+        ));
+        assert!(matches!(
+            "body:x".parse::<UserIdSource>(),
+            Err(SourceError::Syntax(_))
+        ));
+        assert!(matches!(
+            "header:".parse::<UserIdSource>(),
+            Err(SourceError::Syntax(_))
+        ));
     }
 }

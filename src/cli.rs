@@ -76,7 +76,9 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { config } => check(&config),
         Command::Assign { config, ids } => assign(&config, &ids),
-        Command::Run { config, threads } => runtime(threads).and_then(|rt| rt.block_on(run(&config))),
+        Command::Run { config, threads } => {
+            runtime(threads).and_then(|rt| rt.block_on(run(&config)))
+        }
         Command::Demo { config } => runtime(None).and_then(|rt| rt.block_on(demo(config))),
     };
     match result {
@@ -93,7 +95,9 @@ type CliResult = Result<(), String>;
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -122,18 +126,30 @@ fn check(path: &Path) -> CliResult {
     let config = &loaded.config;
     let assignment = &config.assignment;
     println!("{}: ok (sha256 {})", path.display(), &loaded.sha256[..12]);
-    println!("listen {}  admin {}", config.server.listen, config.server.admin);
+    println!(
+        "listen {}  admin {}",
+        config.server.listen, config.server.admin
+    );
     let sources: Vec<String> = assignment.sources.iter().map(ToString::to_string).collect();
     println!(
-        "user ID from {}; {} buckets; salt {:?}; when missing: {:?}",
+        "user ID from {}; {} buckets; salt {:?}; when missing: {}",
         sources.join(", "),
         assignment.buckets,
         assignment.salt,
         assignment.on_missing
     );
     println!();
-    let width = config.variants.iter().map(|v| v.name.len()).max().unwrap_or(0).max(7);
-    println!("{:width$}  {:>7}  {:>11}  UPSTREAM", "VARIANT", "WEIGHT", "BUCKETS");
+    let width = config
+        .variants
+        .iter()
+        .map(|v| v.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(7);
+    println!(
+        "{:width$}  {:>7}  {:>11}  UPSTREAM",
+        "VARIANT", "WEIGHT", "BUCKETS"
+    );
     let mut start = 0;
     for variant in &config.variants {
         let range = if variant.buckets == 0 {
@@ -141,7 +157,10 @@ fn check(path: &Path) -> CliResult {
         } else {
             format!("{}-{}", start, start + variant.buckets - 1)
         };
-        println!("{:width$}  {:>6}%  {:>11}  {}", variant.name, variant.weight, range, variant.upstream);
+        println!(
+            "{:width$}  {:>6}%  {:>11}  {}",
+            variant.name, variant.weight, range, variant.upstream
+        );
         start += variant.buckets;
     }
     for shadow in &config.shadows {
@@ -150,7 +169,11 @@ fn check(path: &Path) -> CliResult {
             shadow.name,
             shadow.percent,
             shadow.upstream,
-            shadow.compare.as_ref().map(|p| format!(" (compare {p})")).unwrap_or_default()
+            shadow
+                .compare
+                .as_ref()
+                .map(|p| format!(" (compare {p})"))
+                .unwrap_or_default()
         );
     }
     Ok(())
@@ -169,7 +192,10 @@ fn assign(path: &Path, ids: &[String]) -> CliResult {
 
 async fn run(path: &Path) -> CliResult {
     let server = Server::bind(path).await.map_err(|err| err.to_string())?;
-    server.run(shutdown_on_signal()).await.map_err(|err| err.to_string())
+    server
+        .run(shutdown_on_signal())
+        .await
+        .map_err(|err| err.to_string())
 }
 
 async fn demo(config: Option<PathBuf>) -> CliResult {
@@ -177,8 +203,10 @@ async fn demo(config: Option<PathBuf>) -> CliResult {
         Some(path) => path,
         None if Path::new("config/demo.toml").exists() => PathBuf::from("config/demo.toml"),
         None => {
-            let path = std::env::temp_dir().join(format!("abproxy-demo-{}.toml", std::process::id()));
-            std::fs::write(&path, DEMO_CONFIG).map_err(|err| format!("{}: {err}", path.display()))?;
+            let path =
+                std::env::temp_dir().join(format!("abproxy-demo-{}.toml", std::process::id()));
+            std::fs::write(&path, DEMO_CONFIG)
+                .map_err(|err| format!("{}: {err}", path.display()))?;
             path
         }
     };
@@ -204,7 +232,10 @@ async fn demo(config: Option<PathBuf>) -> CliResult {
         tokio::spawn(model.serve(listener, shutdown.clone()));
     }
     let server = Server::bind(&path).await.map_err(|err| err.to_string())?;
-    println!("{}", demo::instructions(server.proxy_addr(), server.admin_addr(), &path));
+    println!(
+        "{}",
+        demo::instructions(server.proxy_addr(), server.admin_addr(), &path)
+    );
     server.run(shutdown).await.map_err(|err| err.to_string())
 }
 

@@ -59,7 +59,9 @@ impl MockModel {
                 let model = model.clone();
                 async move { Ok::<_, Infallible>(model.answer(request).await) }
             });
-            let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
             tokio::spawn(connection);
         }
     }

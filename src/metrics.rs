@@ -8,14 +8,18 @@ use std::time::Duration;
 
 use http::StatusCode;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
 static METADATA: Metadata<'static> = Metadata::new("abproxy", Level::INFO, Some(module_path!()));
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
-const ABS_DIFF_BUCKETS: &[f64] = &[1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0, 100.0];
+const ABS_DIFF_BUCKETS: &[f64] = &[
+    1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0, 100.0,
+];
 
 /// One process's metric registry; cheap to clone, rendered by the admin port.
 #[derive(Clone)]
@@ -54,7 +58,10 @@ impl Metrics {
         });
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
-        let metrics = Metrics { recorder: Arc::new(recorder), handle };
+        let metrics = Metrics {
+            recorder: Arc::new(recorder),
+            handle,
+        };
         metrics.describe();
         metrics
     }
@@ -68,23 +75,46 @@ impl Metrics {
             ("abproxy_config_reloads_total", "Config reload attempts, by result."),
         ];
         for (name, help) in counters {
-            self.recorder.describe_counter(name.into(), None, help.into());
+            self.recorder
+                .describe_counter(name.into(), None, help.into());
         }
         let gauges = [
-            ("abproxy_variant_weight_percent", "Configured weight of each variant, in percent."),
-            ("abproxy_config_generation", "Number of the config generation serving requests."),
-            ("abproxy_requests_in_flight", "Client requests being served now."),
+            (
+                "abproxy_variant_weight_percent",
+                "Configured weight of each variant, in percent.",
+            ),
+            (
+                "abproxy_config_generation",
+                "Number of the config generation serving requests.",
+            ),
+            (
+                "abproxy_requests_in_flight",
+                "Client requests being served now.",
+            ),
         ];
         for (name, help) in gauges {
             self.recorder.describe_gauge(name.into(), None, help.into());
         }
         let histograms = [
-            ("abproxy_request_duration_seconds", Some(Unit::Seconds), "Time from request received to response head sent."),
-            ("abproxy_shadow_duration_seconds", Some(Unit::Seconds), "Latency of mirrored requests."),
-            ("abproxy_shadow_abs_diff", None, "Absolute difference between primary and shadow numeric answers."),
+            (
+                "abproxy_request_duration_seconds",
+                Some(Unit::Seconds),
+                "Time from request received to response head sent.",
+            ),
+            (
+                "abproxy_shadow_duration_seconds",
+                Some(Unit::Seconds),
+                "Latency of mirrored requests.",
+            ),
+            (
+                "abproxy_shadow_abs_diff",
+                None,
+                "Absolute difference between primary and shadow numeric answers.",
+            ),
         ];
         for (name, unit, help) in histograms {
-            self.recorder.describe_histogram(name.into(), unit, help.into());
+            self.recorder
+                .describe_histogram(name.into(), unit, help.into());
         }
     }
 
@@ -99,7 +129,8 @@ impl Metrics {
     }
 
     fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
-        self.recorder.register_counter(&key(name, labels), &METADATA)
+        self.recorder
+            .register_counter(&key(name, labels), &METADATA)
     }
 
     fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
@@ -107,12 +138,18 @@ impl Metrics {
     }
 
     fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
-        self.recorder.register_histogram(&key(name, labels), &METADATA)
+        self.recorder
+            .register_histogram(&key(name, labels), &METADATA)
     }
 
     /// The handles of one configured variant.
     pub fn variant(&self, name: &str) -> VariantMetrics {
-        let error = |kind: &str| self.counter("abproxy_upstream_errors_total", &[("variant", name), ("kind", kind)]);
+        let error = |kind: &str| {
+            self.counter(
+                "abproxy_upstream_errors_total",
+                &[("variant", name), ("kind", kind)],
+            )
+        };
         VariantMetrics {
             name: name.into(),
             registry: self.clone(),
@@ -146,9 +183,17 @@ impl Metrics {
     }
 
     pub fn shadow(&self, name: &str) -> ShadowMetrics {
-        let request = |result| self.counter("abproxy_shadow_requests_total", &[("shadow", name), ("result", result)]);
+        let request = |result| {
+            self.counter(
+                "abproxy_shadow_requests_total",
+                &[("shadow", name), ("result", result)],
+            )
+        };
         let comparison = |outcome| {
-            self.counter("abproxy_shadow_comparisons_total", &[("shadow", name), ("outcome", outcome)])
+            self.counter(
+                "abproxy_shadow_comparisons_total",
+                &[("shadow", name), ("outcome", outcome)],
+            )
         };
         ShadowMetrics {
             ok: request("ok"),
@@ -190,7 +235,9 @@ pub struct VariantMetrics {
 impl VariantMetrics {
     /// Counts one answered request.
     pub fn record(&self, status: StatusCode, elapsed: Duration) {
-        let slot = usize::from(status.as_u16()).saturating_sub(100).min(STATUS_CODES - 1);
+        let slot = usize::from(status.as_u16())
+            .saturating_sub(100)
+            .min(STATUS_CODES - 1);
         self.requests[slot]
             .get_or_init(|| {
                 self.registry.counter(

@@ -87,7 +87,10 @@ impl Reloader {
     }
 
     pub fn status(&self) -> ReloadStatus {
-        self.status.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Re-reads the file and swaps in a new generation if it changed and is valid.
@@ -172,7 +175,10 @@ impl Reloader {
             debounce(&changed, DEBOUNCE).await;
             if self.reload().await == Outcome::Rejected {
                 // Possibly half-written: if the writer is still busy, its next event retries.
-                if tokio::time::timeout(SETTLE, changed.notified()).await.is_ok() {
+                if tokio::time::timeout(SETTLE, changed.notified())
+                    .await
+                    .is_ok()
+                {
                     debounce(&changed, DEBOUNCE).await;
                     self.reload().await;
                 }
@@ -180,26 +186,30 @@ impl Reloader {
         }
     }
 
-    fn start_watcher(&self, changed: Arc<Notify>) -> Result<notify::RecommendedWatcher, notify::Error> {
+    fn start_watcher(
+        &self,
+        changed: Arc<Notify>,
+    ) -> Result<notify::RecommendedWatcher, notify::Error> {
         let directory = match self.path.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
             _ => PathBuf::from("."),
         };
         let file_name = self.path.file_name().map(ToOwned::to_owned);
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            let Ok(event) = event else { return };
-            if matches!(event.kind, EventKind::Access(_)) {
-                return;
-            }
-            let relevant = event.paths.iter().any(|path| {
-                let name = path.file_name();
-                name == file_name.as_deref()
-                    || name.is_some_and(|name| name.to_string_lossy().starts_with(".."))
-            });
-            if relevant {
-                changed.notify_one();
-            }
-        })?;
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                if matches!(event.kind, EventKind::Access(_)) {
+                    return;
+                }
+                let relevant = event.paths.iter().any(|path| {
+                    let name = path.file_name();
+                    name == file_name.as_deref()
+                        || name.is_some_and(|name| name.to_string_lossy().starts_with(".."))
+                });
+                if relevant {
+                    changed.notify_one();
+                }
+            })?;
         watcher.watch(&directory, RecursiveMode::NonRecursive)?;
         tracing::info!(directory = %directory.display(), "watching config for changes");
         Ok(watcher)
@@ -208,16 +218,25 @@ impl Reloader {
 
 /// Waits until `quiet` passes with no new notification.
 async fn debounce(changed: &Notify, quiet: Duration) {
-    while tokio::time::timeout(quiet, changed.notified()).await.is_ok() {}
+    while tokio::time::timeout(quiet, changed.notified())
+        .await
+        .is_ok()
+    {}
 }
 
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     let mut changes = Vec::new();
     if old.server.listen != new.server.listen {
-        changes.push(format!("server.listen {} -> {}", old.server.listen, new.server.listen));
+        changes.push(format!(
+            "server.listen {} -> {}",
+            old.server.listen, new.server.listen
+        ));
     }
     if old.server.admin != new.server.admin {
-        changes.push(format!("server.admin {} -> {}", old.server.admin, new.server.admin));
+        changes.push(format!(
+            "server.admin {} -> {}",
+            old.server.admin, new.server.admin
+        ));
     }
     changes
 }
@@ -263,7 +282,10 @@ async fn recv_signal(_: &mut Option<()>) -> Option<()> {
 }
 
 mod humantime_serde_compat {
-    pub fn serialize<S: serde::Serializer>(at: &std::time::SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        at: &std::time::SystemTime,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
         serializer.collect_str(&humantime::format_rfc3339_seconds(*at))
     }
 }

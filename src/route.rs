@@ -57,20 +57,35 @@ pub enum AssignError {
 
 impl Generation {
     /// Builds generation `number`, reusing `previous`'s upstream clients where unchanged.
-    pub fn build(number: u64, loaded: Loaded, previous: Option<&Generation>, metrics: &Metrics) -> Generation {
+    pub fn build(
+        number: u64,
+        loaded: Loaded,
+        previous: Option<&Generation>,
+        metrics: &Metrics,
+    ) -> Generation {
         let Loaded { config, sha256 } = loaded;
         let connect_timeout = config.limits.connect_timeout;
         let mut upstreams: Vec<Arc<Upstream>> = previous
-            .map(|previous| previous.routes.iter().map(|route| route.upstream.clone()).collect())
+            .map(|previous| {
+                previous
+                    .routes
+                    .iter()
+                    .map(|route| route.upstream.clone())
+                    .collect()
+            })
             .unwrap_or_default();
         let routes: Box<[Route]> = config
             .variants
             .iter()
             .map(|variant| {
-                let upstream = match upstreams.iter().find(|u| u.serves(&variant.upstream, connect_timeout)) {
+                let upstream = match upstreams
+                    .iter()
+                    .find(|u| u.serves(&variant.upstream, connect_timeout))
+                {
                     Some(existing) => existing.clone(),
                     None => {
-                        let created = Arc::new(Upstream::new(variant.upstream.clone(), connect_timeout));
+                        let created =
+                            Arc::new(Upstream::new(variant.upstream.clone(), connect_timeout));
                         upstreams.push(created.clone());
                         created
                     }
@@ -87,7 +102,11 @@ impl Generation {
             })
             .collect();
         if let Some(previous) = previous {
-            for removed in previous.routes.iter().filter(|old| config.variant(&old.name).is_none()) {
+            for removed in previous
+                .routes
+                .iter()
+                .filter(|old| config.variant(&old.name).is_none())
+            {
                 removed.metrics.set_weight(0.0);
             }
         }
@@ -95,29 +114,49 @@ impl Generation {
             number,
             sha256,
             split: Split::from_counts(config.variants.iter().map(|variant| variant.buckets)),
-            needs_body: config.assignment.sources.iter().any(|source| source.needs_body()),
+            needs_body: config
+                .assignment
+                .sources
+                .iter()
+                .any(|source| source.needs_body()),
             config,
             routes,
         }
     }
 
     /// Picks the variant for a request: override header, then user ID sources, then `on_missing`.
-    pub fn assign<'a>(&self, parts: &'a Parts, body: Option<&[u8]>) -> Result<Assignment<'a>, AssignError> {
+    pub fn assign<'a>(
+        &self,
+        parts: &'a Parts,
+        body: Option<&[u8]>,
+    ) -> Result<Assignment<'a>, AssignError> {
         let assignment = &self.config.assignment;
         let user_id = assignment
             .sources
             .iter()
             .find_map(|source| source.extract(parts, body));
         if let Some(forced) = self.forced_route(parts)? {
-            return Ok(Assignment { route: forced, user_id, bucket: None });
+            return Ok(Assignment {
+                route: forced,
+                user_id,
+                bucket: None,
+            });
         }
         let Some(user_id) = user_id else {
             let route = match assignment.on_missing {
-                OnMissing::Random => self.split.variant_of(fastrand::u32(0..self.split.buckets())),
+                OnMissing::Random => self
+                    .split
+                    .variant_of(fastrand::u32(0..self.split.buckets())),
                 OnMissing::First => 0,
-                OnMissing::Reject => return Err(AssignError::MissingUserId(self.describe_sources())),
+                OnMissing::Reject => {
+                    return Err(AssignError::MissingUserId(self.describe_sources()))
+                }
             };
-            return Ok(Assignment { route, user_id: None, bucket: None });
+            return Ok(Assignment {
+                route,
+                user_id: None,
+                bucket: None,
+            });
         };
         let bucket = bucket(&assignment.salt, &user_id, assignment.buckets);
         Ok(Assignment {
@@ -147,7 +186,13 @@ impl Generation {
     }
 
     fn describe_sources(&self) -> String {
-        let sources: Vec<String> = self.config.assignment.sources.iter().map(ToString::to_string).collect();
+        let sources: Vec<String> = self
+            .config
+            .assignment
+            .sources
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         sources.join(", ")
     }
 }

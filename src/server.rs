@@ -67,11 +67,15 @@ impl Server {
 
     /// The bound client address (useful when the config asked for port 0).
     pub fn proxy_addr(&self) -> SocketAddr {
-        self.proxy_listener.local_addr().unwrap_or_else(|_| self.reloader.current().load().config.server.listen)
+        self.proxy_listener
+            .local_addr()
+            .unwrap_or_else(|_| self.reloader.current().load().config.server.listen)
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin_listener.local_addr().unwrap_or_else(|_| self.reloader.current().load().config.server.admin)
+        self.admin_listener
+            .local_addr()
+            .unwrap_or_else(|_| self.reloader.current().load().config.server.admin)
     }
 
     /// Serves until `shutdown` fires, then drains: `/readyz` turns 503, the client listener
@@ -98,7 +102,8 @@ impl Server {
         let proxy = Arc::new(Proxy::new(self.reloader.current().clone(), &self.metrics));
         let draining = CancellationToken::new();
         {
-            let (shutdown, draining, health) = (shutdown.clone(), draining.clone(), self.health.clone());
+            let (shutdown, draining, health) =
+                (shutdown.clone(), draining.clone(), self.health.clone());
             tasks.spawn(async move {
                 shutdown.cancelled().await;
                 health.set_draining();

@@ -35,7 +35,12 @@ unless a check asks for it.";
 #[command(name = "loadtest", version, after_help = AFTER_HELP)]
 pub struct Cli {
     /// abproxy client listener to load (plain HTTP); its path is used unless --path is given.
-    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8080", help_heading = "Target")]
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "http://127.0.0.1:8080",
+        help_heading = "Target"
+    )]
     pub url: String,
 
     /// Request path and query, e.g. /predict?model=v2.
@@ -83,7 +88,12 @@ pub struct Cli {
 
     /// Where the user ID goes: header:NAME, cookie:NAME, or json:FIELD (a JSON POST body
     /// {"FIELD":"user-n","features":[...]}).
-    #[arg(long, value_name = "SOURCE", default_value = "header:x-user-id", help_heading = "Users")]
+    #[arg(
+        long,
+        value_name = "SOURCE",
+        default_value = "header:x-user-id",
+        help_heading = "Users"
+    )]
     pub id_source: IdSource,
 
     /// Seed for the user sequence, to repeat a run's population [default: random].
@@ -103,7 +113,12 @@ pub struct Cli {
     pub warmup: Option<Duration>,
 
     /// Response header that names the variant (abproxy's server.variant_header).
-    #[arg(long, value_name = "NAME", default_value = "x-variant", help_heading = "Report")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "x-variant",
+        help_heading = "Report"
+    )]
     pub variant_header: HeaderName,
 
     /// Configured split to compare against, e.g. control=80,treatment=20.
@@ -243,9 +258,7 @@ fn parse_method(s: &str) -> Result<Method, String> {
 /// Bytes as an integer or with a KiB/MiB (also KB/MB, decimal) suffix, like abproxy's config.
 fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, unit) = s.split_at(split);
     let multiplier: usize = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
@@ -253,7 +266,11 @@ fn parse_size(s: &str) -> Result<usize, String> {
         "mib" => 1024 * 1024,
         "kb" => 1000,
         "mb" => 1_000_000,
-        other => return Err(format!("unknown size unit {other:?} (use bytes, KiB or MiB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (use bytes, KiB or MiB)"
+            ))
+        }
     };
     let number: usize = digits
         .parse()
@@ -302,7 +319,10 @@ mod tests {
         assert_eq!(options.mode, Mode::Max);
         assert_eq!(options.connections, 16);
         assert_eq!(options.population.users(), 1000);
-        assert_eq!(options.budget.bounded(), Budget::duration(Duration::from_secs(10)));
+        assert_eq!(
+            options.budget.bounded(),
+            Budget::duration(Duration::from_secs(10))
+        );
         assert_eq!(options.variant_header, "x-variant");
         assert!(options.progress);
         assert_eq!(checks, Checks::default());
@@ -334,7 +354,10 @@ mod tests {
         assert_eq!(options.target.to_string(), "http://localhost:9000/predict");
         assert_eq!(options.mode, Mode::Rate { per_second: 250.0 });
         assert_eq!(options.connections, 4);
-        assert_eq!(options.population.distribution(), Distribution::Zipf { s: 1.3 });
+        assert_eq!(
+            options.population.distribution(),
+            Distribution::Zipf { s: 1.3 }
+        );
         assert_eq!(options.id_source, IdSource::Json("user_id".into()));
         assert_eq!(options.body_size, 2048);
         assert_eq!(options.effective_method(), Method::POST);

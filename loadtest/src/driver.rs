@@ -71,7 +71,12 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
                 seed: options.seed ^ 0xA5A5_A5A5_A5A5_A5A5,
             };
             let shared = Arc::new(Shared::new(options.population.users()));
-            phase.run(&plan, connections, &shared).await?.0
+            let progress = options
+                .progress
+                .then(|| Progress::start("warmup", phase.budget, shared.clone()));
+            let (connections, _unmeasured) = phase.run(&plan, connections, &shared).await?;
+            drop(progress);
+            connections
         }
         _ => connections,
     };
@@ -84,13 +89,11 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
     let shared = Arc::new(Shared::new(options.population.users()));
     let progress = options
         .progress
-        .then(|| Progress::start(phase.budget, shared.clone()));
+        .then(|| Progress::start("run", phase.budget, shared.clone()));
     let started = Instant::now();
     let (_connections, recorders) = phase.run(&plan, connections, &shared).await?;
     let elapsed = started.elapsed();
-    if let Some(progress) = progress {
-        progress.finish();
-    }
+    drop(progress);
 
     let mut total = Recorder::new(shared.clone());
     for recorder in &recorders {
@@ -327,7 +330,7 @@ impl Worker {
         let status = response.status().as_u16();
         let variant = response.headers().get(&self.plan.variant_header).cloned();
         // Reading the body is part of the latency and frees the connection for the next request.
-        match timeout_at(deadline, response.into_body().collect()).await {
+        match timeout_at(deadline, drain(response.into_body())).await {
             Err(_elapsed) => {
                 self.sender = None;
                 Err(ErrorKind::Timeout)
@@ -336,7 +339,7 @@ impl Worker {
                 self.sender = None;
                 Err(ErrorKind::of_hyper(&error))
             }
-            Ok(Ok(_body)) => Ok(Answer { status, variant }),
+            Ok(Ok(())) => Ok(Answer { status, variant }),
         }
     }
 
@@ -346,7 +349,9 @@ impl Worker {
         deadline: Instant,
     ) -> Result<SendRequest<Full<Bytes>>, ErrorKind> {
         if let Some(mut sender) = self.sender.take() {
-            if !sender.is_closed() && matches!(timeout_at(deadline, sender.ready()).await, Ok(Ok(()))) {
+            if !sender.is_closed()
+                && matches!(timeout_at(deadline, sender.ready()).await, Ok(Ok(())))
+            {
                 return Ok(sender);
             }
         }
@@ -354,7 +359,19 @@ impl Worker {
     }
 }
 
-async fn connect(addr: SocketAddr, deadline: Instant) -> Result<SendRequest<Full<Bytes>>, ErrorKind> {
+/// Reads a body to its end, dropping each frame as it arrives: the content is never looked at,
+/// so holding a large answer in memory would only cost.
+async fn drain(mut body: hyper::body::Incoming) -> Result<(), hyper::Error> {
+    while let Some(frame) = body.frame().await {
+        frame?;
+    }
+    Ok(())
+}
+
+async fn connect(
+    addr: SocketAddr,
+    deadline: Instant,
+) -> Result<SendRequest<Full<Bytes>>, ErrorKind> {
     let stream = timeout_at(deadline, TcpStream::connect(addr))
         .await
         .map_err(|_elapsed| ErrorKind::Connect)?
@@ -399,7 +416,10 @@ mod tests {
         assert_eq!(dues.len(), 5);
         for (k, due) in dues.iter().enumerate() {
             let expected = Duration::from_millis(10 * k as u64);
-            assert!(due.abs_diff(expected) < Duration::from_micros(1), "slot {k}: {due:?}");
+            assert!(
+                due.abs_diff(expected) < Duration::from_micros(1),
+                "slot {k}: {due:?}"
+            );
         }
     }
 

@@ -26,10 +26,11 @@ pub mod population;
 mod progress;
 pub mod report;
 pub mod request;
-pub mod stats;
+mod stats;
 
 pub use driver::{run, RunError};
 pub use options::{Budget, Mode, Options, OptionsError, Target};
 pub use population::{Distribution, Population, UserId};
 pub use report::{Checks, ExpectedSplit, Report};
 pub use request::IdSource;
+pub use stats::ErrorCounts;

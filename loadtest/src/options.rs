@@ -64,7 +64,10 @@ impl Target {
         if authority.as_str().contains('@') {
             return Err(invalid("credentials in the URL are not supported"));
         }
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         Ok(Target {
             host: host.to_owned(),
             port: authority.port_u16().unwrap_or(80),
@@ -184,8 +187,9 @@ pub struct Options {
     pub budget: Budget,
     /// Traffic sent before measuring, on the same connections, to fill the proxy's pools.
     pub warmup: Option<Duration>,
-    /// Per request, connect included; also how long a rate-mode request may wait for a free
-    /// connection before it is counted as a timeout without being sent.
+    /// Per request, connect included. In rate mode it runs from the due time, so it also
+    /// bounds how long a request may wait for a free connection: past it, the request is
+    /// counted as a timeout without being sent.
     pub timeout: Duration,
     /// Response header naming the variant that answered (abproxy's `server.variant_header`).
     pub variant_header: HeaderName,
@@ -279,14 +283,23 @@ mod tests {
 
     #[test]
     fn target_rejects_other_schemes_and_missing_hosts() {
-        for url in ["https://x:1", "127.0.0.1:8080", "/path", "http://user:pw@x:1", "not a url"] {
+        for url in [
+            "https://x:1",
+            "127.0.0.1:8080",
+            "/path",
+            "http://user:pw@x:1",
+            "not a url",
+        ] {
             assert!(Target::parse(url).is_err(), "{url} accepted");
         }
     }
 
     #[test]
     fn budget_defaults_to_ten_seconds_only_when_unbounded() {
-        assert_eq!(Budget::default().bounded(), Budget::duration(DEFAULT_DURATION));
+        assert_eq!(
+            Budget::default().bounded(),
+            Budget::duration(DEFAULT_DURATION)
+        );
         assert_eq!(Budget::requests(5).bounded(), Budget::requests(5));
     }
 

@@ -17,7 +17,8 @@ use crate::stats::Shared;
 /// Redraws often enough to look live, rarely enough to cost nothing next to the traffic.
 const REFRESH: Duration = Duration::from_millis(200);
 
-/// A bar that follows the run's live counters until [`Progress::finish`].
+/// A bar that follows the run's live counters until dropped (also on an early error return,
+/// so a failed run never leaves a bar drawn over the error message).
 pub struct Progress {
     bar: ProgressBar,
     updater: JoinHandle<()>,
@@ -26,16 +27,17 @@ pub struct Progress {
 impl Progress {
     /// The bar measures whichever limit ends the run: elapsed time when a duration is set
     /// (a request count may still end it earlier), else requests done.
-    pub fn start(budget: Budget, shared: Arc<Shared>) -> Self {
+    /// `label` names the phase (warmup or measured run) in front of the bar.
+    pub fn start(label: &'static str, budget: Budget, shared: Arc<Shared>) -> Self {
         let (length, template, by_time) = match budget.duration {
             Some(duration) => (
                 u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-                "[{elapsed_precise}] {wide_bar} {msg}",
+                "{prefix:>6} [{elapsed_precise}] {wide_bar} {msg}",
                 true,
             ),
             None => (
                 budget.requests.unwrap_or(0),
-                "[{elapsed_precise}] {wide_bar} {pos}/{len} {msg}",
+                "{prefix:>6} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}",
                 false,
             ),
         };
@@ -43,6 +45,7 @@ impl Progress {
         if let Ok(style) = ProgressStyle::with_template(template) {
             bar.set_style(style.progress_chars("=> "));
         }
+        bar.set_prefix(label);
         let started = Instant::now();
         let updater = tokio::spawn({
             let bar = bar.clone();
@@ -65,8 +68,10 @@ impl Progress {
         });
         Progress { bar, updater }
     }
+}
 
-    pub fn finish(self) {
+impl Drop for Progress {
+    fn drop(&mut self) {
         self.updater.abort();
         self.bar.finish_and_clear();
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::options::{Mode, Options};
-use crate::stats::{ErrorCounts, Recorder, StickinessSummary};
+use crate::stats::{ErrorCounts, Recorder, StickinessSummary, VariantId};
 
 /// The split the deployment is configured for, e.g. `control=80,treatment=20`.
 ///
@@ -229,7 +229,7 @@ pub struct Report {
 
 impl Report {
     /// Assembles the report from the merged measurements of the run.
-    pub fn new(
+    pub(crate) fn new(
         options: &Options,
         recorded: &Recorder,
         variant_names: &[String],
@@ -246,7 +246,7 @@ impl Report {
             max: latency.max(),
             mean: latency.mean(),
         });
-        let name = |id: &crate::stats::VariantId| {
+        let name = |id: &VariantId| {
             variant_names
                 .get(id.index())
                 .cloned()
@@ -487,7 +487,11 @@ mod tests {
 
     #[test]
     fn split_rows_compare_observed_with_expected_in_expected_order() {
-        let names = vec!["treatment".to_owned(), "control".to_owned(), "ghost".to_owned()];
+        let names = vec![
+            "treatment".to_owned(),
+            "control".to_owned(),
+            "ghost".to_owned(),
+        ];
         let rows = split_rows(
             &names,
             &[250, 700, 50],
@@ -527,7 +531,12 @@ mod tests {
         for (i, (user, variant)) in answers.iter().enumerate() {
             let recorder = if i % 2 == 0 { &mut first } else { &mut second };
             let value = HeaderValue::from_static(variant);
-            recorder.answer(UserId(*user), 200, Duration::from_micros(100 + i as u64), Some(&value));
+            recorder.answer(
+                UserId(*user),
+                200,
+                Duration::from_micros(100 + i as u64),
+                Some(&value),
+            );
         }
         first.merge(&second);
         let mut options = Options::new(Target::parse("http://127.0.0.1:1").expect("valid URL"));
@@ -552,7 +561,10 @@ mod tests {
             (2, "treatment"),
         ];
         let report = report_for(&answers, "control=50,treatment=50");
-        assert_eq!((report.requests, report.answers, report.errors_total), (6, 6, 0));
+        assert_eq!(
+            (report.requests, report.answers, report.errors_total),
+            (6, 6, 0)
+        );
         assert!((report.throughput_rps - 3.0).abs() < 1e-9);
         assert_eq!(report.split[0].variant, "control");
         assert_eq!((report.split[0].requests, report.split[0].users), (4, 2));
@@ -588,7 +600,10 @@ mod tests {
         };
         assert_eq!(checks.failures(&report).len(), 1);
         let table = report.to_string();
-        assert!(table.contains("1 of 2 users answered by more than one variant"), "{table}");
+        assert!(
+            table.contains("1 of 2 users answered by more than one variant"),
+            "{table}"
+        );
         assert!(table.contains("user-1: control then treatment"), "{table}");
     }
 

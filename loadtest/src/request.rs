@@ -215,7 +215,10 @@ mod tests {
         );
         assert_eq!("cookie:uid".parse(), Ok(IdSource::Cookie("uid".into())));
         assert_eq!("json:user_id".parse(), Ok(IdSource::Json("user_id".into())));
-        assert_eq!("json:/user_id".parse(), Ok(IdSource::Json("user_id".into())));
+        assert_eq!(
+            "json:/user_id".parse(),
+            Ok(IdSource::Json("user_id".into()))
+        );
         for bad in ["", "header", "header:", "query:x", "json:/a/b", "json:/"] {
             assert!(bad.parse::<IdSource>().is_err(), "{bad:?} accepted");
         }
@@ -231,7 +234,9 @@ mod tests {
 
     #[tokio::test]
     async fn header_source_sets_the_header_and_host() {
-        let request = template("header:x-user-id", 0).build(UserId(7)).expect("request");
+        let request = template("header:x-user-id", 0)
+            .build(UserId(7))
+            .expect("request");
         assert_eq!(request.uri(), "/predict?x=1");
         assert_eq!(request.headers()["x-user-id"], "user-7");
         assert_eq!(request.headers()[HOST], "127.0.0.1:8080");
@@ -247,7 +252,9 @@ mod tests {
     #[tokio::test]
     async fn json_source_puts_the_id_in_a_valid_body_of_the_requested_size() {
         for size in [0, 10, 60, 61, 62, 1000, 1001] {
-            let request = template("json:user_id", size).build(UserId(12345)).expect("request");
+            let request = template("json:user_id", size)
+                .build(UserId(12345))
+                .expect("request");
             assert_eq!(request.headers()[CONTENT_TYPE], "application/json");
             let body = body_of(request).await;
             let value: serde_json::Value = serde_json::from_slice(&body)
@@ -262,7 +269,12 @@ mod tests {
 
     #[tokio::test]
     async fn body_size_pads_header_source_requests_too() {
-        let body = body_of(template("header:x-user-id", 100).build(UserId(1)).expect("request")).await;
+        let body = body_of(
+            template("header:x-user-id", 100)
+                .build(UserId(1))
+                .expect("request"),
+        )
+        .await;
         assert_eq!(body.len(), 100);
         let value: serde_json::Value = serde_json::from_slice(&body).expect("valid JSON");
         assert!(value.get("user_id").is_none());

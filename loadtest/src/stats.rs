@@ -337,7 +337,8 @@ impl Recorder {
         self.requests += 1;
         self.answers += 1;
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.latency_us.saturating_record(micros.clamp(1, MAX_LATENCY_US));
+        self.latency_us
+            .saturating_record(micros.clamp(1, MAX_LATENCY_US));
         *self.statuses.entry(status).or_default() += 1;
         let failed = match status {
             400..=499 => Some(ErrorKind::Status4xx),
@@ -399,10 +400,6 @@ impl Recorder {
         self.missing_variant += other.missing_variant;
         self.requests += other.requests;
         self.answers += other.answers;
-    }
-
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
     }
 }
 

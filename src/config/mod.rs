@@ -99,7 +99,11 @@ pub struct Upstream {
 
 impl std::fmt::Display for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}://{}{}", self.scheme, self.authority, self.path_prefix)
+        write!(
+            f,
+            "{}://{}{}",
+            self.scheme, self.authority, self.path_prefix
+        )
     }
 }
 
@@ -156,14 +160,19 @@ impl ConfigFile {
         let text = std::str::from_utf8(&self.bytes)
             .map_err(|_| ConfigError::invalid(Location::file(path), "config is not valid UTF-8"))?;
         let config = Config::parse(text, path)?;
-        Ok(Loaded { config, sha256: self.sha256 })
+        Ok(Loaded {
+            config,
+            sha256: self.sha256,
+        })
     }
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, byte| {
-        let _ = write!(out, "{byte:02x}");
-        out
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, byte| {
+            let _ = write!(out, "{byte:02x}");
+            out
+        })
 }

@@ -168,10 +168,15 @@ impl Validator<'_> {
             }
         };
         let compare = match shadow.compare {
-            Some(pointer) if !pointer.get_ref().is_empty() && !pointer.get_ref().starts_with('/') => {
+            Some(pointer)
+                if !pointer.get_ref().is_empty() && !pointer.get_ref().starts_with('/') =>
+            {
                 return Err(self.error(
                     pointer.span(),
-                    format!("compare must be a JSON pointer starting with '/', not {:?}", pointer.get_ref()),
+                    format!(
+                        "compare must be a JSON pointer starting with '/', not {:?}",
+                        pointer.get_ref()
+                    ),
                 ))
             }
             other => other.map(Spanned::into_inner),
@@ -179,7 +184,9 @@ impl Validator<'_> {
         let tolerance = match shadow.tolerance {
             None => 0.0,
             Some(tolerance) if *tolerance.get_ref() >= 0.0 => *tolerance.get_ref(),
-            Some(tolerance) => return Err(self.error(tolerance.span(), "tolerance must not be negative")),
+            Some(tolerance) => {
+                return Err(self.error(tolerance.span(), "tolerance must not be negative"))
+            }
         };
         Ok(Shadow {
             upstream: self.upstream(&shadow.upstream)?,
@@ -202,7 +209,9 @@ impl Validator<'_> {
         let text = name.get_ref();
         let valid = !text.is_empty()
             && text.len() <= 64
-            && text.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if !valid {
             return Err(self.error(
                 name.span(),
@@ -223,20 +232,31 @@ impl Validator<'_> {
         for name in names {
             if !seen.insert(name) {
                 let offset = self.text.find(&format!("\"{name}\"")).unwrap_or(0);
-                return Err(self.error(offset..offset, format!("{what} name {name:?} is used twice")));
+                return Err(self.error(
+                    offset..offset,
+                    format!("{what} name {name:?} is used twice"),
+                ));
             }
         }
         Ok(())
     }
 
     fn upstream(&self, url: &Spanned<String>) -> Result<Upstream> {
-        let invalid = |why: &str| self.error(url.span(), format!("upstream {:?} {why}", url.get_ref()));
-        let uri: Uri = url.get_ref().parse().map_err(|_| invalid("is not a valid URL"))?;
+        let invalid =
+            |why: &str| self.error(url.span(), format!("upstream {:?} {why}", url.get_ref()));
+        let uri: Uri = url
+            .get_ref()
+            .parse()
+            .map_err(|_| invalid("is not a valid URL"))?;
         let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
-            return Err(invalid("must be an absolute URL such as http://127.0.0.1:9101"));
+            return Err(invalid(
+                "must be an absolute URL such as http://127.0.0.1:9101",
+            ));
         };
         if scheme != &http::uri::Scheme::HTTP {
-            return Err(invalid("must use http:// (TLS to upstreams is not supported yet)"));
+            return Err(invalid(
+                "must use http:// (TLS to upstreams is not supported yet)",
+            ));
         }
         if uri.query().is_some() {
             return Err(invalid("must not have a query string"));
@@ -251,12 +271,19 @@ impl Validator<'_> {
         })
     }
 
-    fn socket_addr(&self, addr: Option<Spanned<String>>, default: SocketAddr) -> Result<SocketAddr> {
+    fn socket_addr(
+        &self,
+        addr: Option<Spanned<String>>,
+        default: SocketAddr,
+    ) -> Result<SocketAddr> {
         let Some(addr) = addr else { return Ok(default) };
         addr.get_ref().parse().map_err(|_| {
             self.error(
                 addr.span(),
-                format!("{:?} is not an IP:port address such as 127.0.0.1:8080", addr.get_ref()),
+                format!(
+                    "{:?} is not an IP:port address such as 127.0.0.1:8080",
+                    addr.get_ref()
+                ),
             )
         })
     }
@@ -264,7 +291,10 @@ impl Validator<'_> {
     fn header_name(&self, name: Option<Spanned<String>>) -> Result<Option<HeaderName>> {
         name.map(|name| {
             HeaderName::from_bytes(name.get_ref().as_bytes()).map_err(|_| {
-                self.error(name.span(), format!("{:?} is not a valid HTTP header name", name.get_ref()))
+                self.error(
+                    name.span(),
+                    format!("{:?} is not a valid HTTP header name", name.get_ref()),
+                )
             })
         })
         .transpose()
@@ -277,7 +307,10 @@ impl Validator<'_> {
             Ok(_) => Err(self.error(text.span(), "duration must be greater than zero")),
             Err(err) => Err(self.error(
                 text.span(),
-                format!("{:?} is not a duration such as \"250ms\" or \"30s\": {err}", text.get_ref()),
+                format!(
+                    "{:?} is not a duration such as \"250ms\" or \"30s\": {err}",
+                    text.get_ref()
+                ),
             )),
         }
     }
@@ -297,7 +330,9 @@ impl Validator<'_> {
     }
 
     fn count(&self, count: Option<Spanned<i64>>, default: usize, what: &str) -> Result<usize> {
-        let Some(count) = count else { return Ok(default) };
+        let Some(count) = count else {
+            return Ok(default);
+        };
         usize::try_from(*count.get_ref())
             .ok()
             .filter(|&count| count > 0)
@@ -308,7 +343,9 @@ impl Validator<'_> {
 /// `"1MiB"`, `"512 KiB"`, `"100KB"`, `"2048"` → bytes.
 fn parse_size(text: &str) -> Option<u64> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: u64 = number.parse().ok()?;
     let multiplier: u64 = match unit.trim() {

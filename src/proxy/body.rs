@@ -19,7 +19,9 @@ pin_project_lite::pin_project! {
 
 impl ResponseBody {
     pub fn full(bytes: Bytes) -> ResponseBody {
-        ResponseBody::Full { body: Full::new(bytes) }
+        ResponseBody::Full {
+            body: Full::new(bytes),
+        }
     }
 }
 
@@ -33,7 +35,10 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.project() {
             ResponseBodyProj::Upstream { body } => body.poll_frame(cx),
             ResponseBodyProj::Full { body } => body.poll_frame(cx).map_err(|never| match never {}),

@@ -31,12 +31,14 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::BodyRead(_) | ProxyError::Assign(_) | ProxyError::BadTarget(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyRead(_) | ProxyError::Assign(_) | ProxyError::BadTarget(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::Upstream { source, .. } => match source.kind {
                 UpstreamErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-                UpstreamErrorKind::Connect | UpstreamErrorKind::Reset | UpstreamErrorKind::Protocol => {
-                    StatusCode::BAD_GATEWAY
-                }
+                UpstreamErrorKind::Connect
+                | UpstreamErrorKind::Reset
+                | UpstreamErrorKind::Protocol => StatusCode::BAD_GATEWAY,
             },
         }
     }

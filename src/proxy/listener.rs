@@ -17,7 +17,10 @@ use super::Proxy;
 /// and gives open connections up to the configured grace period to finish their requests.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: CancellationToken) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
     let connections = GracefulShutdown::new();
     loop {
         let (stream, client) = tokio::select! {
@@ -38,7 +41,9 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
             let proxy = proxy.clone();
             async move { Ok::<_, Infallible>(proxy.handle(request, client).await) }
         });
-        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
         let connection = connections.watch(connection);
         tokio::spawn(async move {
             if let Err(err) = connection.await {
@@ -51,7 +56,10 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
     let grace = proxy.shutdown_grace();
     let open = connections.count();
     tracing::info!(open_connections = open, grace = %humantime::format_duration(grace), "draining");
-    if tokio::time::timeout(grace, connections.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, connections.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("grace period ended with requests still in flight; closing them");
     }
 }

@@ -45,7 +45,11 @@ impl Proxy {
     }
 
     /// Serves one client request from start to end on one config generation.
-    pub async fn handle(&self, request: Request<Incoming>, client: SocketAddr) -> Response<ResponseBody> {
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<ResponseBody> {
         let _in_flight = InFlight::enter(&self.in_flight);
         let started = Instant::now();
         // The one arc-swap load of this request: it runs on this generation even if a reload
@@ -93,9 +97,10 @@ impl Proxy {
             }
             Err(err) => err.into_response(),
         };
-        response
-            .headers_mut()
-            .insert(config.server.variant_header.clone(), route.header_value.clone());
+        response.headers_mut().insert(
+            config.server.variant_header.clone(),
+            route.header_value.clone(),
+        );
         route.metrics.record(response.status(), started.elapsed());
         response
     }

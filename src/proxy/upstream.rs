@@ -120,7 +120,10 @@ fn classify(err: &hyper_util::client::legacy::Error) -> UpstreamErrorKind {
     while let Some(cause) = source {
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind::*;
-            if matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof) {
+            if matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            ) {
                 return UpstreamErrorKind::Reset;
             }
             if io.kind() == TimedOut {

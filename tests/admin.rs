@@ -1,0 +1,116 @@
+//! The admin port: metrics that match the traffic, valid for Prometheus, and health.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use support::proxy::sample;
+use support::{variants, Backend, Proxy};
+
+async fn split_proxy() -> (Proxy, Backend, Backend) {
+    let control = Backend::start("control").await;
+    let treatment = Backend::start("treatment").await;
+    let config = variants(&[("control", &control, 50.0), ("treatment", &treatment, 50.0)]);
+    (Proxy::start(&config).await, control, treatment)
+}
+
+#[tokio::test]
+async fn per_variant_request_counts_equal_the_requests_sent() {
+    let (proxy, control, treatment) = split_proxy().await;
+    for n in 0..300 {
+        proxy
+            .client
+            .get("/")
+            .user(&format!("user-{n}"))
+            .send()
+            .await;
+    }
+    let metrics = proxy.metrics().await;
+    let counted = |variant| {
+        sample(
+            &metrics,
+            "abproxy_requests_total",
+            &[("variant", variant), ("code", "200")],
+        )
+    };
+    assert_eq!(counted("control"), control.count() as f64);
+    assert_eq!(counted("treatment"), treatment.count() as f64);
+    assert_eq!(control.count() + treatment.count(), 300);
+    let histogram_count = proxy
+        .metric(
+            "abproxy_request_duration_seconds_count",
+            &[("variant", "control")],
+        )
+        .await;
+    assert_eq!(histogram_count, control.count() as f64);
+    assert_eq!(
+        proxy
+            .metric(
+                "abproxy_variant_weight_percent",
+                &[("variant", "treatment")]
+            )
+            .await,
+        50.0
+    );
+    assert_eq!(proxy.metric("abproxy_config_generation", &[]).await, 1.0);
+    assert_eq!(proxy.metric("abproxy_requests_in_flight", &[]).await, 0.0);
+}
+
+#[tokio::test]
+async fn promtool_accepts_the_metrics() {
+    let (proxy, _control, _treatment) = split_proxy().await;
+    proxy.client.get("/").user("alice").send().await;
+    proxy.client.get("/").header("x-user-id", "").send().await;
+    let text = proxy.metrics().await;
+    for name in [
+        "abproxy_requests_total",
+        "abproxy_request_duration_seconds_bucket",
+        "abproxy_upstream_errors_total",
+        "abproxy_variant_weight_percent",
+        "abproxy_config_reloads_total",
+        "abproxy_config_generation",
+        "abproxy_requests_in_flight",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (Debian package `prometheus`; .ci/run installs it)");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write metrics");
+    let output = promtool.wait_with_output().expect("promtool runs");
+    assert!(
+        output.status.success(),
+        "promtool rejected /metrics:\n{}{}\n{text}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test]
+async fn health_readiness_and_status_describe_the_running_config() {
+    let (proxy, control, _treatment) = split_proxy().await;
+    assert_eq!(proxy.admin.get("/healthz").send().await.status, 200);
+    assert_eq!(proxy.admin.get("/readyz").send().await.status, 200);
+    assert_eq!(proxy.admin.get("/nope").send().await.status, 404);
+    let status = proxy.status().await;
+    assert_eq!(status["generation"], 1);
+    assert_eq!(status["config"]["sha256"].as_str().map(str::len), Some(64));
+    assert_eq!(status["variants"][0]["name"], "control");
+    assert_eq!(status["variants"][0]["upstream"], control.url());
+    assert_eq!(status["variants"][0]["buckets"], serde_json::json!([0, 50]));
+    assert_eq!(
+        status["variants"][1]["buckets"],
+        serde_json::json!([50, 100])
+    );
+    assert_eq!(status["last_reload_error"], serde_json::Value::Null);
+}

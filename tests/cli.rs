@@ -1,0 +1,227 @@
+//! The `abproxy` binary: `check`, `assign`, `--help`, and a graceful SIGTERM.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use support::{spec_bucket, variants, Backend, Client};
+
+fn abproxy(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_abproxy"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("abproxy runs")
+}
+
+fn write_config(dir: &Path, text: &str) -> String {
+    let path = dir.join("abproxy.toml");
+    std::fs::write(&path, text).expect("write config");
+    path.display().to_string()
+}
+
+const VALID: &str = r#"
+[assignment]
+sources = ["header:x-user-id"]
+
+[[variant]]
+name = "control"
+upstream = "http://127.0.0.1:9101"
+weight = 80
+
+[[variant]]
+name = "treatment"
+upstream = "http://127.0.0.1:9102"
+weight = 20
+"#;
+
+#[test]
+fn check_accepts_a_valid_config_and_prints_the_bucket_table() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(dir.path(), VALID);
+    let output = abproxy(&["check", "--config", &path]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("control") && stdout.contains("0-79"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("treatment") && stdout.contains("80-99"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn every_example_config_passes_check() {
+    let examples: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+        .expect("config/ exists")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
+        .collect();
+    assert!(!examples.is_empty());
+    for example in examples {
+        let output = abproxy(&["check", "--config", &example.display().to_string()]);
+        assert!(
+            output.status.success(),
+            "{}: {}",
+            example.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// Each class of broken config, the line it breaks, and words the error must contain.
+const BROKEN: &[(&str, &str, usize, &str)] = &[
+    ("bad TOML", "[assignment\n", 1, "expected"),
+    ("unknown key", "[limits]\nmax_bodyy = \"1MiB\"\n", 2, "unknown field"),
+    ("weights not summing to 100", "[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 60\n[[variant]]\nname = \"b\"\nupstream = \"http://127.0.0.1:2\"\nweight = 30\n", 1, "sum to 90"),
+    ("weight not whole in buckets", "[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 99.5\n[[variant]]\nname = \"b\"\nupstream = \"http://127.0.0.1:2\"\nweight = 0.5\n", 4, "whole number of buckets"),
+    ("duplicate names", "[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 50\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:2\"\nweight = 50\n", 2, "used twice"),
+    ("invalid upstream", "[[variant]]\nname = \"a\"\nupstream = \"ftp://x\"\nweight = 100\n", 3, "http://"),
+    ("invalid source", "[assignment]\nsources = [\"body:x\"]\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 2, "header:NAME"),
+    ("bad buckets", "[assignment]\nbuckets = 150\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 2, "multiple of 100"),
+    ("bad duration", "[limits]\nrequest_timeout = \"soon\"\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 2, "duration"),
+    ("bad size", "[limits]\nmax_body = \"1 parsec\"\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 2, "size"),
+    ("bad on_missing", "[assignment]\non_missing = \"maybe\"\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 2, "on_missing"),
+    ("bad listen address", "[server]\nlisten = \"localhost\"\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 2, "IP:port"),
+];
+
+#[test]
+fn check_rejects_each_class_of_broken_config_with_file_and_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (class, text, line, words) in BROKEN {
+        let path = write_config(dir.path(), text);
+        let output = abproxy(&["check", "--config", &path]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{class}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{path}:{line}:")),
+            "{class}: expected {path}:{line}: in {stderr}"
+        );
+        assert!(
+            stderr.contains(words),
+            "{class}: expected {words:?} in {stderr}"
+        );
+    }
+}
+
+#[test]
+fn check_rejects_a_config_without_variants() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(dir.path(), "[assignment]\nsalt = \"x\"\n");
+    let output = abproxy(&["check", "--config", &path]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("at least one [[variant]]"));
+}
+
+#[test]
+fn check_names_a_missing_file() {
+    let output = abproxy(&["check", "--config", "/nonexistent/abproxy.toml"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/abproxy.toml"));
+}
+
+#[test]
+fn assign_prints_the_spec_rule_for_each_user() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(dir.path(), VALID);
+    let users: Vec<String> = (0..200).map(|n| format!("user-{n}")).collect();
+    let mut args = vec!["assign", "--config", &path];
+    args.extend(users.iter().map(String::as_str));
+    let output = abproxy(&args);
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), users.len());
+    for (line, user) in lines.iter().zip(&users) {
+        let bucket = spec_bucket("", user, 100);
+        let variant = if bucket < 80 { "control" } else { "treatment" };
+        assert_eq!(*line, format!("{user}\t{variant}\t{bucket}"));
+    }
+}
+
+#[test]
+fn help_explains_every_subcommand() {
+    let output = abproxy(&["--help"]);
+    let help = String::from_utf8_lossy(&output.stdout);
+    for word in ["run", "check", "assign", "demo", "--log-format"] {
+        assert!(help.contains(word), "--help lacks {word}: {help}");
+    }
+}
+
+/// Starts `abproxy run` and reads the bound addresses from its JSON log.
+fn spawn_run(config: &str) -> (Child, SocketAddr, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_abproxy"))
+        .args(["--log-format", "json", "run", "--config", config])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("abproxy run starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .map(|line| serde_json::from_str::<serde_json::Value>(&line).expect("JSON log line"))
+        .find(|line| line["fields"]["message"] == "abproxy ready")
+        .expect("abproxy logs that it is ready");
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    let addr = |key: &str| {
+        ready["fields"][key]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .expect("address in log")
+    };
+    (child, addr("listen"), addr("admin"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero() {
+    let backend = Backend::slow("control", Duration::from_millis(1500)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[limits]\nshutdown_grace = \"10s\"\n{}",
+        variants(&[("control", &backend, 100.0)])
+    );
+    let path = write_config(dir.path(), &config);
+    let (mut child, addr, admin) = spawn_run(&path);
+
+    let in_flight = tokio::spawn(Client::new(addr).get("/slow").user("alice").try_send());
+    support::proxy::eventually(Duration::from_secs(5), || async { backend.count() == 1 }).await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+
+    support::proxy::eventually(Duration::from_secs(5), || async {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    let readiness = Client::new(admin).get("/readyz").try_send().await;
+    if let Ok(readiness) = readiness {
+        assert_eq!(readiness.status, 503, "draining proxies are not ready");
+    }
+    let reply = in_flight
+        .await
+        .expect("task")
+        .expect("the in-flight request completes");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.model(), "control");
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert_eq!(exit.code(), Some(0));
+}

@@ -1,0 +1,206 @@
+//! What crosses the proxy: the request as the client sent it, minus connection-level
+//! headers, and upstream failures as 502/504 with their counters.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{variants, Backend, Proxy};
+
+async fn one_variant(backend: &Backend, extra: &str) -> Proxy {
+    Proxy::start(&format!(
+        "{extra}\n{}",
+        variants(&[("control", backend, 100.0)])
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn method_path_query_headers_and_body_reach_the_upstream() {
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(&backend, "").await;
+    let reply = proxy
+        .client
+        .post("/v1/models/m:predict?verbose=1", r#"{"instances":[1,2]}"#)
+        .user("alice")
+        .header("content-type", "application/json")
+        .header("x-request-id", "req-7")
+        .send()
+        .await;
+    assert_eq!(reply.status, 200);
+    let received = &backend.received()[0];
+    assert_eq!(received.method, "POST");
+    assert_eq!(received.uri.to_string(), "/v1/models/m:predict?verbose=1");
+    assert_eq!(received.headers["x-request-id"], "req-7");
+    assert_eq!(received.headers["x-user-id"], "alice");
+    assert_eq!(
+        received.headers["host"],
+        proxy.addr.to_string(),
+        "Host is kept"
+    );
+    assert_eq!(received.body, r#"{"instances":[1,2]}"#);
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_not_forwarded_either_way() {
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(&backend, "").await;
+    let reply = proxy
+        .client
+        .get("/")
+        .header("connection", "x-client-hop")
+        .header("x-client-hop", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .header("proxy-connection", "keep-alive")
+        .header("x-end-to-end", "kept")
+        .send()
+        .await;
+    let headers = &backend.received()[0].headers;
+    for hop in ["x-client-hop", "keep-alive", "te", "proxy-connection"] {
+        assert!(!headers.contains_key(hop), "{hop} reached the upstream");
+    }
+    assert_eq!(headers["x-end-to-end"], "kept");
+    // The backend answers with `connection: keep-alive, x-upstream-hop`.
+    assert!(
+        !reply.headers.contains_key("x-upstream-hop"),
+        "upstream hop header reached the client"
+    );
+    assert_eq!(reply.variant(), Some("control"));
+}
+
+#[tokio::test]
+async fn x_forwarded_for_is_appended_and_proto_is_set() {
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(&backend, "").await;
+    proxy
+        .client
+        .get("/")
+        .header("x-forwarded-for", "203.0.113.9")
+        .send()
+        .await;
+    proxy.client.get("/").send().await;
+    let received = backend.received();
+    assert_eq!(
+        received[0].headers["x-forwarded-for"],
+        "203.0.113.9, 127.0.0.1"
+    );
+    assert_eq!(received[1].headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(received[1].headers["x-forwarded-proto"], "http");
+}
+
+#[tokio::test]
+async fn host_is_the_upstreams_when_preserve_host_is_off() {
+    let backend = Backend::start("control").await;
+    let config = variants(&[("control", &backend, 100.0)]);
+    let proxy = Proxy::start_with_server("preserve_host = false", &config).await;
+    proxy.client.get("/").send().await;
+    assert_eq!(
+        backend.received()[0].headers["host"],
+        backend.url().trim_start_matches("http://")
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_is_down_is_a_502_counted_as_connect() {
+    let config = format!(
+        "[[variant]]\nname = \"control\"\nupstream = \"{}\"\nweight = 100\n",
+        Backend::down_url().await
+    );
+    let proxy = Proxy::start(&config).await;
+    let reply = proxy.client.get("/").user("alice").send().await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(reply.variant(), Some("control"));
+    assert_eq!(reply.json()["variant"], "control");
+    assert_eq!(reply.json()["kind"], "connect");
+    assert_eq!(
+        proxy
+            .metric(
+                "abproxy_upstream_errors_total",
+                &[("variant", "control"), ("kind", "connect")]
+            )
+            .await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .metric(
+                "abproxy_requests_total",
+                &[("variant", "control"), ("code", "502")]
+            )
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_slower_than_request_timeout_is_a_504() {
+    let backend = Backend::slow("control", Duration::from_secs(5)).await;
+    let proxy = one_variant(&backend, "[limits]\nrequest_timeout = \"200ms\"").await;
+    let reply = proxy.client.get("/").send().await;
+    assert_eq!(reply.status, 504);
+    assert_eq!(reply.json()["kind"], "timeout");
+    assert_eq!(
+        proxy
+            .metric(
+                "abproxy_upstream_errors_total",
+                &[("variant", "control"), ("kind", "timeout")]
+            )
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_resets_the_connection_is_a_502_counted_as_reset() {
+    let backend = Backend::resetting("control").await;
+    let proxy = one_variant(&backend, "").await;
+    let reply = proxy.client.get("/").send().await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(
+        proxy
+            .metric(
+                "abproxy_upstream_errors_total",
+                &[("variant", "control"), ("kind", "reset")]
+            )
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_path_prefix_is_prepended() {
+    let backend = Backend::start("control").await;
+    let config = format!(
+        "[[variant]]\nname = \"control\"\nupstream = \"{}/serving/\"\nweight = 100\n",
+        backend.url()
+    );
+    let proxy = Proxy::start(&config).await;
+    proxy.client.get("/predict?x=1").send().await;
+    assert_eq!(
+        backend.received()[0].uri.to_string(),
+        "/serving/predict?x=1"
+    );
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served_and_forwarded_over_http1() {
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(&backend, "").await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let request = http::Request::get(format!("http://{}/h2", proxy.addr))
+        .header("x-user-id", "alice")
+        .body(Default::default())
+        .expect("request");
+    let response = client.request(request).await.expect("h2c response");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-variant"], "control");
+    assert_eq!(
+        backend.received()[0].headers["host"],
+        proxy.addr.to_string(),
+        "authority becomes Host"
+    );
+}

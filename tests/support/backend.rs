@@ -1,0 +1,215 @@
+//! A model backend: a hyper server that answers JSON naming its model and records what it got.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// One request as the backend saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Clone)]
+enum Behaviour {
+    /// `{"model": NAME, "prediction": P}` after `delay`.
+    Answer { prediction: f64, delay: Duration },
+    /// A fixed body and content type.
+    Raw {
+        body: &'static str,
+        content_type: &'static str,
+    },
+    /// Accept connections and never answer.
+    Blackhole,
+    /// Accept, read the request, then reset the connection.
+    Reset,
+}
+
+pub struct Backend {
+    pub name: String,
+    addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    stop: CancellationToken,
+}
+
+impl Backend {
+    /// A model that answers at once with prediction 0.5.
+    pub async fn start(name: &str) -> Backend {
+        Self::spawn(
+            name,
+            Behaviour::Answer {
+                prediction: 0.5,
+                delay: Duration::ZERO,
+            },
+        )
+        .await
+    }
+
+    pub async fn predicting(name: &str, prediction: f64) -> Backend {
+        Self::spawn(
+            name,
+            Behaviour::Answer {
+                prediction,
+                delay: Duration::ZERO,
+            },
+        )
+        .await
+    }
+
+    pub async fn slow(name: &str, delay: Duration) -> Backend {
+        Self::spawn(
+            name,
+            Behaviour::Answer {
+                prediction: 0.5,
+                delay,
+            },
+        )
+        .await
+    }
+
+    pub async fn raw(name: &str, body: &'static str, content_type: &'static str) -> Backend {
+        Self::spawn(name, Behaviour::Raw { body, content_type }).await
+    }
+
+    pub async fn blackhole(name: &str) -> Backend {
+        Self::spawn(name, Behaviour::Blackhole).await
+    }
+
+    pub async fn resetting(name: &str) -> Backend {
+        Self::spawn(name, Behaviour::Reset).await
+    }
+
+    /// An address where nothing listens: bound, then released.
+    pub async fn down_url() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        format!("http://{addr}")
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().expect("lock").clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.lock().expect("lock").len()
+    }
+
+    async fn spawn(name: &str, behaviour: Behaviour) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let addr = listener.local_addr().expect("backend addr");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let backend = Backend {
+            name: name.to_owned(),
+            addr,
+            received: received.clone(),
+            stop: stop.clone(),
+        };
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let stream = tokio::select! {
+                    accepted = listener.accept() => match accepted { Ok((s, _)) => s, Err(_) => continue },
+                    () = stop.cancelled() => return,
+                };
+                match behaviour.clone() {
+                    Behaviour::Blackhole => held.push(stream),
+                    Behaviour::Reset => {
+                        tokio::spawn(async move {
+                            use tokio::io::AsyncReadExt;
+                            let mut stream = stream;
+                            let mut buf = [0u8; 4096];
+                            let _ = stream.read(&mut buf).await;
+                            let _ = stream.set_zero_linger();
+                            drop(stream);
+                        });
+                    }
+                    behaviour => {
+                        let (name, received) = (name.clone(), received.clone());
+                        let service = service_fn(move |request: Request<Incoming>| {
+                            let (name, received, behaviour) =
+                                (name.clone(), received.clone(), behaviour.clone());
+                            async move {
+                                Ok::<_, Infallible>(
+                                    answer(&name, behaviour, &received, request).await,
+                                )
+                            }
+                        });
+                        tokio::spawn(async move {
+                            let _ = auto::Builder::new(TokioExecutor::new())
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        });
+                    }
+                }
+            }
+        });
+        backend
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn answer(
+    name: &str,
+    behaviour: Behaviour,
+    received: &Mutex<Vec<Received>>,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    received.lock().expect("lock").push(Received {
+        method: parts.method,
+        uri: parts.uri,
+        headers: parts.headers,
+        body,
+    });
+    let (body, content_type) = match behaviour {
+        Behaviour::Answer { prediction, delay } => {
+            tokio::time::sleep(delay).await;
+            (
+                serde_json::json!({ "model": name, "prediction": prediction }).to_string(),
+                "application/json",
+            )
+        }
+        Behaviour::Raw { body, content_type } => (body.to_owned(), content_type),
+        Behaviour::Blackhole | Behaviour::Reset => unreachable!("handled at accept"),
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", content_type)
+        .header("connection", "keep-alive, x-upstream-hop")
+        .header("x-upstream-hop", "must not reach the client")
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}

@@ -1,0 +1,42 @@
+//! Real servers for integration tests: model backends, an in-process abproxy, and a client.
+//!
+//! Everything binds 127.0.0.1:0, and readiness is the bound socket itself: no fixed ports,
+//! no sleeps.
+#![allow(dead_code)]
+
+pub mod backend;
+pub mod client;
+pub mod proxy;
+
+pub use backend::{Backend, Received};
+pub use client::{Client, Reply};
+pub use proxy::Proxy;
+
+use sha2::{Digest, Sha256};
+
+/// The spec's rule, written independently of abproxy's own code: the 256-bit digest as
+/// eight 32-bit limbs, each weighted by 2^(32·k) mod n.
+pub fn spec_bucket(salt: &str, user_id: &str, buckets: u32) -> u32 {
+    let digest = Sha256::digest(format!("{salt}{user_id}").as_bytes());
+    let n = u128::from(buckets);
+    let mut weight = 1u128;
+    let mut total = 0u128;
+    for limb in digest.chunks(4).rev() {
+        let value = u128::from(u32::from_be_bytes([limb[0], limb[1], limb[2], limb[3]]));
+        total = (total + value % n * weight) % n;
+        weight = weight * (1u128 << 32) % n;
+    }
+    total as u32
+}
+
+/// `[[variant]]` tables for `(name, backend, weight)` triples.
+pub fn variants(arms: &[(&str, &Backend, f64)]) -> String {
+    arms.iter()
+        .map(|(name, backend, weight)| {
+            format!(
+                "[[variant]]\nname = \"{name}\"\nupstream = \"{}\"\nweight = {weight}\n\n",
+                backend.url()
+            )
+        })
+        .collect()
+}

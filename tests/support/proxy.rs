@@ -1,0 +1,137 @@
+//! An abproxy running in-process on ephemeral ports, with its config in a temp directory.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use abproxy::server::Server;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::client::Client;
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub config_path: PathBuf,
+    pub client: Client,
+    pub admin: Client,
+    _dir: tempfile::TempDir,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+/// Prepended to every test config: ephemeral ports on loopback.
+const SERVER: &str = "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n";
+
+impl Proxy {
+    /// Starts abproxy on `config` (everything but `[server]`, which the harness supplies).
+    pub async fn start(config: &str) -> Proxy {
+        Self::start_with_server("", config).await
+    }
+
+    /// Like `start`, with extra `[server]` keys.
+    pub async fn start_with_server(server_keys: &str, config: &str) -> Proxy {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join("abproxy.toml");
+        std::fs::write(&config_path, format!("{SERVER}{server_keys}\n{config}"))
+            .expect("write config");
+        let server = Server::bind(&config_path)
+            .await
+            .unwrap_or_else(|err| panic!("proxy starts: {err}"));
+        let (addr, admin_addr) = (server.proxy_addr(), server.admin_addr());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                server.run(stop).await.expect("proxy runs");
+            }
+        });
+        Proxy {
+            addr,
+            admin_addr,
+            config_path,
+            client: Client::new(addr),
+            admin: Client::new(admin_addr),
+            _dir: dir,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Rewrites the config file (keeping the harness's `[server]` section).
+    pub fn write_config(&self, config: &str) {
+        std::fs::write(&self.config_path, self.full_config(config)).expect("write config");
+    }
+
+    pub fn full_config(&self, config: &str) -> String {
+        format!("{SERVER}\n{config}")
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.admin.get("/metrics").send().await.text()
+    }
+
+    /// The value of one sample, e.g. `metric("abproxy_requests_total", &[("variant", "control"), ("code", "200")])`.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        sample(&self.metrics().await, name, labels)
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        self.admin.get("/status").send().await.json()
+    }
+
+    /// Polls `/status` until the generation reaches `generation`.
+    pub async fn wait_for_generation(&self, generation: u64) {
+        eventually(Duration::from_secs(10), || async {
+            self.status().await["generation"].as_u64() >= Some(generation)
+        })
+        .await;
+    }
+
+    /// Stops the proxy and waits for it to drain.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.expect("proxy task");
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Finds a sample's value in Prometheus text; 0 when absent (a counter never incremented).
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|(_, value)| value.parse::<f64>().expect("numeric sample"))
+        .sum()
+}
+
+/// Polls `condition` until it holds, failing the test after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !condition().await {
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
