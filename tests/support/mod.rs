@@ -2,7 +2,8 @@
 //!
 //! Everything binds 127.0.0.1:0, and readiness is the bound socket itself: no fixed ports,
 //! no sleeps.
-#![allow(dead_code)]
+// Each test binary uses its own subset of the harness.
+#![allow(dead_code, unused_imports)]
 
 pub mod backend;
 pub mod client;
