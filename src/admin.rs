@@ -4,6 +4,7 @@
 //! exposed alongside, model traffic.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
@@ -55,6 +56,9 @@ impl Health {
 /// What the admin endpoints read from.
 pub struct Admin {
     pub reloader: Arc<Reloader>,
+    /// Where the listeners are actually bound (the file may say port 0).
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
     pub metrics: Metrics,
     pub health: Arc<Health>,
 }
@@ -160,8 +164,8 @@ impl Admin {
                 "path": self.reloader.path().display().to_string(),
                 "sha256": generation.sha256,
             },
-            "listen": config.server.listen.to_string(),
-            "admin": config.server.admin.to_string(),
+            "listen": self.listen.to_string(),
+            "admin": self.admin.to_string(),
             "assignment": {
                 "sources": config.assignment.sources.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "salt": config.assignment.salt,

@@ -21,7 +21,7 @@ use crate::route::Generation;
 /// swaps produce bursts of events for one logical change.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 /// A file that fails to parse right after an event may be half-written; a follow-up event
-/// within this window retries before the failure is reported.
+/// within this window retries it before the failure is reported.
 const SETTLE: Duration = Duration::from_millis(300);
 
 /// Owns the live generation and every change made to it.
@@ -98,19 +98,42 @@ impl Reloader {
         let _serial = self.serial.lock().await;
         match self.try_reload().await {
             Ok(outcome) => outcome,
-            Err((error, sha256)) => {
-                tracing::error!(file = %self.path.display(), %error, "config rejected; still serving the last good config");
-                self.process.reloads_error.increment(1);
-                self.with_status(|status| {
-                    status.last_error = Some(ReloadFailure {
-                        error: error.to_string(),
-                        sha256,
-                        at: SystemTime::now(),
-                    });
-                });
-                Outcome::Rejected
+            Err(rejected) => self.reject(rejected),
+        }
+    }
+
+    /// Like `reload`, for a file that may still be being written: a failure is reported
+    /// only once no further change arrives within `SETTLE`, so a half-written file is
+    /// retried rather than counted.
+    async fn reload_settled(&self, changed: &Notify) -> Outcome {
+        let _serial = self.serial.lock().await;
+        loop {
+            match self.try_reload().await {
+                Ok(outcome) => return outcome,
+                Err(rejected) => {
+                    if tokio::time::timeout(SETTLE, changed.notified())
+                        .await
+                        .is_err()
+                    {
+                        return self.reject(rejected);
+                    }
+                    debounce(changed, DEBOUNCE).await;
+                }
             }
         }
+    }
+
+    fn reject(&self, (error, sha256): (ConfigError, Option<String>)) -> Outcome {
+        tracing::error!(%error, "config rejected; still serving the last good config");
+        self.process.reloads_error.increment(1);
+        self.with_status(|status| {
+            status.last_error = Some(ReloadFailure {
+                error: error.to_string(),
+                sha256,
+                at: SystemTime::now(),
+            });
+        });
+        Outcome::Rejected
     }
 
     async fn try_reload(&self) -> Result<Outcome, (ConfigError, Option<String>)> {
@@ -157,44 +180,54 @@ impl Reloader {
     /// Watches the config's directory (and SIGHUP) until `shutdown`, reloading on change.
     ///
     /// The directory, not the file: editors replace the file by rename and Kubernetes swaps a
-    /// `..data` symlink, and a watch on the old inode would see neither.
-    pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), notify::Error> {
+    /// `..data` symlink, and a watch on the old inode would see neither. When the file is a
+    /// symlink, the directory it resolves to is watched as well, so in-place edits of the
+    /// target are seen; that second watch follows the link after every change.
+    ///
+    /// The watches are in place when this returns, so no edit made after it is missed; the
+    /// returned future serves them until `shutdown`.
+    pub fn watch(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> Result<impl std::future::Future<Output = ()>, notify::Error> {
         let changed = Arc::new(Notify::new());
-        let _watcher = self.start_watcher(changed.clone())?;
+        let mut watch = FileWatch::start(&self.path, changed.clone())?;
         let mut hangup = hangup_signal();
-        loop {
-            tokio::select! {
-                () = changed.notified() => {}
-                Some(()) = recv_signal(&mut hangup) => {
-                    tracing::info!("SIGHUP: re-reading config");
-                    self.reload().await;
-                    continue;
+        Ok(async move {
+            loop {
+                tokio::select! {
+                    () = changed.notified() => {
+                        debounce(&changed, DEBOUNCE).await;
+                        self.reload_settled(&changed).await;
+                    }
+                    Some(()) = recv_signal(&mut hangup) => {
+                        tracing::info!("SIGHUP: re-reading config");
+                        self.reload().await;
+                    }
+                    () = shutdown.cancelled() => return,
                 }
-                () = shutdown.cancelled() => return Ok(()),
+                watch.follow_symlink(&self.path);
             }
-            debounce(&changed, DEBOUNCE).await;
-            if self.reload().await == Outcome::Rejected {
-                // Possibly half-written: if the writer is still busy, its next event retries.
-                if tokio::time::timeout(SETTLE, changed.notified())
-                    .await
-                    .is_ok()
-                {
-                    debounce(&changed, DEBOUNCE).await;
-                    self.reload().await;
-                }
-            }
-        }
+        })
     }
+}
 
-    fn start_watcher(
-        &self,
-        changed: Arc<Notify>,
-    ) -> Result<notify::RecommendedWatcher, notify::Error> {
-        let directory = match self.path.parent() {
+/// The inotify (or platform) watches behind `Reloader::watch`.
+struct FileWatch {
+    watcher: notify::RecommendedWatcher,
+    /// The directory the config symlink currently resolves into, when that is elsewhere.
+    target_dir: Option<PathBuf>,
+    config_dir: PathBuf,
+}
+
+impl FileWatch {
+    fn start(path: &Path, changed: Arc<Notify>) -> Result<FileWatch, notify::Error> {
+        let config_dir = match path.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let file_name = self.path.file_name().map(ToOwned::to_owned);
+        let file_name = path.file_name().map(ToOwned::to_owned);
+        let watched_dir = config_dir.clone();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 let Ok(event) = event else { return };
@@ -203,16 +236,47 @@ impl Reloader {
                 }
                 let relevant = event.paths.iter().any(|path| {
                     let name = path.file_name();
-                    name == file_name.as_deref()
+                    // In the config's own directory only the file and Kubernetes' `..data`
+                    // machinery matter; in a symlink's target directory, everything does.
+                    path.parent() != Some(watched_dir.as_path())
+                        || name == file_name.as_deref()
                         || name.is_some_and(|name| name.to_string_lossy().starts_with(".."))
                 });
                 if relevant {
                     changed.notify_one();
                 }
             })?;
-        watcher.watch(&directory, RecursiveMode::NonRecursive)?;
-        tracing::info!(directory = %directory.display(), "watching config for changes");
-        Ok(watcher)
+        watcher.watch(&config_dir, RecursiveMode::NonRecursive)?;
+        tracing::info!(directory = %config_dir.display(), "watching config for changes");
+        let mut watch = FileWatch {
+            watcher,
+            target_dir: None,
+            config_dir,
+        };
+        watch.follow_symlink(path);
+        Ok(watch)
+    }
+
+    /// Moves the second watch to wherever the config symlink now points.
+    fn follow_symlink(&mut self, path: &Path) {
+        let target_dir = std::fs::canonicalize(path)
+            .ok()
+            .and_then(|target| target.parent().map(Path::to_path_buf))
+            .filter(|dir| std::fs::canonicalize(&self.config_dir).ok().as_ref() != Some(dir));
+        if target_dir == self.target_dir {
+            return;
+        }
+        if let Some(old) = self.target_dir.take() {
+            let _ = self.watcher.unwatch(&old);
+        }
+        if let Some(dir) = target_dir {
+            match self.watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                Ok(()) => self.target_dir = Some(dir),
+                Err(err) => {
+                    tracing::warn!(directory = %dir.display(), error = %err, "cannot watch symlink target")
+                }
+            }
+        }
     }
 }
 

@@ -85,19 +85,17 @@ impl Server {
         let background = CancellationToken::new();
         let tasks = TaskTracker::new();
 
-        let watcher = self.reloader.clone().watch(background.clone());
+        let watcher = self.reloader.clone().watch(background.clone())?;
         let admin = Arc::new(Admin {
             reloader: self.reloader.clone(),
+            listen,
+            admin: admin_addr,
             metrics: self.metrics.clone(),
             health: self.health.clone(),
         });
         tasks.spawn(admin.serve(self.admin_listener, background.clone()));
         tasks.spawn(upkeep(self.metrics.clone(), background.clone()));
-        tasks.spawn(async move {
-            if let Err(err) = watcher.await {
-                tracing::error!(error = %err, "config watch failed; edits are not picked up until restart");
-            }
-        });
+        tasks.spawn(watcher);
 
         let proxy = Arc::new(Proxy::new(self.reloader.current().clone(), &self.metrics));
         let draining = CancellationToken::new();

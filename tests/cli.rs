@@ -225,3 +225,57 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero() {
         .expect("wait");
     assert_eq!(exit.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rereads_the_config() {
+    let control = Backend::start("control").await;
+    let treatment = Backend::start("treatment").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n";
+    let path = write_config(
+        dir.path(),
+        &format!(
+            "{server}{}",
+            variants(&[("control", &control, 100.0), ("treatment", &treatment, 0.0)])
+        ),
+    );
+    let (mut child, addr, admin) = spawn_run(&path);
+    assert_eq!(
+        Client::new(addr)
+            .get("/")
+            .user("alice")
+            .send()
+            .await
+            .variant(),
+        Some("control")
+    );
+
+    std::fs::write(
+        &path,
+        format!(
+            "{server}{}",
+            variants(&[("control", &control, 0.0), ("treatment", &treatment, 100.0)])
+        ),
+    )
+    .expect("rewrite config");
+    let status = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    support::proxy::eventually(Duration::from_secs(10), || async {
+        Client::new(admin).get("/status").send().await.json()["generation"] == 2
+    })
+    .await;
+    assert_eq!(
+        Client::new(addr)
+            .get("/")
+            .user("alice")
+            .send()
+            .await
+            .variant(),
+        Some("treatment")
+    );
+    child.kill().expect("kill child");
+    let _ = child.wait();
+}

@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,7 +44,15 @@ pub struct Backend {
     pub name: String,
     addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
+    connections: Arc<Connections>,
     stop: CancellationToken,
+}
+
+/// Connections accepted so far, and those still open.
+#[derive(Default)]
+struct Connections {
+    accepted: AtomicUsize,
+    open: AtomicUsize,
 }
 
 impl Backend {
@@ -109,6 +118,16 @@ impl Backend {
         self.received.lock().expect("lock").clone()
     }
 
+    /// Connections this backend has accepted.
+    pub fn connections_accepted(&self) -> usize {
+        self.connections.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections still open from the proxy's side.
+    pub fn connections_open(&self) -> usize {
+        self.connections.open.load(Ordering::SeqCst)
+    }
+
     pub fn count(&self) -> usize {
         self.received.lock().expect("lock").len()
     }
@@ -120,7 +139,9 @@ impl Backend {
         let addr = listener.local_addr().expect("backend addr");
         let received = Arc::new(Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
+        let connections = Arc::new(Connections::default());
         let backend = Backend {
+            connections: connections.clone(),
             name: name.to_owned(),
             addr,
             received: received.clone(),
@@ -134,6 +155,7 @@ impl Backend {
                     accepted = listener.accept() => match accepted { Ok((s, _)) => s, Err(_) => continue },
                     () = stop.cancelled() => return,
                 };
+                connections.accepted.fetch_add(1, Ordering::SeqCst);
                 match behaviour.clone() {
                     Behaviour::Blackhole => held.push(stream),
                     Behaviour::Reset => {
@@ -157,10 +179,13 @@ impl Backend {
                                 )
                             }
                         });
+                        let connections = connections.clone();
+                        connections.open.fetch_add(1, Ordering::SeqCst);
                         tokio::spawn(async move {
                             let _ = auto::Builder::new(TokioExecutor::new())
                                 .serve_connection(TokioIo::new(stream), service)
                                 .await;
+                            connections.open.fetch_sub(1, Ordering::SeqCst);
                         });
                     }
                 }

@@ -7,10 +7,12 @@
 
 pub mod backend;
 pub mod client;
+pub mod config_file;
 pub mod proxy;
 
 pub use backend::{Backend, Received};
 pub use client::{Client, Reply};
+pub use config_file::{ConfigFile, Edit};
 pub use proxy::Proxy;
 
 use sha2::{Digest, Sha256};

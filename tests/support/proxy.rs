@@ -1,7 +1,6 @@
 //! An abproxy running in-process on ephemeral ports, with its config in a temp directory.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use abproxy::server::Server;
@@ -9,14 +8,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::client::Client;
+use super::config_file::{ConfigFile, Edit};
 
 pub struct Proxy {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub config_path: PathBuf,
+    pub config: ConfigFile,
     pub client: Client,
     pub admin: Client,
-    _dir: tempfile::TempDir,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -32,11 +31,15 @@ impl Proxy {
 
     /// Like `start`, with extra `[server]` keys.
     pub async fn start_with_server(server_keys: &str, config: &str) -> Proxy {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let config_path = dir.path().join("abproxy.toml");
-        std::fs::write(&config_path, format!("{SERVER}{server_keys}\n{config}"))
-            .expect("write config");
-        let server = Server::bind(&config_path)
+        Self::start_on(ConfigFile::plain(&format!(
+            "{SERVER}{server_keys}\n{config}"
+        )))
+        .await
+    }
+
+    /// Starts abproxy on a prepared config file (which must listen on port 0).
+    pub async fn start_on(config: ConfigFile) -> Proxy {
+        let server = Server::bind(&config.path)
             .await
             .unwrap_or_else(|err| panic!("proxy starts: {err}"));
         let (addr, admin_addr) = (server.proxy_addr(), server.admin_addr());
@@ -47,25 +50,31 @@ impl Proxy {
                 server.run(stop).await.expect("proxy runs");
             }
         });
-        Proxy {
+        let proxy = Proxy {
             addr,
             admin_addr,
-            config_path,
+            config,
             client: Client::new(addr),
             admin: Client::new(admin_addr),
-            _dir: dir,
             stop,
             task: Some(task),
-        }
+        };
+        // Ready means listening and watching the config: edits from here on are seen.
+        eventually(Duration::from_secs(10), || async {
+            proxy
+                .admin
+                .get("/readyz")
+                .try_send()
+                .await
+                .is_ok_and(|reply| reply.status == 200)
+        })
+        .await;
+        proxy
     }
 
-    /// Rewrites the config file (keeping the harness's `[server]` section).
-    pub fn write_config(&self, config: &str) {
-        std::fs::write(&self.config_path, self.full_config(config)).expect("write config");
-    }
-
-    pub fn full_config(&self, config: &str) -> String {
-        format!("{SERVER}\n{config}")
+    /// Rewrites the config (keeping the harness's `[server]` section) by `edit`.
+    pub fn edit_config(&self, config: &str, edit: Edit) {
+        self.config.write(&with_server(config), edit);
     }
 
     pub async fn metrics(&self) -> String {
@@ -102,6 +111,11 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// `config` with the harness's `[server]` section: ephemeral loopback ports.
+pub fn with_server(config: &str) -> String {
+    format!("{SERVER}\n{config}")
 }
 
 /// Finds a sample's value in Prometheus text; 0 when absent (a counter never incremented).
