@@ -73,6 +73,7 @@ impl Metrics {
             ("abproxy_shadow_requests_total", "Mirrored requests, by shadow and result (ok, error, timeout, dropped)."),
             ("abproxy_shadow_comparisons_total", "Comparisons of primary and shadow answers, by outcome."),
             ("abproxy_config_reloads_total", "Config reload attempts, by result."),
+            ("abproxy_shadow_log_dropped_total", "Shadow log lines dropped because the writer fell behind."),
         ];
         for (name, help) in counters {
             self.recorder
@@ -205,6 +206,7 @@ impl Metrics {
             mismatched: comparison("mismatch"),
             unparsable: comparison("unparsable"),
             abs_diff: self.histogram("abproxy_shadow_abs_diff", &[("shadow", name)]),
+            log_dropped: self.counter("abproxy_shadow_log_dropped_total", &[("shadow", name)]),
         }
     }
 }
@@ -299,4 +301,5 @@ pub struct ShadowMetrics {
     pub mismatched: Counter,
     pub unparsable: Counter,
     pub abs_diff: Histogram,
+    pub log_dropped: Counter,
 }

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigError, ConfigFile};
 use crate::metrics::{Metrics, ProcessMetrics};
 use crate::route::Generation;
+use crate::shadow::Background;
 
 /// Quiet time after the last file event before the file is read: editors and ConfigMap
 /// swaps produce bursts of events for one logical change.
@@ -29,6 +30,7 @@ pub struct Reloader {
     path: PathBuf,
     current: Arc<ArcSwap<Generation>>,
     metrics: Metrics,
+    background: Background,
     process: ProcessMetrics,
     status: Mutex<ReloadStatus>,
     /// Reloads from the watcher and SIGHUP run one at a time.
@@ -62,15 +64,20 @@ pub enum Outcome {
 
 impl Reloader {
     /// Loads `path` as generation 1. A bad file here is fatal: there is no last good config.
-    pub fn load(path: &Path, metrics: &Metrics) -> Result<Reloader, ConfigError> {
+    pub fn load(
+        path: &Path,
+        metrics: &Metrics,
+        background: &Background,
+    ) -> Result<Reloader, ConfigError> {
         let loaded = Config::load(path)?;
-        let generation = Generation::build(1, loaded, None, metrics);
+        let generation = Generation::build(1, loaded, None, metrics, background);
         let process = metrics.process();
         process.generation.set(1.0);
         Ok(Reloader {
             path: path.to_path_buf(),
             current: Arc::new(ArcSwap::from_pointee(generation)),
             metrics: metrics.clone(),
+            background: background.clone(),
             process,
             status: Mutex::new(ReloadStatus::default()),
             serial: tokio::sync::Mutex::new(()),
@@ -157,7 +164,8 @@ impl Reloader {
         next.config.server.listen = old.config.server.listen;
         next.config.server.admin = old.config.server.admin;
         let number = old.number + 1;
-        let generation = Generation::build(number, next, Some(&old), &self.metrics);
+        let generation =
+            Generation::build(number, next, Some(&old), &self.metrics, &self.background);
         tracing::info!(
             generation = number,
             old = %weights(&old), new = %weights(&generation),

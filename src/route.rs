@@ -13,6 +13,7 @@ use crate::assign::{bucket, OnMissing, Split};
 use crate::config::{Config, Loaded};
 use crate::metrics::{Metrics, VariantMetrics};
 use crate::proxy::upstream::Upstream;
+use crate::shadow::{Background, ShadowTarget};
 
 /// One config, ready to serve.
 pub struct Generation {
@@ -23,6 +24,7 @@ pub struct Generation {
     pub config: Config,
     pub split: Split,
     pub routes: Box<[Route]>,
+    pub shadows: Box<[Arc<ShadowTarget>]>,
     /// True when a `json:` source means the request body must be read before routing.
     pub needs_body: bool,
 }
@@ -56,12 +58,14 @@ pub enum AssignError {
 }
 
 impl Generation {
-    /// Builds generation `number`, reusing `previous`'s upstream clients where unchanged.
+    /// Builds generation `number`, reusing `previous`'s upstream clients and shadows where
+    /// unchanged, so a reload neither reconnects nor restarts what it did not touch.
     pub fn build(
         number: u64,
         loaded: Loaded,
         previous: Option<&Generation>,
         metrics: &Metrics,
+        background: &Background,
     ) -> Generation {
         let Loaded { config, sha256 } = loaded;
         let connect_timeout = config.limits.connect_timeout;
@@ -110,9 +114,37 @@ impl Generation {
                 removed.metrics.set_weight(0.0);
             }
         }
+        let limits_unchanged = previous.is_some_and(|previous| {
+            let old = &previous.config.limits;
+            old.connect_timeout == connect_timeout && old.max_body == config.limits.max_body
+        });
+        let shadows = config
+            .shadows
+            .iter()
+            .map(|shadow| {
+                let old = previous.and_then(|previous| {
+                    previous
+                        .shadows
+                        .iter()
+                        .find(|old| old.config.name == shadow.name)
+                });
+                match old {
+                    // Unchanged: its queue, workers and log keep running.
+                    Some(old) if limits_unchanged && old.config == *shadow => old.clone(),
+                    _ => Arc::new(ShadowTarget::start(
+                        shadow,
+                        &config.limits,
+                        old.map(AsRef::as_ref),
+                        metrics,
+                        background,
+                    )),
+                }
+            })
+            .collect();
         Generation {
             number,
             sha256,
+            shadows,
             split: Split::from_counts(config.variants.iter().map(|variant| variant.buckets)),
             needs_body: config
                 .assignment

@@ -15,9 +15,12 @@ use crate::config::ConfigError;
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy};
 use crate::reload::Reloader;
+use crate::shadow::Background;
 
 /// Histogram samples are folded into buckets this often.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+/// How long shutdown waits for mirrors in flight and shadow logs to flush.
+const SHADOW_DRAIN: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -41,13 +44,16 @@ pub struct Server {
     reloader: Arc<Reloader>,
     metrics: Metrics,
     health: Arc<Health>,
+    /// Shadow workers and log writers, stopped after client traffic has drained.
+    shadows: Background,
 }
 
 impl Server {
     /// Loads the config at `path` and binds its `listen` and `admin` addresses.
     pub async fn bind(path: &Path) -> Result<Server, StartError> {
         let metrics = Metrics::new();
-        let reloader = Arc::new(Reloader::load(path, &metrics)?);
+        let shadows = Background::default();
+        let reloader = Arc::new(Reloader::load(path, &metrics, &shadows)?);
         let server = reloader.current().load().config.server.clone();
         let bind = |what, addr| async move {
             TcpListener::bind(addr)
@@ -62,6 +68,7 @@ impl Server {
             reloader,
             metrics,
             health: Arc::new(Health::default()),
+            shadows,
         })
     }
 
@@ -112,6 +119,15 @@ impl Server {
         tracing::info!(%listen, admin = %admin_addr, config = %self.reloader.path().display(), "abproxy ready");
         proxy::serve(self.proxy_listener, proxy, draining).await;
 
+        // Mirrors in flight finish (each within its shadow timeout); logs flush.
+        self.shadows.stop.cancel();
+        self.shadows.tasks.close();
+        if tokio::time::timeout(SHADOW_DRAIN, self.shadows.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shadow work still running at exit");
+        }
         background.cancel();
         tasks.close();
         tasks.wait().await;

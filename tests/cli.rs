@@ -2,12 +2,11 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
+use support::process::spawn_run;
 use support::{spec_bucket, variants, Backend, Client};
 
 fn abproxy(args: &[&str]) -> Output {
@@ -156,34 +155,6 @@ fn help_explains_every_subcommand() {
     for word in ["run", "check", "assign", "demo", "--log-format"] {
         assert!(help.contains(word), "--help lacks {word}: {help}");
     }
-}
-
-/// Starts `abproxy run` and reads the bound addresses from its JSON log.
-fn spawn_run(config: &str) -> (Child, SocketAddr, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_abproxy"))
-        .args(["--log-format", "json", "run", "--config", config])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("abproxy run starts");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let ready = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .map(|line| serde_json::from_str::<serde_json::Value>(&line).expect("JSON log line"))
-        .find(|line| line["fields"]["message"] == "abproxy ready")
-        .expect("abproxy logs that it is ready");
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    let addr = |key: &str| {
-        ready["fields"][key]
-            .as_str()
-            .and_then(|a| a.parse().ok())
-            .expect("address in log")
-    };
-    (child, addr("listen"), addr("admin"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,8 @@ use super::{Assignment, Config, ConfigError, Limits, Location, Server, Shadow, U
 use crate::assign::{OnMissing, UserIdSource};
 
 const MIB: u64 = 1024 * 1024;
+/// The request path tracks the shadows of a request in a 64-bit set.
+const MAX_SHADOWS: usize = 64;
 
 pub(super) struct Validator<'a> {
     pub path: &'a Path,
@@ -38,6 +40,12 @@ impl Validator<'_> {
             .map(|shadow| self.shadow(shadow, &limits))
             .collect::<Result<Vec<_>>>()?;
         self.unique_names(shadows.iter().map(|s| s.name.as_str()), "shadow")?;
+        if shadows.len() > MAX_SHADOWS {
+            return Err(ConfigError::invalid(
+                Location::file(self.path),
+                format!("at most {MAX_SHADOWS} [[shadow]] entries are supported"),
+            ));
+        }
         Ok(Config {
             server: self.server(file.server)?,
             limits,

@@ -6,15 +6,17 @@ mod forward;
 mod listener;
 pub mod upstream;
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::request::Parts;
 use http::{Request, Response};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use metrics::Gauge;
@@ -25,6 +27,7 @@ pub use listener::serve;
 
 use crate::metrics::{Metrics, VariantMetrics};
 use crate::route::Generation;
+use crate::shadow::{self, Mirror, ShadowTarget};
 use upstream::UpstreamBody;
 
 /// State shared by every connection: the live generation and process-wide metrics.
@@ -55,45 +58,78 @@ impl Proxy {
         // The one arc-swap load of this request: it runs on this generation even if a reload
         // swaps in another before it ends.
         let generation = self.current.load_full();
+        let config = &generation.config;
         let (parts, body) = request.into_parts();
 
         // 1. Read the body only when a `json:` source needs it; otherwise it streams through.
-        let (body, buffered): (UpstreamBody, Option<Bytes>) = if generation.needs_body {
-            match read_body(&parts, body, generation.config.limits.max_body).await {
-                Ok(bytes) => (Either::Right(Full::new(bytes.clone())), Some(bytes)),
+        let mut body = if generation.needs_body {
+            match read_body(&parts, body, config.limits.max_body).await {
+                Ok(bytes) => RequestBody::Buffered(bytes),
                 Err(err) => return self.refuse(err, started),
             }
         } else {
-            (Either::Left(body), None)
+            RequestBody::Streaming(body)
         };
 
         // 2. Assign the variant that owns the user's bucket.
-        let route = match generation.assign(&parts, buffered.as_deref()) {
-            Ok(assignment) => &generation.routes[assignment.route],
+        let assignment = match generation.assign(&parts, body.buffered()) {
+            Ok(assignment) => assignment,
             Err(err) => return self.refuse(err.into(), started),
         };
+        let route = &generation.routes[assignment.route];
 
-        // 3. Forward to the variant's upstream.
-        let config = &generation.config;
-        let response = match forward::upstream_request(parts, body, &route.upstream, client, config.server.preserve_host) {
-            Ok(upstream_request) => route
-                .upstream
-                .send(upstream_request, config.limits.request_timeout)
-                .await
-                .map_err(|source| {
-                    route.metrics.upstream_error(source.kind);
-                    tracing::debug!(variant = %route.name, upstream = %route.upstream.target(), error = %source, "upstream failed");
-                    ProxyError::Upstream { variant: route.name.clone(), source }
-                }),
+        // 3. Choose the shadows that mirror this user; they need the body in memory.
+        let mirrors = Mirrors::select(&generation.shadows, assignment.user_id.as_deref());
+        if !mirrors.is_empty() {
+            if let Err(err) = body.buffer_for_mirror(&parts, config.limits.max_body).await {
+                let response = err.into_response();
+                route.metrics.record(response.status(), started.elapsed());
+                return response;
+            }
+        }
+        let user_id = (!mirrors.is_empty())
+            .then(|| assignment.user_id.map(Cow::into_owned))
+            .flatten();
+
+        // 4. Forward to the variant's upstream.
+        let mirror_body = if mirrors.is_empty() {
+            None
+        } else {
+            body.shared_bytes()
+        };
+        let request = forward::upstream_request(
+            parts,
+            body.into_upstream(),
+            &route.upstream,
+            client,
+            config.server.preserve_host,
+        );
+        let mirror_request =
+            mirrors.copy_request(request.as_ref().ok(), mirror_body, &generation.shadows);
+        let response = match request {
+            Ok(request) => route.upstream.send(request, config.limits.request_timeout).await.map_err(|source| {
+                route.metrics.upstream_error(source.kind);
+                tracing::debug!(variant = %route.name, upstream = %route.upstream.target(), error = %source, "upstream failed");
+                ProxyError::Upstream { variant: route.name.clone(), source }
+            }),
             Err(err) => Err(ProxyError::BadTarget(err)),
         };
 
-        // 4. Respond, naming the variant, and record.
+        // 5. Build the client's response, naming the variant.
+        let mut primary_body = None;
         let mut response = match response {
             Ok(upstream_response) => {
                 let (mut parts, body) = upstream_response.into_parts();
                 forward::client_response_headers(&mut parts.headers);
-                Response::from_parts(parts, ResponseBody::from(body))
+                let body = match mirrors.primary_body_limit(&generation.shadows) {
+                    Some(limit) if mirror_request.is_some() => {
+                        let (body, captured) = ResponseBody::captured(body, limit);
+                        primary_body = Some(captured);
+                        body
+                    }
+                    _ => ResponseBody::from(body),
+                };
+                Response::from_parts(parts, body)
             }
             Err(err) => err.into_response(),
         };
@@ -101,6 +137,26 @@ impl Proxy {
             config.server.variant_header.clone(),
             route.header_value.clone(),
         );
+
+        // 6. Mirror, now that the primary has answered; this only queues work for the shadows.
+        if let Some(request) = mirror_request {
+            let mirror = Arc::new(Mirror {
+                request_id: shadow::request_id(&request.headers),
+                user_id,
+                variant: route.name.clone(),
+                method: request.method,
+                path_and_query: request.path_and_query,
+                headers: request.headers,
+                body: request.body,
+                primary_status: response.status(),
+                primary_latency: started.elapsed(),
+                primary_body,
+                received: SystemTime::now() - started.elapsed(),
+            });
+            mirrors.offer(&generation.shadows, mirror);
+        }
+
+        // 7. Record.
         route.metrics.record(response.status(), started.elapsed());
         response
     }
@@ -121,12 +177,7 @@ impl Proxy {
 
 /// Buffers a request body up to `limit` bytes; larger bodies are a 413, not a memory spike.
 async fn read_body(parts: &Parts, body: Incoming, limit: u64) -> Result<Bytes, ProxyError> {
-    let declared = parts
-        .headers
-        .get(CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit) {
+    if declared_length(parts).is_some_and(|length| length > limit) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
     let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
@@ -134,6 +185,136 @@ async fn read_body(parts: &Parts, body: Incoming, limit: u64) -> Result<Bytes, P
         Ok(collected) => Ok(collected.to_bytes()),
         Err(err) if err.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
         Err(err) => Err(ProxyError::BodyRead(err.to_string())),
+    }
+}
+
+fn declared_length(parts: &Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// The client's body: still streaming, or read into memory for a `json:` source or a mirror.
+enum RequestBody {
+    Streaming(Incoming),
+    Buffered(Bytes),
+}
+
+impl RequestBody {
+    fn buffered(&self) -> Option<&[u8]> {
+        match self {
+            RequestBody::Buffered(bytes) => Some(bytes),
+            RequestBody::Streaming(_) => None,
+        }
+    }
+
+    /// Reads a streaming body into memory when its declared length fits `limit`; a body of
+    /// unknown length (chunked) or over the limit keeps streaming and is not mirrored.
+    async fn buffer_for_mirror(&mut self, parts: &Parts, limit: u64) -> Result<(), ProxyError> {
+        let RequestBody::Streaming(incoming) = self else {
+            return Ok(());
+        };
+        let fits = incoming.is_end_stream()
+            || declared_length(parts).is_some_and(|length| length <= limit);
+        if fits {
+            if let RequestBody::Streaming(incoming) =
+                std::mem::replace(self, RequestBody::Buffered(Bytes::new()))
+            {
+                *self = RequestBody::Buffered(read_body(parts, incoming, limit).await?);
+            }
+        }
+        Ok(())
+    }
+
+    /// The buffered bytes, shared rather than copied.
+    fn shared_bytes(&self) -> Option<Bytes> {
+        match self {
+            RequestBody::Buffered(bytes) => Some(bytes.clone()),
+            RequestBody::Streaming(_) => None,
+        }
+    }
+
+    fn into_upstream(self) -> UpstreamBody {
+        match self {
+            RequestBody::Streaming(incoming) => Either::Left(incoming),
+            RequestBody::Buffered(bytes) => Either::Right(Full::new(bytes)),
+        }
+    }
+}
+
+/// The shadows mirroring one request, as a bit set over `Generation::shadows`.
+#[derive(Clone, Copy)]
+struct Mirrors(u64);
+
+/// What a mirror sends: the request as forwarded to the primary.
+struct MirrorRequest {
+    method: http::Method,
+    path_and_query: Option<http::uri::PathAndQuery>,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+impl Mirrors {
+    fn select(shadows: &[Arc<ShadowTarget>], user_id: Option<&str>) -> Mirrors {
+        let bits = shadows
+            .iter()
+            .take(64)
+            .enumerate()
+            .filter(|(_, shadow)| shadow.selects(user_id))
+            .fold(0u64, |bits, (index, _)| bits | 1 << index);
+        Mirrors(bits)
+    }
+
+    fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    fn of(self, shadows: &[Arc<ShadowTarget>]) -> impl Iterator<Item = &ShadowTarget> {
+        shadows
+            .iter()
+            .take(64)
+            .enumerate()
+            .filter(move |(index, _)| self.0 & (1 << index) != 0)
+            .map(|(_, shadow)| shadow.as_ref())
+    }
+
+    /// Copies the forwarded request for the shadows, or counts them as dropped when its
+    /// body could not be kept.
+    fn copy_request(
+        self,
+        request: Option<&Request<UpstreamBody>>,
+        body: Option<Bytes>,
+        shadows: &[Arc<ShadowTarget>],
+    ) -> Option<MirrorRequest> {
+        if self.is_empty() {
+            return None;
+        }
+        let copy = request.zip(body).map(|(request, body)| MirrorRequest {
+            method: request.method().clone(),
+            path_and_query: request.uri().path_and_query().cloned(),
+            headers: request.headers().clone(),
+            body,
+        });
+        if copy.is_none() {
+            self.of(shadows).for_each(ShadowTarget::skip);
+        }
+        copy
+    }
+
+    /// The largest share of the primary answer any chosen shadow needs.
+    fn primary_body_limit(self, shadows: &[Arc<ShadowTarget>]) -> Option<usize> {
+        self.of(shadows)
+            .filter_map(ShadowTarget::wants_primary_body)
+            .max()
+    }
+
+    fn offer(self, shadows: &[Arc<ShadowTarget>], mirror: Arc<Mirror>) {
+        self.of(shadows)
+            .for_each(|shadow| shadow.offer(mirror.clone()));
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod client;
 pub mod config_file;
+pub mod process;
 pub mod proxy;
 
 pub use backend::{Backend, Received};

@@ -1,0 +1,51 @@
+//! `abproxy run` as a child process, for what only a real process shows: signals, exit
+//! codes, memory.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+/// Starts `abproxy run` and reads the bound addresses from its JSON log.
+pub fn spawn_run(config: &str) -> (Child, SocketAddr, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_abproxy"))
+        .args(["--log-format", "json", "run", "--config", config])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("abproxy run starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .map(|line| serde_json::from_str::<serde_json::Value>(&line).expect("JSON log line"))
+        .find(|line| line["fields"]["message"] == "abproxy ready")
+        .expect("abproxy logs that it is ready");
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    let addr = |key: &str| {
+        ready["fields"][key]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .expect("address in log")
+    };
+    (child, addr("listen"), addr("admin"))
+}
+
+/// The resident memory of process `pid`, from /proc.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kib| kib * 1024)
+}
