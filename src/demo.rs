@@ -124,6 +124,8 @@ pub fn instructions(proxy: SocketAddr, admin: SocketAddr, config: &std::path::Pa
          curl -s 'http://{proxy}/predict?user_id=alice'\n  \
          curl -s -d '{{\"user_id\":\"alice\"}}' http://{proxy}/predict\n  \
          curl -s -H 'x-force-variant: treatment' http://{proxy}/predict   # QA override\n\n\
+         Shadow: every request is mirrored to the candidate model; see\n  \
+         curl -s http://{admin}/metrics | grep abproxy_shadow_   and demo-shadow.jsonl\n\n\
          Metrics: http://{admin}/metrics   Status: http://{admin}/status\n\
          Edit {} to shift the weights while it runs; Ctrl-C stops.\n",
         config.display()

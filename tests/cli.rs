@@ -250,3 +250,43 @@ async fn sighup_rereads_the_config() {
     child.kill().expect("kill child");
     let _ = child.wait();
 }
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_serves_two_variants_from_its_mock_models() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let demo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml"))
+        .expect("demo config");
+    let config = demo
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:9090", "127.0.0.1:0")
+        .replace("127.0.0.1:9101", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:9102", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:9103", &format!("127.0.0.1:{}", free_port()))
+        .replace(
+            "demo-shadow.jsonl",
+            &dir.path().join("shadow.jsonl").display().to_string(),
+        );
+    let path = write_config(dir.path(), &config);
+    let (mut child, addr, _admin) = support::process::spawn(&["demo", "--config", &path]);
+    let client = Client::new(addr);
+    let alice = client.get("/predict").user("alice").send().await;
+    let user_2 = client.get("/predict").user("user-2").send().await;
+    assert_eq!(
+        (alice.variant(), alice.model().as_str()),
+        (Some("control"), "control")
+    );
+    assert_eq!(
+        (user_2.variant(), user_2.model().as_str()),
+        (Some("treatment"), "treatment")
+    );
+    child.kill().expect("stop demo");
+    let _ = child.wait();
+}

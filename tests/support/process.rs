@@ -7,8 +7,14 @@ use std::process::{Child, Command, Stdio};
 
 /// Starts `abproxy run` and reads the bound addresses from its JSON log.
 pub fn spawn_run(config: &str) -> (Child, SocketAddr, SocketAddr) {
+    spawn(&["run", "--config", config])
+}
+
+/// Starts `abproxy ARGS…` and waits for it to log that it is ready.
+pub fn spawn(args: &[&str]) -> (Child, SocketAddr, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_abproxy"))
-        .args(["--log-format", "json", "run", "--config", config])
+        .args(["--log-format", "json"])
+        .args(args)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
