@@ -25,12 +25,31 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
+/// The client end of a connection, with its `X-Forwarded-For` entry formatted once per
+/// connection rather than once per request.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    forwarded_for: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        let forwarded_for = HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Peer {
+            addr,
+            forwarded_for,
+        }
+    }
+}
+
 /// Turns the client's request into the one sent to `upstream`.
 pub fn upstream_request(
     mut parts: Parts,
     body: UpstreamBody,
     upstream: &Upstream,
-    client: SocketAddr,
+    client: &Peer,
     preserve_host: bool,
 ) -> Result<Request<UpstreamBody>, http::Error> {
     let uri = upstream.uri_for(parts.uri.path_and_query())?;
@@ -80,15 +99,18 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, client: SocketAddr) {
-    let ip = client.ip().to_string();
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(existing) => format!("{existing}, {ip}"),
-        None => ip,
+fn append_forwarded_for(headers: &mut HeaderMap, client: &Peer) {
+    let value = match headers.get(&X_FORWARDED_FOR) {
+        Some(existing) => {
+            let mut value = Vec::with_capacity(existing.len() + 2 + client.forwarded_for.len());
+            value.extend_from_slice(existing.as_bytes());
+            value.extend_from_slice(b", ");
+            value.extend_from_slice(client.forwarded_for.as_bytes());
+            HeaderValue::from_bytes(&value).unwrap_or_else(|_| client.forwarded_for.clone())
+        }
+        None => client.forwarded_for.clone(),
     };
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
-    }
+    headers.insert(X_FORWARDED_FOR.clone(), value);
 }
 
 #[cfg(test)]
@@ -115,7 +137,10 @@ mod tests {
     fn forwarded_for_is_appended_not_replaced() {
         let mut headers = HeaderMap::new();
         headers.insert(&X_FORWARDED_FOR, HeaderValue::from_static("10.1.2.3"));
-        append_forwarded_for(&mut headers, "127.0.0.1:5000".parse().expect("addr"));
+        append_forwarded_for(
+            &mut headers,
+            &Peer::new("127.0.0.1:5000".parse().expect("addr")),
+        );
         assert_eq!(headers[&X_FORWARDED_FOR], "10.1.2.3, 127.0.0.1");
     }
 }

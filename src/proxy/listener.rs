@@ -11,7 +11,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::Proxy;
+use super::{Peer, Proxy};
 
 /// Serves `listener` until `shutdown` fires, then closes it so new connections are refused,
 /// and gives open connections up to the configured grace period to finish their requests.
@@ -36,10 +36,10 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
+        let (proxy, peer) = (proxy.clone(), Peer::new(client));
         let service = service_fn(move |request| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(request, client).await) }
+            let (proxy, peer) = (proxy.clone(), peer.clone());
+            async move { Ok::<_, Infallible>(proxy.handle(request, &peer).await) }
         });
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)

@@ -7,7 +7,6 @@ mod listener;
 pub mod upstream;
 
 use std::borrow::Cow;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -23,6 +22,7 @@ use metrics::Gauge;
 
 pub use body::ResponseBody;
 pub use error::ProxyError;
+pub use forward::Peer;
 pub use listener::serve;
 
 use crate::metrics::{Metrics, VariantMetrics};
@@ -51,7 +51,7 @@ impl Proxy {
     pub async fn handle(
         &self,
         request: Request<Incoming>,
-        client: SocketAddr,
+        client: &Peer,
     ) -> Response<ResponseBody> {
         let _in_flight = InFlight::enter(&self.in_flight);
         let started = Instant::now();
