@@ -59,10 +59,7 @@ async fn proxy(
             )
         })
         .unwrap_or_default();
-    let path = dir.join(format!(
-        "proxy-{}.toml",
-        primary.port() as u32 * 100_000 + shadow.len() as u32
-    ));
+    let path = dir.join(format!("{name}.toml"));
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
          [[variant]]\nname = \"control\"\nupstream = \"http://{primary}\"\nweight = 100\n{shadow}"
