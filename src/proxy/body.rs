@@ -27,18 +27,21 @@ impl ResponseBody {
         }
     }
 
-    /// Streams `body` to the client while copying up to `limit` bytes of it for shadows.
-    pub fn captured(
-        body: Incoming,
-        limit: usize,
-    ) -> (ResponseBody, watch::Receiver<Option<Bytes>>) {
-        let (sender, receiver) = watch::channel(None);
-        let capture = Capture {
-            copy: BytesMut::new(),
-            limit,
-            sender: Some(sender),
-        };
-        (ResponseBody::Captured { body, capture }, receiver)
+    /// Streams an upstream body to the client while copying up to `limit` bytes of it for
+    /// shadows; abproxy's own answers (errors) have nothing to capture.
+    pub fn capture(self, limit: usize) -> (ResponseBody, Option<watch::Receiver<Option<Bytes>>>) {
+        match self {
+            ResponseBody::Upstream { body } => {
+                let (sender, receiver) = watch::channel(None);
+                let capture = Capture {
+                    copy: BytesMut::new(),
+                    limit,
+                    sender: Some(sender),
+                };
+                (ResponseBody::Captured { body, capture }, Some(receiver))
+            }
+            other => (other, None),
+        }
     }
 }
 

@@ -4,11 +4,12 @@ mod body;
 mod error;
 mod forward;
 mod listener;
+mod mirror;
 pub mod upstream;
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -26,8 +27,8 @@ pub use forward::Peer;
 pub use listener::serve;
 
 use crate::metrics::{Metrics, VariantMetrics};
-use crate::route::Generation;
-use crate::shadow::{self, Mirror, ShadowTarget};
+use crate::route::{Generation, Route};
+use mirror::Mirrors;
 use upstream::UpstreamBody;
 
 /// State shared by every connection: the live generation and process-wide metrics.
@@ -87,15 +88,12 @@ impl Proxy {
                 return response;
             }
         }
-        let user_id = (!mirrors.is_empty())
-            .then(|| assignment.user_id.map(Cow::into_owned))
-            .flatten();
 
-        // 4. Forward to the variant's upstream.
-        let mirror_body = if mirrors.is_empty() {
-            None
+        // 4. Forward to the variant's upstream, keeping a copy for the shadows.
+        let (mirror_body, user_id) = if mirrors.is_empty() {
+            (None, None)
         } else {
-            body.shared_bytes()
+            (body.shared_bytes(), assignment.user_id.map(Cow::into_owned))
         };
         let request = forward::upstream_request(
             parts,
@@ -104,32 +102,23 @@ impl Proxy {
             client,
             config.server.preserve_host,
         );
-        let mirror_request =
-            mirrors.copy_request(request.as_ref().ok(), mirror_body, &generation.shadows);
+        let mirror = mirrors.copy_request(
+            request.as_ref().ok(),
+            mirror_body,
+            user_id,
+            &generation.shadows,
+        );
         let response = match request {
-            Ok(request) => route.upstream.send(request, config.limits.request_timeout).await.map_err(|source| {
-                route.metrics.upstream_error(source.kind);
-                tracing::debug!(variant = %route.name, upstream = %route.upstream.target(), error = %source, "upstream failed");
-                ProxyError::Upstream { variant: route.name.clone(), source }
-            }),
+            Ok(request) => send(route, request, config.limits.request_timeout).await,
             Err(err) => Err(ProxyError::BadTarget(err)),
         };
 
         // 5. Build the client's response, naming the variant.
-        let mut primary_body = None;
         let mut response = match response {
             Ok(upstream_response) => {
                 let (mut parts, body) = upstream_response.into_parts();
                 forward::client_response_headers(&mut parts.headers);
-                let body = match mirrors.primary_body_limit(&generation.shadows) {
-                    Some(limit) if mirror_request.is_some() => {
-                        let (body, captured) = ResponseBody::captured(body, limit);
-                        primary_body = Some(captured);
-                        body
-                    }
-                    _ => ResponseBody::from(body),
-                };
-                Response::from_parts(parts, body)
+                Response::from_parts(parts, ResponseBody::from(body))
             }
             Err(err) => err.into_response(),
         };
@@ -138,22 +127,9 @@ impl Proxy {
             route.header_value.clone(),
         );
 
-        // 6. Mirror, now that the primary has answered; this only queues work for the shadows.
-        if let Some(request) = mirror_request {
-            let mirror = Arc::new(Mirror {
-                request_id: shadow::request_id(&request.headers),
-                user_id,
-                variant: route.name.clone(),
-                method: request.method,
-                path_and_query: request.path_and_query,
-                headers: request.headers,
-                body: request.body,
-                primary_status: response.status(),
-                primary_latency: started.elapsed(),
-                primary_body,
-                received: SystemTime::now() - started.elapsed(),
-            });
-            mirrors.offer(&generation.shadows, mirror);
+        // 6. Mirror, now that the primary has answered: this only queues work for the shadows.
+        if let Some(mirror) = mirror {
+            response = mirror.dispatch(response, &route.name, started, &generation.shadows);
         }
 
         // 7. Record.
@@ -162,7 +138,7 @@ impl Proxy {
     }
 
     /// How long open connections may run on after shutdown begins, per the live config.
-    pub fn shutdown_grace(&self) -> std::time::Duration {
+    pub fn shutdown_grace(&self) -> Duration {
         self.current.load().config.limits.shutdown_grace
     }
 
@@ -173,6 +149,19 @@ impl Proxy {
         self.unassigned.record(response.status(), started.elapsed());
         response
     }
+}
+
+/// Sends the request to the route's upstream, counting a failure against the variant.
+async fn send(
+    route: &Route,
+    request: Request<UpstreamBody>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, ProxyError> {
+    route.upstream.send(request, timeout).await.map_err(|source| {
+        route.metrics.upstream_error(source.kind);
+        tracing::debug!(variant = %route.name, upstream = %route.upstream.target(), error = %source, "upstream failed");
+        ProxyError::Upstream { variant: route.name.clone(), source }
+    })
 }
 
 /// Buffers a request body up to `limit` bytes; larger bodies are a 413, not a memory spike.
@@ -243,78 +232,6 @@ impl RequestBody {
             RequestBody::Streaming(incoming) => Either::Left(incoming),
             RequestBody::Buffered(bytes) => Either::Right(Full::new(bytes)),
         }
-    }
-}
-
-/// The shadows mirroring one request, as a bit set over `Generation::shadows`.
-#[derive(Clone, Copy)]
-struct Mirrors(u64);
-
-/// What a mirror sends: the request as forwarded to the primary.
-struct MirrorRequest {
-    method: http::Method,
-    path_and_query: Option<http::uri::PathAndQuery>,
-    headers: http::HeaderMap,
-    body: Bytes,
-}
-
-impl Mirrors {
-    fn select(shadows: &[Arc<ShadowTarget>], user_id: Option<&str>) -> Mirrors {
-        let bits = shadows
-            .iter()
-            .take(64)
-            .enumerate()
-            .filter(|(_, shadow)| shadow.selects(user_id))
-            .fold(0u64, |bits, (index, _)| bits | 1 << index);
-        Mirrors(bits)
-    }
-
-    fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-
-    fn of(self, shadows: &[Arc<ShadowTarget>]) -> impl Iterator<Item = &ShadowTarget> {
-        shadows
-            .iter()
-            .take(64)
-            .enumerate()
-            .filter(move |(index, _)| self.0 & (1 << index) != 0)
-            .map(|(_, shadow)| shadow.as_ref())
-    }
-
-    /// Copies the forwarded request for the shadows, or counts them as dropped when its
-    /// body could not be kept.
-    fn copy_request(
-        self,
-        request: Option<&Request<UpstreamBody>>,
-        body: Option<Bytes>,
-        shadows: &[Arc<ShadowTarget>],
-    ) -> Option<MirrorRequest> {
-        if self.is_empty() {
-            return None;
-        }
-        let copy = request.zip(body).map(|(request, body)| MirrorRequest {
-            method: request.method().clone(),
-            path_and_query: request.uri().path_and_query().cloned(),
-            headers: request.headers().clone(),
-            body,
-        });
-        if copy.is_none() {
-            self.of(shadows).for_each(ShadowTarget::skip);
-        }
-        copy
-    }
-
-    /// The largest share of the primary answer any chosen shadow needs.
-    fn primary_body_limit(self, shadows: &[Arc<ShadowTarget>]) -> Option<usize> {
-        self.of(shadows)
-            .filter_map(ShadowTarget::wants_primary_body)
-            .max()
-    }
-
-    fn offer(self, shadows: &[Arc<ShadowTarget>], mirror: Arc<Mirror>) {
-        self.of(shadows)
-            .for_each(|shadow| shadow.offer(mirror.clone()));
     }
 }
 

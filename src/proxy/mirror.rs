@@ -1,0 +1,121 @@
+//! The request path's side of shadow traffic: which shadows mirror a request, the copy they
+//! get, and handing it over without waiting.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{HeaderMap, Method, Request, Response};
+
+use super::body::ResponseBody;
+use super::upstream::UpstreamBody;
+use crate::shadow::{self, Mirror, ShadowTarget};
+
+/// The shadows mirroring one request, as a bit set over `Generation::shadows` (config
+/// validation caps shadows at 64).
+#[derive(Clone, Copy)]
+pub struct Mirrors(u64);
+
+/// A copy of the forwarded request, waiting for the primary's answer.
+pub struct PendingMirror {
+    mirrors: Mirrors,
+    method: Method,
+    path_and_query: Option<PathAndQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+    user_id: Option<String>,
+}
+
+impl Mirrors {
+    pub fn select(shadows: &[Arc<ShadowTarget>], user_id: Option<&str>) -> Mirrors {
+        let bits = shadows
+            .iter()
+            .take(64)
+            .enumerate()
+            .filter(|(_, shadow)| shadow.selects(user_id))
+            .fold(0u64, |bits, (index, _)| bits | 1 << index);
+        Mirrors(bits)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    fn of(self, shadows: &[Arc<ShadowTarget>]) -> impl Iterator<Item = &ShadowTarget> {
+        shadows
+            .iter()
+            .take(64)
+            .enumerate()
+            .filter(move |(index, _)| self.0 & (1 << index) != 0)
+            .map(|(_, shadow)| shadow.as_ref())
+    }
+
+    /// Copies the forwarded request for the shadows; without a body in memory there is
+    /// nothing to mirror, and each shadow counts the request as dropped.
+    pub fn copy_request(
+        self,
+        request: Option<&Request<UpstreamBody>>,
+        body: Option<Bytes>,
+        user_id: Option<String>,
+        shadows: &[Arc<ShadowTarget>],
+    ) -> Option<PendingMirror> {
+        if self.is_empty() {
+            return None;
+        }
+        let copy = request.zip(body).map(|(request, body)| PendingMirror {
+            mirrors: self,
+            method: request.method().clone(),
+            path_and_query: request.uri().path_and_query().cloned(),
+            headers: request.headers().clone(),
+            body,
+            user_id,
+        });
+        if copy.is_none() {
+            self.of(shadows).for_each(ShadowTarget::skip);
+        }
+        copy
+    }
+}
+
+impl PendingMirror {
+    /// Offers the mirror to its shadows, arranging for the primary's body to be captured on
+    /// its way to the client when a shadow compares or logs it.
+    pub fn dispatch(
+        self,
+        response: Response<ResponseBody>,
+        variant: &str,
+        started: Instant,
+        shadows: &[Arc<ShadowTarget>],
+    ) -> Response<ResponseBody> {
+        let capture_limit = self
+            .mirrors
+            .of(shadows)
+            .filter_map(ShadowTarget::wants_primary_body)
+            .max();
+        let (parts, body) = response.into_parts();
+        let (body, primary_body) = match capture_limit {
+            Some(limit) => body.capture(limit),
+            None => (body, None),
+        };
+        let latency = started.elapsed();
+        let now = SystemTime::now();
+        let mirror = Arc::new(Mirror {
+            request_id: shadow::request_id(&self.headers),
+            user_id: self.user_id,
+            variant: variant.to_owned(),
+            method: self.method,
+            path_and_query: self.path_and_query,
+            headers: self.headers,
+            body: self.body,
+            primary_status: parts.status,
+            primary_latency: latency,
+            primary_body,
+            received: now.checked_sub(latency).unwrap_or(now),
+        });
+        self.mirrors
+            .of(shadows)
+            .for_each(|shadow| shadow.offer(mirror.clone()));
+        Response::from_parts(parts, body)
+    }
+}
