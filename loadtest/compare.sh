@@ -1,0 +1,694 @@
+#!/usr/bin/env bash
+# compare.sh: abproxy against nginx, side by side, on one machine.
+#
+# Usage: bash loadtest/compare.sh [--duration 10s] [--rate 5000] [--repeats 3] [--quick]
+#                                 [--port-base 18100] [--skip-build] [--keep]
+#
+#   --duration D   length of each measured run: N, Ns or Nm (default 10s)
+#   --rate R       request rate of the fixed-rate (latency) runs, req/s (default 5000)
+#   --repeats N    measurements per proxy and scenario; the median is reported (default 3)
+#   --quick        smoke test: --duration 3s --repeats 1
+#   --port-base P  loopback ports P+1 .. P+21 are used (default 18100)
+#   --skip-build   use the release binaries already built
+#   --keep         keep the temp dir (configs, logs, every run's JSON); always kept on failure
+#
+# What it does: builds the release binaries, starts three loadtest-backend processes
+# (control, treatment, candidate), then for each scenario
+#   split   80/20 split on the x-user-id header                 nginx, abproxy, direct
+#   mirror  the split + every request mirrored to candidate     nginx, abproxy
+# and each proxy (nginx: 1 worker; abproxy: --threads 1) measures
+#   throughput  loadtest --mode max, 64 connections, --duration
+#   p99         loadtest --rate R, 64 connections, --duration (latency from the due time)
+#   CPU us/req  the proxy's utime+stime (/proc/PID/stat) over the max run / answers
+#   peak RSS    VmHWM of the proxy after a 1000-connection run
+# The proxy runs on CPU 0, backends and the load generator on CPU 1 (taskset). Proxies are
+# restarted for every repetition and the nginx/abproxy order alternates. Everything listens on
+# 127.0.0.1 only. A Markdown report goes to stdout, progress to stderr. With the defaults a
+# run takes about 7 minutes; --quick about 1.
+#
+# Needs: cargo, taskset, curl, jq or python3, nginx (Debian nginx-light; installed with
+# apt-get when missing and running as root).
+
+set -euo pipefail
+
+DURATION=10s
+RATE=5000
+REPEATS=3
+PORT_BASE=18100
+SKIP_BUILD=0
+KEEP=0
+CONNECTIONS=64
+USERS=10000
+RSS_CONNECTIONS=1000
+RSS_DURATION=2s
+WARMUP=1s
+COMMAND_LINE="bash loadtest/compare.sh$(printf ' %q' "$@")"
+
+usage() {
+    sed -n '2,/^$/{s/^# \{0,1\}//;p}' "$0" >&2
+    exit "${1:-2}"
+}
+
+log() { printf '[compare] %s\n' "$*" >&2; }
+die() {
+    printf '[compare] error: %s\n' "$*" >&2
+    exit 1
+}
+have() { command -v "$1" >/dev/null 2>&1; }
+
+while (($# > 0)); do
+    case $1 in
+        --duration) DURATION=${2:?--duration needs a value}; shift 2 ;;
+        --rate) RATE=${2:?--rate needs a value}; shift 2 ;;
+        --repeats) REPEATS=${2:?--repeats needs a value}; shift 2 ;;
+        --port-base) PORT_BASE=${2:?--port-base needs a value}; shift 2 ;;
+        --quick) DURATION=3s; REPEATS=1; shift ;;
+        --skip-build) SKIP_BUILD=1; shift ;;
+        --keep) KEEP=1; shift ;;
+        -h | --help) usage 0 ;;
+        *) printf 'unknown option: %s\n\n' "$1" >&2; usage 2 ;;
+    esac
+done
+
+# Durations are whole seconds or minutes, so every run can be bounded with `timeout`.
+if [[ $DURATION =~ ^([0-9]+)(s|m)?$ ]]; then
+    DURATION_S=${BASH_REMATCH[1]}
+    [[ ${BASH_REMATCH[2]} == m ]] && DURATION_S=$((DURATION_S * 60))
+    DURATION=${DURATION_S}s
+    ((DURATION_S > 0)) || die "--duration must be positive"
+else
+    die "--duration must look like 10, 10s or 2m, got $DURATION"
+fi
+if ! [[ $RATE =~ ^[0-9]+$ ]] || ((RATE == 0)); then
+    die "--rate must be a positive integer, got $RATE"
+fi
+if ! [[ $REPEATS =~ ^[0-9]+$ ]] || ((REPEATS == 0)); then
+    die "--repeats must be a positive integer, got $REPEATS"
+fi
+if ! [[ $PORT_BASE =~ ^[0-9]+$ ]] || ((PORT_BASE < 1024 || PORT_BASE > 65499)); then
+    die "--port-base must be between 1024 and 65499, got $PORT_BASE"
+fi
+
+PORT_CONTROL=$((PORT_BASE + 1))
+PORT_TREATMENT=$((PORT_BASE + 2))
+PORT_CANDIDATE=$((PORT_BASE + 3))
+PORT_NGINX=$((PORT_BASE + 10))
+PORT_ABPROXY=$((PORT_BASE + 20))
+PORT_ADMIN=$((PORT_BASE + 21))
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/abproxy-compare.XXXXXX")
+PIDS=()      # every long-lived child: backends and proxies
+LOAD_PID=""  # the load generator currently running, if any
+
+# Stops the children on any exit, Ctrl-C included: TERM, up to 5 s, then KILL.
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [[ -n $LOAD_PID ]]; then
+        kill -TERM "$LOAD_PID" 2>/dev/null || true
+    fi
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}" $LOAD_PID; do
+        stop_wait "$pid" 5
+    done
+    if ((rc == 130 || rc == 143)); then
+        log "interrupted; configs and logs kept in $TMP"
+    elif ((rc != 0)); then
+        log "failed; configs and logs kept in $TMP"
+    elif ((KEEP)); then
+        log "configs, logs and run JSON kept in $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Waits up to $2 seconds for PID $1 to exit, then kills it.
+stop_wait() {
+    local pid=$1 tries=$(($2 * 10))
+    while kill -0 "$pid" 2>/dev/null && ((tries-- > 0)); do
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+forget_pid() {
+    local keep=() pid
+    for pid in "${PIDS[@]}"; do
+        [[ $pid == "$1" ]] || keep+=("$pid")
+    done
+    PIDS=("${keep[@]}")
+}
+
+# ---------------------------------------------------------------------------------------------
+# Prerequisites and build
+
+NGINX=$(command -v nginx || true)
+[[ -z $NGINX && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
+if [[ -z $NGINX ]]; then
+    if ((EUID == 0)) && have apt-get; then
+        log "nginx is missing: installing nginx-light"
+        apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >&2
+        NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+    else
+        die "nginx is missing: install it (Debian: apt-get install nginx-light)"
+    fi
+fi
+[[ -x $NGINX ]] || die "nginx not found at $NGINX"
+for tool in taskset curl getconf cargo; do
+    have "$tool" || die "$tool is missing"
+done
+if have jq; then
+    JSON=jq
+elif have python3; then
+    JSON=python3
+else
+    die "need jq or python3 to read the load generator's JSON"
+fi
+(($(nproc) >= 2)) || die "needs at least 2 CPUs (proxy on CPU 0, load on CPU 1)"
+CLK_TCK=$(getconf CLK_TCK)
+
+cd "$REPO"
+if ((!SKIP_BUILD)); then
+    log "building release binaries (cargo build --release -p abproxy -p loadtest)"
+    cargo build --release -p abproxy -p loadtest >&2
+fi
+TARGET_DIR=$(cargo metadata --format-version 1 --no-deps |
+    if [[ $JSON == jq ]]; then
+        jq -r .target_directory
+    else
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])'
+    fi)
+ABPROXY=$TARGET_DIR/release/abproxy
+LOADTEST=$TARGET_DIR/release/loadtest
+BACKEND=$TARGET_DIR/release/loadtest-backend
+for bin in "$ABPROXY" "$LOADTEST" "$BACKEND"; do
+    [[ -x $bin ]] || die "$bin is missing (drop --skip-build?)"
+done
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for port in "$PORT_CONTROL" "$PORT_TREATMENT" "$PORT_CANDIDATE" "$PORT_NGINX" "$PORT_ABPROXY" \
+    "$PORT_ADMIN"; do
+    ! port_in_use "$port" || die "127.0.0.1:$port is in use; pick other ports with --port-base"
+done
+
+# Polls until URL answers 200 (up to 10 s), failing early if PID died.
+wait_ready() {
+    local url=$1 pid=$2 what=$3 tries=100
+    until curl -sf -o /dev/null --max-time 1 -H 'x-user-id: probe' "$url"; do
+        kill -0 "$pid" 2>/dev/null || die "$what exited during startup; see $TMP"
+        ((tries-- > 0)) || die "$what not ready after 10 s; see $TMP"
+        sleep 0.1
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Backends: one thread each, on CPU 1 with the load generator.
+
+start_backend() {
+    local name=$1 port=$2
+    taskset -c 1 "$BACKEND" --listen "127.0.0.1:$port" --name "$name" \
+        >"$TMP/backend-$name.log" 2>&1 &
+    PIDS+=("$!")
+    wait_ready "http://127.0.0.1:$port/" "$!" "backend $name"
+}
+start_backend control "$PORT_CONTROL"
+start_backend treatment "$PORT_TREATMENT"
+start_backend candidate "$PORT_CANDIDATE"
+log "backends up on 127.0.0.1:$PORT_CONTROL-$PORT_CANDIDATE"
+
+# ---------------------------------------------------------------------------------------------
+# Proxy configs
+
+# $1 scenario (split | mirror)
+write_nginx_conf() {
+    local dir=$TMP/nginx-$1 mirror=""
+    mkdir -p "$dir"
+    if [[ $1 == mirror ]]; then
+        mirror='
+            mirror /mirror;
+            mirror_request_body on;'
+    fi
+    cat >"$dir/nginx.conf" <<EOF
+# Generated by loadtest/compare.sh ($1 scenario).
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+worker_rlimit_nofile 16384;
+
+events {
+    worker_connections 8192;
+}
+
+http {
+    access_log off;
+    client_body_temp_path $dir/client_body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+
+    # nginx closes a keep-alive connection after 1000 requests by default; abproxy does not.
+    keepalive_requests 1000000;
+
+    upstream control {
+        server 127.0.0.1:$PORT_CONTROL;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    upstream treatment {
+        server 127.0.0.1:$PORT_TREATMENT;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    upstream candidate {
+        server 127.0.0.1:$PORT_CANDIDATE;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+
+    split_clients "\${http_x_user_id}" \$variant {
+        80% control;
+        *   treatment;
+    }
+
+    server {
+        # backlog 1024: what abproxy's listener (tokio) asks for.
+        listen 127.0.0.1:$PORT_NGINX backlog=1024;
+
+        location / {
+            proxy_pass http://\$variant;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            add_header x-variant \$variant always;$mirror
+        }
+
+        location = /mirror {
+            internal;
+            proxy_pass http://candidate\$request_uri;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+}
+
+# $1 scenario (split | mirror)
+write_abproxy_conf() {
+    local file=$TMP/abproxy-$1.toml
+    cat >"$file" <<EOF
+# Generated by loadtest/compare.sh ($1 scenario).
+[server]
+listen = "127.0.0.1:$PORT_ABPROXY"
+admin = "127.0.0.1:$PORT_ADMIN"
+variant_header = "x-variant"
+
+[limits]
+shutdown_grace = "2s"
+
+[assignment]
+sources = ["header:x-user-id"]
+
+[[variant]]
+name = "control"
+upstream = "http://127.0.0.1:$PORT_CONTROL"
+weight = 80
+
+[[variant]]
+name = "treatment"
+upstream = "http://127.0.0.1:$PORT_TREATMENT"
+weight = 20
+EOF
+    if [[ $1 == mirror ]]; then
+        cat >>"$file" <<EOF
+
+[[shadow]]
+name = "candidate"
+upstream = "http://127.0.0.1:$PORT_CANDIDATE"
+percent = 100
+max_queue = 4096
+max_concurrency = 64
+EOF
+    fi
+}
+
+for scenario in split mirror; do
+    write_nginx_conf "$scenario"
+    write_abproxy_conf "$scenario"
+    "$NGINX" -t -q -e "$TMP/nginx-$scenario/error.log" -c "$TMP/nginx-$scenario/nginx.conf" \
+        >&2 || die "nginx rejects its $scenario config"
+    RUST_LOG=warn "$ABPROXY" check --config "$TMP/abproxy-$scenario.toml" >/dev/null ||
+        die "abproxy rejects its $scenario config"
+done
+
+# ---------------------------------------------------------------------------------------------
+# Proxies: one at a time, on CPU 0.
+
+PROXY_PID=""
+PROXY_URL=""
+
+# $1 proxy (nginx | abproxy), $2 scenario
+start_proxy() {
+    case $1 in
+        nginx)
+            local dir=$TMP/nginx-$2
+            taskset -c 0 "$NGINX" -e "$dir/error.log" -c "$dir/nginx.conf" >>"$dir/stderr.log" 2>&1 &
+            PROXY_URL=http://127.0.0.1:$PORT_NGINX
+            ;;
+        abproxy)
+            RUST_LOG=warn taskset -c 0 "$ABPROXY" run --config "$TMP/abproxy-$2.toml" --threads 1 \
+                >>"$TMP/abproxy-$2.log" 2>&1 &
+            PROXY_URL=http://127.0.0.1:$PORT_ABPROXY
+            ;;
+    esac
+    PROXY_PID=$!
+    PIDS+=("$PROXY_PID")
+    wait_ready "$PROXY_URL/predict" "$PROXY_PID" "$1"
+}
+
+stop_proxy() {
+    # nginx: QUIT is a graceful stop. abproxy: TERM drains (shutdown_grace 2 s).
+    local signal=TERM
+    [[ $1 == nginx ]] && signal=QUIT
+    kill "-$signal" "$PROXY_PID" 2>/dev/null || true
+    stop_wait "$PROXY_PID" 10
+    forget_pid "$PROXY_PID"
+    PROXY_PID=""
+}
+
+# The proxy's processes: abproxy is one; nginx is the master and its worker(s).
+proxy_pids() {
+    local stat rest fields
+    echo "$PROXY_PID"
+    for stat in /proc/[0-9]*/stat; do
+        { stat=$(<"$stat"); } 2>/dev/null || continue
+        rest=${stat##*) }
+        read -ra fields <<<"$rest"
+        [[ ${fields[1]} == "$PROXY_PID" ]] && echo "${stat%% *}"
+    done
+    return 0
+}
+
+# utime + stime of the proxy's processes, in clock ticks.
+proxy_cpu_ticks() {
+    local pid stat rest fields total=0
+    for pid in $(proxy_pids); do
+        { stat=$(<"/proc/$pid/stat"); } 2>/dev/null || continue
+        rest=${stat##*) }
+        read -ra fields <<<"$rest"
+        # Fields 14 and 15 of stat(5); `rest` starts at field 3.
+        total=$((total + fields[11] + fields[12]))
+    done
+    echo "$total"
+}
+
+# Peak RSS in KiB of the process serving traffic: abproxy, or the nginx worker (the largest).
+proxy_hwm_kib() {
+    local pid kib peak=0
+    for pid in $(proxy_pids); do
+        kib=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
+        if [[ -n $kib ]] && ((kib > peak)); then peak=$kib; fi
+    done
+    echo "$peak"
+}
+
+# TCP connections opened (connect()) on this machine so far: /proc/net/snmp ActiveOpens.
+tcp_active_opens() {
+    awk '$1 == "Tcp:" { if (!col) { for (i = 2; i <= NF; i++) if ($i == "ActiveOpens") col = i }
+                        else { print $col; exit } }' /proc/net/snmp
+}
+
+# abproxy's shadow requests dropped so far (bounded queue full), from its admin port.
+abproxy_shadow_dropped() {
+    curl -sf --max-time 5 "http://127.0.0.1:$PORT_ADMIN/metrics" |
+        awk '/^abproxy_shadow_requests_total\{.*result="dropped"/ { n += $NF } END { print n + 0 }'
+}
+
+# ---------------------------------------------------------------------------------------------
+# The load generator, on CPU 1, always bounded.
+
+# $1 JSON output file, $2 URL, rest: loadtest options
+load() {
+    local out=$1 url=$2 rc=0
+    shift 2
+    timeout -k 5 $((DURATION_S + 60)) taskset -c 1 "$LOADTEST" --url "$url" --path /predict \
+        --users "$USERS" --id-source header:x-user-id --json --quiet "$@" \
+        >"$out" 2>"$out.stderr" &
+    LOAD_PID=$!
+    wait "$LOAD_PID" || rc=$?
+    LOAD_PID=""
+    ((rc == 0)) || die "loadtest exited with $rc ($*): $(head -c 500 "$out.stderr")"
+}
+
+# One line from a run's JSON: throughput p99_us answers errors elapsed control_pct missing_header
+summary() {
+    if [[ $JSON == jq ]]; then
+        jq -r '[.throughput_rps, (.latency_us.p99 // "nan"), .answers, .errors_total,
+                .elapsed_seconds,
+                ((.split[]? | select(.variant == "control") | .requests_pct) // "nan"),
+                .missing_variant_header] | @tsv' "$1"
+    else
+        python3 - "$1" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+control = [s["requests_pct"] for s in r.get("split", []) if s["variant"] == "control"]
+p99 = (r.get("latency_us") or {}).get("p99", "nan")
+print("\t".join(str(v) for v in [r["throughput_rps"], p99, r["answers"], r["errors_total"],
+      r["elapsed_seconds"], control[0] if control else "nan", r["missing_variant_header"]]))
+EOF
+    fi
+}
+
+declare -A RESULTS=()  # "scenario/proxy/metric" -> space-separated values, one per repetition
+declare -A NOTES=()    # "scenario/proxy" -> remarks (errors, split seen, shadow counters)
+record() { RESULTS[$1]="${RESULTS[$1]:-} $2"; }
+note() { NOTES[$1]="${NOTES[$1]:-}$2"$'\n'; }
+
+# Tracks request errors of one run under key $1 (scenario/proxy), run label $2, summary $3.
+check_errors() {
+    local key=$1 label=$2 errors missing
+    read -r _ _ _ errors _ _ missing <<<"$3"
+    if ((errors > 0)); then
+        note "$key" "$label: $errors request errors"
+        log "  warning: $key $label had $errors request errors"
+    fi
+    if [[ ${key#*/} != direct ]] && ((missing > 0)); then
+        note "$key" "$label: $missing answers without x-variant"
+    fi
+}
+
+# $1 scenario, $2 proxy, $3 repetition
+measure_proxy() {
+    local scenario=$1 proxy=$2 rep=$3 key=$1/$2 out=$TMP/$1-$2-$3
+    local before after opens_before line tput p99 answers elapsed control_pct ticks dropped=0
+    local mirroring=0
+    [[ $proxy == abproxy && $scenario == mirror ]] && mirroring=1
+    log "$scenario / $proxy (repetition $rep of $REPEATS)"
+    start_proxy "$proxy" "$scenario"
+
+    # Fills both sides' connection pools and pages everything in; not measured.
+    load "$out-warmup.json" "$PROXY_URL" --duration "$WARMUP" --connections "$CONNECTIONS"
+
+    ((mirroring)) && dropped=$(abproxy_shadow_dropped)
+    opens_before=$(tcp_active_opens)
+    before=$(proxy_cpu_ticks)
+    load "$out-max.json" "$PROXY_URL" --mode max --duration "$DURATION" \
+        --connections "$CONNECTIONS"
+    after=$(proxy_cpu_ticks)
+    record "$key/opens" $(($(tcp_active_opens) - opens_before))
+    line=$(summary "$out-max.json")
+    check_errors "$key" "max run $rep" "$line"
+    read -r tput _ answers _ elapsed control_pct _ <<<"$line"
+    ticks=$((after - before))
+    record "$key/tput" "$tput"
+    record "$key/cpu_us" "$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="$answers" \
+        'BEGIN { printf "%.2f", (n > 0 ? t * 1e6 / hz / n : 0) }')"
+    record "$key/busy" "$(awk -v t="$ticks" -v hz="$CLK_TCK" -v s="$elapsed" \
+        'BEGIN { printf "%.2f", (s > 0 ? t / hz / s : 0) }')"
+    record "$key/control_pct" "$control_pct"
+    record "$key/opens_per_k" "$(awk -v o="${RESULTS[$key/opens]##* }" -v n="$answers" \
+        'BEGIN { printf "%.1f", (n > 0 ? o * 1000 / n : 0) }')"
+    log "  max:  $(printf '%.0f' "$tput") req/s, $ticks ticks of proxy CPU for $answers answers," \
+        "${RESULTS[$key/opens]##* } TCP connections opened"
+    if ((mirroring)); then
+        # Every request is mirrored (percent = 100), so drops / answers is the share not mirrored.
+        dropped=$(($(abproxy_shadow_dropped) - dropped))
+        record "$key/drop_max_pct" "$(awk -v d="$dropped" -v n="$answers" \
+            'BEGIN { printf "%.1f", (n > 0 ? d * 100 / n : 0) }')"
+        log "  max:  $dropped shadow requests dropped"
+    fi
+
+    # Lets a mirror backlog from the max run drain before latency is measured.
+    sleep 1
+    ((mirroring)) && dropped=$(abproxy_shadow_dropped)
+    load "$out-rate.json" "$PROXY_URL" --mode rate --rate "$RATE" --duration "$DURATION" \
+        --connections "$CONNECTIONS"
+    line=$(summary "$out-rate.json")
+    check_errors "$key" "rate run $rep" "$line"
+    read -r tput p99 answers _ <<<"$line"
+    record "$key/p99" "$p99"
+    record "$key/rate_tput" "$tput"
+    log "  rate: p99 ${p99} us at $(printf '%.0f' "$tput") req/s"
+    if ((mirroring)); then
+        dropped=$(($(abproxy_shadow_dropped) - dropped))
+        record "$key/drop_rate_pct" "$(awk -v d="$dropped" -v n="$answers" \
+            'BEGIN { printf "%.1f", (n > 0 ? d * 100 / n : 0) }')"
+        log "  rate: $dropped shadow requests dropped"
+    fi
+
+    load "$out-rss.json" "$PROXY_URL" --mode max --duration "$RSS_DURATION" \
+        --connections "$RSS_CONNECTIONS"
+    check_errors "$key" "$RSS_CONNECTIONS-connection run $rep" "$(summary "$out-rss.json")"
+    record "$key/rss_kib" "$(proxy_hwm_kib)"
+    log "  rss:  peak $(proxy_hwm_kib) KiB after $RSS_CONNECTIONS connections"
+
+    if ((mirroring)); then
+        curl -sf --max-time 5 "http://127.0.0.1:$PORT_ADMIN/metrics" |
+            grep '^abproxy_shadow' >"$out-shadow-metrics.txt" || true
+    fi
+    if [[ $proxy == nginx ]]; then
+        local master_kib
+        master_kib=$(awk '/^VmHWM:/ {print $2}' "/proc/$PROXY_PID/status" 2>/dev/null || echo 0)
+        record "$key/master_kib" "$master_kib"
+    fi
+    stop_proxy "$proxy"
+    if [[ $proxy == nginx ]]; then
+        local nerr
+        nerr=$(grep -c '\[error\]' "$TMP/nginx-$scenario/error.log" || true)
+        if ((nerr > 0)); then
+            note "$key" "nginx error.log: $nerr [error] lines so far, e.g. $(grep -m1 '\[error\]' \
+                "$TMP/nginx-$scenario/error.log" | cut -c1-200)"
+        fi
+    fi
+}
+
+# $1 repetition: the load generator straight at the control backend.
+measure_direct() {
+    local rep=$1 key=split/direct out=$TMP/split-direct-$1 url=http://127.0.0.1:$PORT_CONTROL
+    local line tput max_tput p99
+    log "split / direct (repetition $rep of $REPEATS)"
+    load "$out-warmup.json" "$url" --duration "$WARMUP" --connections "$CONNECTIONS"
+    load "$out-max.json" "$url" --mode max --duration "$DURATION" --connections "$CONNECTIONS"
+    line=$(summary "$out-max.json")
+    check_errors "$key" "max run $rep" "$line"
+    read -r max_tput _ <<<"$line"
+    record "$key/tput" "$max_tput"
+    load "$out-rate.json" "$url" --mode rate --rate "$RATE" --duration "$DURATION" \
+        --connections "$CONNECTIONS"
+    line=$(summary "$out-rate.json")
+    check_errors "$key" "rate run $rep" "$line"
+    read -r tput p99 _ <<<"$line"
+    record "$key/p99" "$p99"
+    record "$key/rate_tput" "$tput"
+    log "  max $(printf '%.0f' "$max_tput") req/s; rate: p99 $p99 us at $(printf '%.0f' "$tput") req/s"
+}
+
+STARTED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+for scenario in split mirror; do
+    for ((rep = 1; rep <= REPEATS; rep++)); do
+        if ((rep % 2)); then order=(nginx abproxy); else order=(abproxy nginx); fi
+        for proxy in "${order[@]}"; do
+            measure_proxy "$scenario" "$proxy" "$rep"
+        done
+        [[ $scenario == split ]] && measure_direct "$rep"
+    done
+done
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+median() {
+    # shellcheck disable=SC2086 # word splitting of the space-separated values is intended
+    printf '%s\n' $1 | awk 'NF && $1 != "nan"' | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR == 0) print "nan";
+             else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+med() { median "${RESULTS[$1]:-}"; }
+fmt() { # $1 printf format, $2 value; "—" when missing
+    # shellcheck disable=SC2059 # the format is the argument
+    if [[ -z $2 || $2 == nan ]]; then printf '—'; else printf "$1" "$2"; fi
+}
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan" || b == "nan" || a == "" || b + 0 == 0)
+        printf "—"; else printf "%.2f×", a / b }'
+}
+
+cpu_model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+revision=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [[ -n $(git -C "$REPO" status --porcelain 2>/dev/null) ]]; then revision+=" (uncommitted changes)"; fi
+nginx_version=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')
+
+echo "## abproxy vs nginx"
+echo
+echo "- date: $STARTED"
+echo "- machine: $(nproc) CPUs, ${cpu_model:-unknown CPU}, $(uname -sr)"
+echo "- abproxy: $revision, \`run --threads 1\`, RUST_LOG=warn; nginx: $nginx_version, \`worker_processes 1\`"
+echo "- pinning: proxy on CPU 0; load generator and the three backends (loadtest-backend, one thread each) on CPU 1"
+echo "- runs: $DURATION each; throughput with \`--mode max --connections $CONNECTIONS\`;" \
+    "p99 with \`--rate $RATE --connections $CONNECTIONS\` (from the due time);" \
+    "peak RSS (VmHWM) after a $RSS_DURATION run with $RSS_CONNECTIONS connections;" \
+    "$USERS users by \`x-user-id\`; median of $REPEATS"
+echo "- command: \`$COMMAND_LINE\`"
+echo
+echo "| scenario | proxy | throughput (req/s) | p99 at $RATE req/s (µs) | proxy CPU (µs/req) | proxy CPU busy (cores) | peak RSS (MiB) |"
+echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+for scenario in split mirror; do
+    proxies=(nginx abproxy)
+    [[ $scenario == split ]] && proxies+=(direct)
+    for proxy in "${proxies[@]}"; do
+        key=$scenario/$proxy
+        rss=$(med "$key/rss_kib")
+        [[ $rss != nan ]] && rss=$(awk -v k="$rss" 'BEGIN { print k / 1024 }')
+        printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$scenario" "$proxy" \
+            "$(fmt '%.0f' "$(med "$key/tput")")" "$(fmt '%.0f' "$(med "$key/p99")")" \
+            "$(fmt '%.1f' "$(med "$key/cpu_us")")" "$(fmt '%.2f' "$(med "$key/busy")")" \
+            "$(fmt '%.1f' "$rss")"
+    done
+    printf '| %s | **abproxy / nginx** | %s | %s | %s | | %s |\n' "$scenario" \
+        "$(ratio "$(med "$scenario/abproxy/tput")" "$(med "$scenario/nginx/tput")")" \
+        "$(ratio "$(med "$scenario/abproxy/p99")" "$(med "$scenario/nginx/p99")")" \
+        "$(ratio "$(med "$scenario/abproxy/cpu_us")" "$(med "$scenario/nginx/cpu_us")")" \
+        "$(ratio "$(med "$scenario/abproxy/rss_kib")" "$(med "$scenario/nginx/rss_kib")")"
+done
+echo
+echo "Throughput: higher is better; p99, CPU and RSS: lower is better. \"CPU busy\" is the proxy's"
+echo "CPU time over the max run's wall time: near 1.00 the proxy was the bottleneck, well below it"
+echo "the load generator or backends on CPU 1 were. nginx CPU counts master and worker; its RSS is"
+echo "the worker's (master: $(fmt '%.1f' "$(awk -v k="$(med split/nginx/master_kib)" \
+    'BEGIN { if (k == "nan") print "nan"; else print k / 1024 }')") MiB more)."
+echo "nginx splits with \`split_clients\` (MurmurHash2), abproxy with SHA-256 buckets: same 80/20"
+echo "shares, different users per variant. Control share of requests seen in the max runs:"
+echo "nginx $(fmt '%.1f' "$(med split/nginx/control_pct)") %, abproxy $(fmt '%.1f' "$(med split/abproxy/control_pct)") %."
+echo "In the rate runs the achieved rate was: $(for key in split/nginx split/abproxy split/direct \
+    mirror/nginx mirror/abproxy; do printf '%s %s, ' "$key" "$(fmt '%.0f' "$(med "$key/rate_tput")")"; done |
+    sed 's/, $//') req/s."
+echo "TCP connections opened per 1000 requests during the max runs (system-wide ActiveOpens, so"
+echo "the load generator's $CONNECTIONS count too; near 0 means upstream keep-alive works):" \
+    "$(for key in split/nginx split/abproxy mirror/nginx mirror/abproxy; do
+        printf '%s %s, ' "$key" "$(fmt '%.1f' "$(med "$key/opens_per_k")")"
+    done | sed 's/, $//')."
+echo "Mirroring: nginx mirrors every request (the next request on a client connection waits for"
+echo "the mirror to finish); abproxy drops what does not fit its shadow queue (max_queue 4096,"
+echo "max_concurrency 64) and counts it. abproxy's share of requests not mirrored:" \
+    "$(fmt '%.1f' "$(med mirror/abproxy/drop_max_pct)") % in the max runs," \
+    "$(fmt '%.1f' "$(med mirror/abproxy/drop_rate_pct)") % at $RATE req/s."
+remarks=0
+for key in split/nginx split/abproxy split/direct mirror/nginx mirror/abproxy; do
+    if [[ -n ${NOTES[$key]:-} ]]; then
+        ((remarks++)) || { echo; echo "Remarks:"; echo; }
+        while IFS= read -r line; do
+            if [[ -n $line ]]; then echo "- $key: $line"; fi
+        done <<<"${NOTES[$key]}"
+    fi
+done

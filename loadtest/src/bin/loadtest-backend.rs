@@ -1,0 +1,99 @@
+//! A fast stand-in for a model server, for benchmarks such as `loadtest/compare.sh`.
+//!
+//! Listens on `--listen` (plain HTTP/1.1, keep-alive) and answers every request, whatever its
+//! method or path, with `200` and `{"model":"NAME","prediction":0.5}` after reading and
+//! discarding the request body. One thread (a `current_thread` runtime) so it costs little
+//! next to the proxy under test.
+//!
+//! ```sh
+//! loadtest-backend --listen 127.0.0.1:9101 --name control
+//! ```
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// Answers every HTTP request with a small fixed JSON prediction.
+#[derive(Debug, Parser)]
+#[command(name = "loadtest-backend", version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9101")]
+    listen: SocketAddr,
+    /// Model name put in every answer's `model` field.
+    #[arg(long, default_value = "control")]
+    name: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("loadtest-backend: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("loadtest-backend: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: Args) -> std::io::Result<()> {
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|error| std::io::Error::new(error.kind(), format!("{}: {error}", args.listen)))?;
+    let answer =
+        Bytes::from(serde_json::json!({ "model": args.name, "prediction": 0.5 }).to_string());
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning or dying.
+                eprintln!("loadtest-backend: accept: {error}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let answer = answer.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| respond(request, answer.clone()));
+            // A client that goes away mid-request is not the backend's problem.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn respond(
+    request: Request<Incoming>,
+    answer: Bytes,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let mut body = request.into_body();
+    while let Some(Ok(_)) = body.frame().await {}
+    let mut response = Response::new(Full::new(answer));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(response)
+}
