@@ -68,7 +68,6 @@ impl Generation {
         background: &Background,
     ) -> Generation {
         let Loaded { config, sha256 } = loaded;
-        let connect_timeout = config.limits.connect_timeout;
         let mut upstreams: Vec<Arc<Upstream>> = previous
             .map(|previous| {
                 previous
@@ -84,12 +83,12 @@ impl Generation {
             .map(|variant| {
                 let upstream = match upstreams
                     .iter()
-                    .find(|u| u.serves(&variant.upstream, connect_timeout))
+                    .find(|u| u.serves(&variant.upstream, &config.limits))
                 {
                     Some(existing) => existing.clone(),
                     None => {
                         let created =
-                            Arc::new(Upstream::new(variant.upstream.clone(), connect_timeout));
+                            Arc::new(Upstream::new(variant.upstream.clone(), &config.limits));
                         upstreams.push(created.clone());
                         created
                     }
@@ -114,10 +113,8 @@ impl Generation {
                 removed.metrics.set_weight(0.0);
             }
         }
-        let limits_unchanged = previous.is_some_and(|previous| {
-            let old = &previous.config.limits;
-            old.connect_timeout == connect_timeout && old.max_body == config.limits.max_body
-        });
+        let limits_unchanged =
+            previous.is_some_and(|previous| previous.config.limits == config.limits);
         let shadows = config
             .shadows
             .iter()

@@ -204,3 +204,35 @@ async fn h2c_clients_are_served_and_forwarded_over_http1() {
         "authority becomes Host"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_max_upstream_connections_wait_their_turn() {
+    let backend = Backend::slow("control", Duration::from_millis(100)).await;
+    let proxy = one_variant(&backend, "[limits]\nmax_upstream_connections = 2").await;
+    let replies: Vec<_> = (0..10)
+        .map(|n| tokio::spawn(proxy.client.get("/").user(&format!("u{n}")).send()))
+        .collect();
+    for reply in replies {
+        assert_eq!(reply.await.expect("request task").status, 200);
+    }
+    assert_eq!(backend.count(), 10);
+    assert!(
+        backend.connections_accepted() <= 2,
+        "{} upstream connections",
+        backend.connections_accepted()
+    );
+}
+
+#[tokio::test]
+async fn waiting_for_an_upstream_connection_counts_against_request_timeout() {
+    let backend = Backend::slow("control", Duration::from_secs(2)).await;
+    let proxy = one_variant(
+        &backend,
+        "[limits]\nmax_upstream_connections = 1\nrequest_timeout = \"300ms\"",
+    )
+    .await;
+    let first = tokio::spawn(proxy.client.get("/").send());
+    let second = proxy.client.get("/").send().await;
+    assert_eq!(second.status, 504);
+    assert_eq!(first.await.expect("first request").status, 504);
+}

@@ -47,6 +47,9 @@ pub struct Limits {
     /// Time allowed for an upstream's response head.
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Requests in flight to one upstream at once, and so its connections; more wait their
+    /// turn within `request_timeout`, so a burst of clients cannot open a connection each.
+    pub max_upstream_connections: usize,
     /// How long in-flight requests may run on after SIGTERM.
     pub shutdown_grace: Duration,
 }

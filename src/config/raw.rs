@@ -35,6 +35,7 @@ pub(super) struct Limits {
     pub max_body: Option<Spanned<Size>>,
     pub request_timeout: Option<Spanned<String>>,
     pub connect_timeout: Option<Spanned<String>>,
+    pub max_upstream_connections: Option<Spanned<i64>>,
     pub shutdown_grace: Option<Spanned<String>>,
 }
 

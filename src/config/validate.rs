@@ -71,6 +71,11 @@ impl Validator<'_> {
             max_body: self.size(limits.max_body, MIB)?,
             request_timeout: self.duration(limits.request_timeout, Duration::from_secs(30))?,
             connect_timeout: self.duration(limits.connect_timeout, Duration::from_secs(1))?,
+            max_upstream_connections: self.count(
+                limits.max_upstream_connections,
+                256,
+                "max_upstream_connections",
+            )?,
             shutdown_grace: self.duration(limits.shutdown_grace, Duration::from_secs(30))?,
         })
     }

@@ -1,5 +1,5 @@
 //! The body abproxy answers with: the upstream's, streamed through (and, for shadows that
-//! compare or log, captured on the way), or one of its own.
+//! compare or log, copied on the way), or one of its own.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -8,46 +8,65 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 
 pin_project_lite::pin_project! {
     /// An enum rather than a boxed body: no allocation per response.
     #[project = ResponseBodyProj]
     pub enum ResponseBody {
-        Upstream { #[pin] body: Incoming },
-        Captured { #[pin] body: Incoming, capture: Capture },
+        Upstream {
+            #[pin]
+            body: Incoming,
+            capture: Option<Capture>,
+            // The upstream connection is busy until this body is done: its place in the
+            // upstream's connection limit is released with it.
+            permit: OwnedSemaphorePermit,
+        },
         Full { #[pin] body: Full<Bytes> },
     }
 }
 
 impl ResponseBody {
+    pub fn upstream(body: Incoming, permit: OwnedSemaphorePermit) -> ResponseBody {
+        ResponseBody::Upstream {
+            body,
+            capture: None,
+            permit,
+        }
+    }
+
     pub fn full(bytes: Bytes) -> ResponseBody {
         ResponseBody::Full {
             body: Full::new(bytes),
         }
     }
 
-    /// Streams an upstream body to the client while copying up to `limit` bytes of it for
-    /// shadows; abproxy's own answers (errors) have nothing to capture.
+    /// Copies up to `limit` bytes of an upstream body for shadows as it streams to the
+    /// client; abproxy's own answers (errors) have nothing to capture.
     pub fn capture(self, limit: usize) -> (ResponseBody, Option<watch::Receiver<Option<Bytes>>>) {
         match self {
-            ResponseBody::Upstream { body } => {
+            ResponseBody::Upstream {
+                body,
+                capture: None,
+                permit,
+            } => {
                 let (sender, receiver) = watch::channel(None);
                 let capture = Capture {
                     copy: BytesMut::new(),
                     limit,
                     sender: Some(sender),
                 };
-                (ResponseBody::Captured { body, capture }, Some(receiver))
+                (
+                    ResponseBody::Upstream {
+                        body,
+                        capture: Some(capture),
+                        permit,
+                    },
+                    Some(receiver),
+                )
             }
             other => (other, None),
         }
-    }
-}
-
-impl From<Incoming> for ResponseBody {
-    fn from(body: Incoming) -> Self {
-        ResponseBody::Upstream { body }
     }
 }
 
@@ -88,8 +107,11 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.project() {
-            ResponseBodyProj::Upstream { body } => body.poll_frame(cx),
-            ResponseBodyProj::Captured { mut body, capture } => {
+            ResponseBodyProj::Upstream {
+                mut body,
+                capture: Some(capture),
+                ..
+            } => {
                 let frame = body.as_mut().poll_frame(cx);
                 match &frame {
                     Poll::Ready(Some(Ok(frame))) => {
@@ -106,24 +128,25 @@ impl Body for ResponseBody {
                 }
                 frame
             }
+            ResponseBodyProj::Upstream {
+                body,
+                capture: None,
+                ..
+            } => body.poll_frame(cx),
             ResponseBodyProj::Full { body } => body.poll_frame(cx).map_err(|never| match never {}),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ResponseBody::Upstream { body } | ResponseBody::Captured { body, .. } => {
-                body.is_end_stream()
-            }
+            ResponseBody::Upstream { body, .. } => body.is_end_stream(),
             ResponseBody::Full { body } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ResponseBody::Upstream { body } | ResponseBody::Captured { body, .. } => {
-                body.size_hint()
-            }
+            ResponseBody::Upstream { body, .. } => body.size_hint(),
             ResponseBody::Full { body } => body.size_hint(),
         }
     }

@@ -20,6 +20,7 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use metrics::Gauge;
+use tokio::sync::OwnedSemaphorePermit;
 
 pub use body::ResponseBody;
 pub use error::ProxyError;
@@ -115,10 +116,10 @@ impl Proxy {
 
         // 5. Build the client's response, naming the variant.
         let mut response = match response {
-            Ok(upstream_response) => {
+            Ok((upstream_response, permit)) => {
                 let (mut parts, body) = upstream_response.into_parts();
                 forward::client_response_headers(&mut parts.headers);
-                Response::from_parts(parts, ResponseBody::from(body))
+                Response::from_parts(parts, ResponseBody::upstream(body, permit))
             }
             Err(err) => err.into_response(),
         };
@@ -156,7 +157,7 @@ async fn send(
     route: &Route,
     request: Request<UpstreamBody>,
     timeout: Duration,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<(Response<Incoming>, OwnedSemaphorePermit), ProxyError> {
     route.upstream.send(request, timeout).await.map_err(|source| {
         route.metrics.upstream_error(source.kind);
         tracing::debug!(variant = %route.name, upstream = %route.upstream.target(), error = %source, "upstream failed");

@@ -1,6 +1,7 @@
 //! One upstream's pooled keep-alive client, and what its failures mean.
 
 use std::error::Error as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,6 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config;
 use crate::metrics::UpstreamErrorKind;
@@ -29,11 +31,15 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub struct Upstream {
     target: config::Upstream,
     connect_timeout: Duration,
+    max_connections: usize,
+    /// One permit per request in flight, held until its response body is done.
+    connections: Arc<Semaphore>,
     client: Client<HttpConnector, UpstreamBody>,
 }
 
 impl Upstream {
-    pub fn new(target: config::Upstream, connect_timeout: Duration) -> Upstream {
+    pub fn new(target: config::Upstream, limits: &config::Limits) -> Upstream {
+        let connect_timeout = limits.connect_timeout;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
@@ -45,13 +51,17 @@ impl Upstream {
         Upstream {
             target,
             connect_timeout,
+            max_connections: limits.max_upstream_connections,
+            connections: Arc::new(Semaphore::new(limits.max_upstream_connections)),
             client,
         }
     }
 
     /// Whether this client can serve `target` unchanged, so a reload may keep it.
-    pub fn serves(&self, target: &config::Upstream, connect_timeout: Duration) -> bool {
-        &self.target == target && self.connect_timeout == connect_timeout
+    pub fn serves(&self, target: &config::Upstream, limits: &config::Limits) -> bool {
+        &self.target == target
+            && self.connect_timeout == limits.connect_timeout
+            && self.max_connections == limits.max_upstream_connections
     }
 
     pub fn target(&self) -> &config::Upstream {
@@ -73,15 +83,23 @@ impl Upstream {
         }
     }
 
-    /// Sends `request` and waits at most `timeout` for the response head.
+    /// Sends `request` and waits at most `timeout` for a free connection and the response
+    /// head. The permit returned with the response holds the connection's place until the
+    /// caller has finished with the body.
     pub async fn send(
         &self,
         request: Request<UpstreamBody>,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(err)) => Err(UpstreamError::from_client(&err)),
+    ) -> Result<(Response<Incoming>, OwnedSemaphorePermit), UpstreamError> {
+        let exchange = async {
+            let permit = self.connections.clone().acquire_owned().await;
+            let response = self.client.request(request).await;
+            (permit, response)
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok((Ok(permit), Ok(response))) => Ok((response, permit)),
+            Ok((_, Err(err))) => Err(UpstreamError::from_client(&err)),
+            Ok((Err(_), Ok(_))) => unreachable!("the connection semaphore is never closed"),
             Err(_) => Err(UpstreamError {
                 kind: UpstreamErrorKind::Timeout,
                 detail: format!("no response within {}", humantime::format_duration(timeout)),

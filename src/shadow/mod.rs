@@ -94,10 +94,7 @@ impl ShadowTarget {
                     ))
                 })
         });
-        let upstream = Arc::new(Upstream::new(
-            config.upstream.clone(),
-            limits.connect_timeout,
-        ));
+        let upstream = Arc::new(Upstream::new(config.upstream.clone(), limits));
         let (queue, jobs) = mpsc::channel(config.max_queue);
         let jobs = Arc::new(Mutex::new(jobs));
         let capture_limit = if config.compare.is_some() {
@@ -267,8 +264,9 @@ impl Worker {
                 }
             }
         };
-        let response = match self.upstream.send(request, self.config.timeout).await {
-            Ok(response) => response,
+        // The permit lives until the body has been read, as the connection is busy until then.
+        let (response, _permit) = match self.upstream.send(request, self.config.timeout).await {
+            Ok(answer) => answer,
             Err(err) => {
                 return Answer::Failed {
                     kind: err.kind,
