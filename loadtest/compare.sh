@@ -532,13 +532,18 @@ measure_proxy() {
     # Lets a mirror backlog from the max run drain before latency is measured.
     sleep 1
     ((mirroring)) && dropped=$(abproxy_shadow_dropped)
+    before=$(proxy_cpu_ticks)
     load "$out-rate.json" "$PROXY_URL" --mode rate --rate "$RATE" --duration "$DURATION" \
         --connections "$CONNECTIONS"
+    after=$(proxy_cpu_ticks)
     line=$(summary "$out-rate.json")
     check_errors "$key" "rate run $rep" "$line"
     read -r tput p99 answers _ <<<"$line"
     record "$key/p99" "$p99"
     record "$key/rate_tput" "$tput"
+    # At a fixed rate both proxies mirror every request, so this is the like-for-like CPU cost.
+    record "$key/rate_cpu_us" "$(awk -v t="$((after - before))" -v hz="$CLK_TCK" -v n="$answers" \
+        'BEGIN { printf "%.2f", (n > 0 ? t * 1e6 / hz / n : 0) }')"
     log "  rate: p99 ${p99} us at $(printf '%.0f' "$tput") req/s"
     if ((mirroring)); then
         dropped=$(($(abproxy_shadow_dropped) - dropped))
@@ -641,8 +646,8 @@ echo "- runs: $DURATION each; throughput with \`--mode max --connections $CONNEC
     "$USERS users by \`x-user-id\`; median of $REPEATS"
 echo "- command: \`$COMMAND_LINE\`"
 echo
-echo "| scenario | proxy | throughput (req/s) | p99 at $RATE req/s (µs) | proxy CPU (µs/req) | proxy CPU busy (cores) | peak RSS (MiB) |"
-echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+echo "| scenario | proxy | throughput (req/s) | p99 at $RATE req/s (µs) | proxy CPU at max (µs/req) | proxy CPU at $RATE req/s (µs/req) | proxy CPU busy (cores) | peak RSS (MiB) |"
+echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 for scenario in split mirror; do
     proxies=(nginx abproxy)
     [[ $scenario == split ]] && proxies+=(direct)
@@ -650,15 +655,16 @@ for scenario in split mirror; do
         key=$scenario/$proxy
         rss=$(med "$key/rss_kib")
         [[ $rss != nan ]] && rss=$(awk -v k="$rss" 'BEGIN { print k / 1024 }')
-        printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$scenario" "$proxy" \
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$scenario" "$proxy" \
             "$(fmt '%.0f' "$(med "$key/tput")")" "$(fmt '%.0f' "$(med "$key/p99")")" \
-            "$(fmt '%.1f' "$(med "$key/cpu_us")")" "$(fmt '%.2f' "$(med "$key/busy")")" \
-            "$(fmt '%.1f' "$rss")"
+            "$(fmt '%.1f' "$(med "$key/cpu_us")")" "$(fmt '%.1f' "$(med "$key/rate_cpu_us")")" \
+            "$(fmt '%.2f' "$(med "$key/busy")")" "$(fmt '%.1f' "$rss")"
     done
-    printf '| %s | **abproxy / nginx** | %s | %s | %s | | %s |\n' "$scenario" \
+    printf '| %s | **abproxy / nginx** | %s | %s | %s | %s | | %s |\n' "$scenario" \
         "$(ratio "$(med "$scenario/abproxy/tput")" "$(med "$scenario/nginx/tput")")" \
         "$(ratio "$(med "$scenario/abproxy/p99")" "$(med "$scenario/nginx/p99")")" \
         "$(ratio "$(med "$scenario/abproxy/cpu_us")" "$(med "$scenario/nginx/cpu_us")")" \
+        "$(ratio "$(med "$scenario/abproxy/rate_cpu_us")" "$(med "$scenario/nginx/rate_cpu_us")")" \
         "$(ratio "$(med "$scenario/abproxy/rss_kib")" "$(med "$scenario/nginx/rss_kib")")"
 done
 echo

@@ -120,14 +120,7 @@ impl Server {
         proxy::serve(self.proxy_listener, proxy, draining).await;
 
         // Mirrors in flight finish (each within its shadow timeout); logs flush.
-        self.shadows.stop.cancel();
-        self.shadows.tasks.close();
-        if tokio::time::timeout(SHADOW_DRAIN, self.shadows.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("shadow work still running at exit");
-        }
+        self.shadows.shutdown(SHADOW_DRAIN).await;
         background.cancel();
         tasks.close();
         tasks.wait().await;

@@ -42,8 +42,8 @@ impl ShadowLog {
             size: 0,
         };
         background
-            .tasks
-            .spawn(writer.run(queue, background.stop.clone()));
+            .writers
+            .spawn(writer.run(queue, background.stop_writers.clone()));
         ShadowLog {
             path: path.to_path_buf(),
             max_size,
@@ -161,24 +161,17 @@ fn numbered(path: &Path, index: usize) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio_util::sync::CancellationToken;
-    use tokio_util::task::TaskTracker;
 
     #[tokio::test]
     async fn lines_are_flushed_and_rotated_at_the_size_limit() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("shadow.jsonl");
-        let background = Background {
-            tasks: TaskTracker::new(),
-            stop: CancellationToken::new(),
-        };
+        let background = Background::default();
         let log = ShadowLog::open(&path, 1000, 2, Counter::noop(), &background);
         for n in 0..50 {
             log.write(format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(80)).into_bytes());
         }
-        background.stop.cancel();
-        background.tasks.close();
-        background.tasks.wait().await;
+        background.shutdown(std::time::Duration::from_secs(5)).await;
 
         let current = std::fs::read_to_string(&path).expect("current log");
         let first = std::fs::read_to_string(numbered(&path, 1)).expect("rotated log");

@@ -35,11 +35,37 @@ use crate::proxy::upstream::Upstream;
 static SHADOW_MARKER: HeaderName = HeaderName::from_static("x-abproxy-shadow");
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Where shadow workers and log writers run, and what tells them to stop.
+/// Where shadow workers and log writers run, and their shutdown order: workers finish the
+/// mirrors they have in hand first, then the writers log what those produced and flush.
 #[derive(Clone, Default)]
 pub struct Background {
-    pub tasks: TaskTracker,
-    pub stop: CancellationToken,
+    workers: TaskTracker,
+    stop_workers: CancellationToken,
+    writers: TaskTracker,
+    stop_writers: CancellationToken,
+}
+
+impl Background {
+    /// Stops all shadow work, waiting at most `limit` for mirrors in flight and log flushes.
+    pub async fn shutdown(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        self.stop_workers.cancel();
+        self.workers.close();
+        if tokio::time::timeout_at(deadline, self.workers.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("mirrors still in flight at exit");
+        }
+        self.stop_writers.cancel();
+        self.writers.close();
+        if tokio::time::timeout_at(deadline, self.writers.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shadow logs not flushed at exit");
+        }
+    }
 }
 
 /// One `[[shadow]]`: its client, queue, workers, metrics and log.
@@ -118,8 +144,8 @@ impl ShadowTarget {
                 response_limit: usize::try_from(limits.max_body).unwrap_or(usize::MAX),
             };
             background
-                .tasks
-                .spawn(worker.run(jobs.clone(), background.stop.clone()));
+                .workers
+                .spawn(worker.run(jobs.clone(), background.stop_workers.clone()));
         }
         target
     }
