@@ -28,12 +28,15 @@ pub struct PendingMirror {
 }
 
 impl Mirrors {
+    /// The shadows that select this user and can take a mirror now. A shadow whose queue
+    /// is already full drops the request here, before any copying is done for it, so a
+    /// blackholed shadow costs the request path next to nothing.
     pub fn select(shadows: &[Arc<ShadowTarget>], user_id: Option<&str>) -> Mirrors {
         let bits = shadows
             .iter()
             .take(64)
             .enumerate()
-            .filter(|(_, shadow)| shadow.selects(user_id))
+            .filter(|(_, shadow)| shadow.selects(user_id) && shadow.admits())
             .fold(0u64, |bits, (index, _)| bits | 1 << index);
         Mirrors(bits)
     }

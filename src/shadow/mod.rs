@@ -171,6 +171,16 @@ impl ShadowTarget {
         (self.config.compare.is_some() || self.log.is_some()).then_some(self.capture_limit)
     }
 
+    /// Whether the queue can take another mirror now; a request it cannot take is counted
+    /// as dropped.
+    pub fn admits(&self) -> bool {
+        let room = self.queue.capacity() > 0;
+        if !room {
+            self.metrics.dropped.increment(1);
+        }
+        room
+    }
+
     /// Hands a mirror to the workers without waiting: a full queue drops it.
     pub fn offer(&self, mirror: Arc<Mirror>) {
         if self.queue.try_send(mirror).is_err() {
