@@ -25,8 +25,8 @@ pub struct Generation {
     pub split: Split,
     pub routes: Box<[Route]>,
     pub shadows: Box<[Arc<ShadowTarget>]>,
-    /// True when a `json:` source means the request body must be read before routing.
-    pub needs_body: bool,
+    /// True when a `json:` source may need the request body read before routing.
+    pub reads_body: bool,
 }
 
 /// One variant as the request path sees it.
@@ -143,7 +143,7 @@ impl Generation {
             sha256,
             shadows,
             split: Split::from_counts(config.variants.iter().map(|variant| variant.buckets)),
-            needs_body: config
+            reads_body: config
                 .assignment
                 .sources
                 .iter()
@@ -154,6 +154,19 @@ impl Generation {
     }
 
     /// Picks the variant for a request: override header, then user ID sources, then `on_missing`.
+    /// Whether this request's user ID may be in its body: a `json:` source comes before any
+    /// source that already found one. A header that decides spares the body from buffering.
+    pub fn needs_body(&self, parts: &Parts) -> bool {
+        self.reads_body
+            && !self
+                .config
+                .assignment
+                .sources
+                .iter()
+                .take_while(|source| !source.needs_body())
+                .any(|source| source.extract(parts, None).is_some())
+    }
+
     pub fn assign<'a>(
         &self,
         parts: &'a Parts,

@@ -278,3 +278,25 @@ async fn the_override_header_is_ignored_unless_configured() {
         .await;
     assert_eq!(reply.variant(), Some("control"));
 }
+
+#[tokio::test]
+async fn a_user_id_in_a_header_spares_a_large_body_from_the_json_source() {
+    let (proxy, control, _treatment) = control_and_treatment(
+        "[limits]\nmax_body = 1024\n[assignment]\nsources = [\"header:x-user-id\", \"json:/user_id\"]",
+    )
+    .await;
+    let body = format!(r#"{{"user_id":"user-2","pad":"{}"}}"#, "x".repeat(4096));
+    let reply = proxy
+        .client
+        .post("/predict", body.clone())
+        .user("alice")
+        .send()
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.variant(), Some("control"), "the header decided");
+    assert_eq!(
+        control.received()[0].body,
+        body,
+        "the body streamed through whole"
+    );
+}

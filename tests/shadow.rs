@@ -421,3 +421,26 @@ async fn a_chunked_body_is_not_buffered_for_a_shadow_and_counts_as_dropped() {
     .await;
     assert_eq!(candidate.count(), 0);
 }
+
+#[tokio::test]
+async fn a_shadow_gets_the_clients_path_under_its_own_prefix() {
+    let primary = Backend::start("primary").await;
+    let candidate = Backend::start("candidate").await;
+    let config = format!(
+        "[[variant]]\nname = \"control\"\nupstream = \"{}/primary-prefix\"\nweight = 100\n\n\
+         [[shadow]]\nname = \"candidate\"\nupstream = \"{}/shadow-prefix\"\n",
+        primary.url(),
+        candidate.url()
+    );
+    let proxy = Proxy::start(&config).await;
+    proxy.client.get("/predict?x=1").user("alice").send().await;
+    eventually(WAIT, || async { candidate.count() == 1 }).await;
+    assert_eq!(
+        primary.received()[0].uri.to_string(),
+        "/primary-prefix/predict?x=1"
+    );
+    assert_eq!(
+        candidate.received()[0].uri.to_string(),
+        "/shadow-prefix/predict?x=1"
+    );
+}

@@ -1,10 +1,12 @@
 //! The request path's side of shadow traffic: which shadows mirror a request, the copy they
 //! get, and handing it over without waiting.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response};
 
@@ -54,28 +56,51 @@ impl Mirrors {
             .map(|(_, shadow)| shadow.as_ref())
     }
 
-    /// Copies the forwarded request for the shadows; without a body in memory there is
-    /// nothing to mirror, and each shadow counts the request as dropped.
-    pub fn copy_request(
+    /// What the mirror keeps from the client's request before it is rewritten for the
+    /// primary: the path as the client sent it (shadows add their own prefix), the body if
+    /// it is in memory, and the user ID.
+    pub fn source(
+        self,
+        parts: &Parts,
+        body: Option<Bytes>,
+        user_id: Option<Cow<'_, str>>,
+    ) -> Option<MirrorSource> {
+        (!self.is_empty()).then(|| MirrorSource {
+            mirrors: self,
+            path_and_query: parts.uri.path_and_query().cloned(),
+            body,
+            user_id: user_id.map(Cow::into_owned),
+        })
+    }
+}
+
+/// The parts of a client request a mirror needs, taken before the request is forwarded.
+pub struct MirrorSource {
+    mirrors: Mirrors,
+    path_and_query: Option<PathAndQuery>,
+    body: Option<Bytes>,
+    user_id: Option<String>,
+}
+
+impl MirrorSource {
+    /// Completes the copy with the forwarded request's method and headers (hop-by-hop
+    /// headers already removed). Without a body in memory there is nothing to mirror, and
+    /// each shadow counts the request as dropped.
+    pub fn copy(
         self,
         request: Option<&Request<UpstreamBody>>,
-        body: Option<Bytes>,
-        user_id: Option<String>,
         shadows: &[Arc<ShadowTarget>],
     ) -> Option<PendingMirror> {
-        if self.is_empty() {
-            return None;
-        }
-        let copy = request.zip(body).map(|(request, body)| PendingMirror {
-            mirrors: self,
+        let copy = request.zip(self.body).map(|(request, body)| PendingMirror {
+            mirrors: self.mirrors,
             method: request.method().clone(),
-            path_and_query: request.uri().path_and_query().cloned(),
+            path_and_query: self.path_and_query,
             headers: request.headers().clone(),
             body,
-            user_id,
+            user_id: self.user_id,
         });
         if copy.is_none() {
-            self.of(shadows).for_each(ShadowTarget::skip);
+            self.mirrors.of(shadows).for_each(ShadowTarget::skip);
         }
         copy
     }

@@ -7,7 +7,6 @@ mod listener;
 mod mirror;
 pub mod upstream;
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,7 +63,7 @@ impl Proxy {
         let (parts, body) = request.into_parts();
 
         // 1. Read the body only when a `json:` source needs it; otherwise it streams through.
-        let mut body = if generation.needs_body {
+        let mut body = if generation.needs_body(&parts) {
             match read_body(&parts, body, config.limits.max_body).await {
                 Ok(bytes) => RequestBody::Buffered(bytes),
                 Err(err) => return self.refuse(err, started),
@@ -91,11 +90,7 @@ impl Proxy {
         }
 
         // 4. Forward to the variant's upstream, keeping a copy for the shadows.
-        let (mirror_body, user_id) = if mirrors.is_empty() {
-            (None, None)
-        } else {
-            (body.shared_bytes(), assignment.user_id.map(Cow::into_owned))
-        };
+        let mirror = mirrors.source(&parts, body.shared_bytes(), assignment.user_id);
         let request = forward::upstream_request(
             parts,
             body.into_upstream(),
@@ -103,12 +98,8 @@ impl Proxy {
             client,
             config.server.preserve_host,
         );
-        let mirror = mirrors.copy_request(
-            request.as_ref().ok(),
-            mirror_body,
-            user_id,
-            &generation.shadows,
-        );
+        let mirror =
+            mirror.and_then(|source| source.copy(request.as_ref().ok(), &generation.shadows));
         let response = match request {
             Ok(request) => send(route, request, config.limits.request_timeout).await,
             Err(err) => Err(ProxyError::BadTarget(err)),
