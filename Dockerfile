@@ -2,11 +2,14 @@
 # distroless base that runs as a non-root user.
 #
 #   docker build -t abproxy .
-#   docker run -p 8080:8080 -p 9090:9090 -v $PWD/config/canary.toml:/etc/abproxy/abproxy.toml:ro abproxy
+#   docker run -p 8080:8080 -p 9090:9090 -v "$PWD/config:/etc/abproxy:ro" abproxy \
+#       run --config /etc/abproxy/canary.toml
 #
-# Mount the config directory (not just the file) when you want live reloads from a
-# Kubernetes ConfigMap: abproxy watches the directory for the `..data` symlink swap.
-# In a container, set `admin = "0.0.0.0:9090"` so Prometheus can scrape it.
+# The config is read from /etc/abproxy/abproxy.toml unless `--config` says otherwise; mount
+# it (for Kubernetes, mount the ConfigMap as the /etc/abproxy directory: abproxy watches the
+# directory and sees the `..data` symlink swap). Inside a container the config must listen
+# on 0.0.0.0 (`listen = "0.0.0.0:8080"`, `admin = "0.0.0.0:9090"`) to be reachable, and a
+# shadow `log` path must be writable by the non-root user (e.g. a volume at /var/log/abproxy).
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
@@ -19,7 +22,6 @@ RUN cargo build --release --locked -p abproxy
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/abproxy /usr/local/bin/abproxy
-COPY config/demo.toml /etc/abproxy/abproxy.toml
 USER nonroot:nonroot
 EXPOSE 8080 9090
 ENTRYPOINT ["/usr/local/bin/abproxy"]

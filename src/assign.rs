@@ -96,13 +96,13 @@ impl UserIdSource {
             UserIdSource::Header(name) => parts
                 .headers
                 .get(name)
-                .and_then(|value| value.to_str().ok())
+                .and_then(|value| std::str::from_utf8(value.as_bytes()).ok())
                 .map(|value| Cow::Borrowed(value.trim())),
             UserIdSource::Cookie(name) => parts
                 .headers
                 .get_all(COOKIE)
                 .iter()
-                .filter_map(|value| value.to_str().ok())
+                .filter_map(|value| std::str::from_utf8(value.as_bytes()).ok())
                 .find_map(|header| cookie_value(header, name))
                 .map(Cow::Borrowed),
             UserIdSource::Query(name) => {
@@ -368,6 +368,23 @@ mod tests {
         assert_eq!(json.extract(&parts, Some(b"{not json")), None);
         assert_eq!(json.extract(&parts, Some(br#"{"user":{"id":[1]}}"#)), None);
         assert_eq!(json.extract(&parts, None), None);
+    }
+
+    #[test]
+    fn utf8_user_ids_in_headers_and_cookies_are_read() {
+        let mut parts = request("/", &[]);
+        let id = http::HeaderValue::from_bytes("jürgen".as_bytes()).expect("value");
+        parts.headers.insert("x-user-id", id);
+        let cookie = http::HeaderValue::from_bytes("uid=jürgen".as_bytes()).expect("value");
+        parts.headers.insert("cookie", cookie);
+        assert_eq!(
+            source("header:x-user-id").extract(&parts, None).as_deref(),
+            Some("jürgen")
+        );
+        assert_eq!(
+            source("cookie:uid").extract(&parts, None).as_deref(),
+            Some("jürgen")
+        );
     }
 
     #[test]

@@ -169,7 +169,7 @@ impl Metrics {
             registry: self.clone(),
             requests: (0..STATUS_CODES).map(|_| OnceLock::new()).collect(),
             duration: self.histogram("abproxy_request_duration_seconds", &[("variant", "none")]),
-            upstream_errors: [(); 4].map(|()| Counter::noop()),
+            upstream_errors: UpstreamErrorKind::ALL.map(|_| Counter::noop()),
             weight: Gauge::noop(),
         }
     }

@@ -50,7 +50,7 @@ pub struct ReloadFailure {
     pub error: String,
     /// SHA-256 of the rejected file, so operators can tell which revision failed.
     pub sha256: Option<String>,
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "rfc3339")]
     pub at: SystemTime,
 }
 
@@ -151,6 +151,13 @@ impl Reloader {
             .map_err(|err| (err, None))?;
         let old = self.current.load_full();
         if file.sha256 == old.sha256 {
+            // Back to the file that is serving: an earlier rejection no longer applies.
+            self.with_status(|status| status.last_error = None);
+            return Ok(Outcome::Unchanged);
+        }
+        let already_rejected = self.status().last_error.and_then(|failure| failure.sha256);
+        if already_rejected.as_deref() == Some(file.sha256.as_str()) {
+            // The same bad bytes again (a touch, an event from a sibling file): counted once.
             return Ok(Outcome::Unchanged);
         }
         let sha256 = file.sha256.clone();
@@ -353,7 +360,7 @@ async fn recv_signal(_: &mut Option<()>) -> Option<()> {
     std::future::pending().await
 }
 
-mod humantime_serde_compat {
+mod rfc3339 {
     pub fn serialize<S: serde::Serializer>(
         at: &std::time::SystemTime,
         serializer: S,

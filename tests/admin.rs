@@ -59,8 +59,22 @@ async fn per_variant_request_counts_equal_the_requests_sent() {
 
 #[tokio::test]
 async fn promtool_accepts_the_metrics() {
-    let (proxy, _control, _treatment) = split_proxy().await;
+    let control = Backend::start("control").await;
+    let candidate = Backend::start("candidate").await;
+    let config = format!(
+        "{}[[shadow]]\nname = \"candidate\"\nupstream = \"{}\"\ncompare = \"/prediction\"\n",
+        variants(&[("control", &control, 100.0)]),
+        candidate.url()
+    );
+    let proxy = Proxy::start(&config).await;
     proxy.client.get("/").user("alice").send().await;
+    support::proxy::eventually(std::time::Duration::from_secs(10), || async {
+        proxy
+            .metric("abproxy_shadow_comparisons_total", &[("outcome", "match")])
+            .await
+            == 1.0
+    })
+    .await;
     proxy.client.get("/").header("x-user-id", "").send().await;
     let text = proxy.metrics().await;
     for name in [
@@ -71,6 +85,10 @@ async fn promtool_accepts_the_metrics() {
         "abproxy_config_reloads_total",
         "abproxy_config_generation",
         "abproxy_requests_in_flight",
+        "abproxy_shadow_requests_total",
+        "abproxy_shadow_duration_seconds_bucket",
+        "abproxy_shadow_comparisons_total",
+        "abproxy_shadow_abs_diff_bucket",
     ] {
         assert!(text.contains(name), "{name} missing from /metrics");
     }

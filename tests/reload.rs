@@ -197,6 +197,14 @@ async fn an_invalid_file_keeps_the_old_routing_until_it_is_fixed() {
             "{class}"
         );
     }
+    // Putting the serving file back clears the error without a new generation.
+    proxy.edit_config(&split(&control, &treatment, 20.0), Edit::Rename);
+    eventually(WAIT, || async {
+        proxy.status().await["last_reload_error"].is_null()
+    })
+    .await;
+    assert_eq!(proxy.status().await["generation"], 1);
+
     proxy.edit_config(&split(&control, &treatment, 90.0), Edit::Rename);
     proxy.wait_for_generation(2).await;
     assert_eq!(

@@ -27,6 +27,8 @@ pub(super) struct Server {
     pub admin: Option<Spanned<String>>,
     pub variant_header: Option<Spanned<String>>,
     pub preserve_host: Option<bool>,
+    /// Named in the spec for a later release; rejected with a clear message until then.
+    pub tls: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

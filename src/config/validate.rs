@@ -17,6 +17,7 @@ use crate::assign::{OnMissing, UserIdSource};
 const MIB: u64 = 1024 * 1024;
 /// The request path tracks the shadows of a request in a 64-bit set.
 const MAX_SHADOWS: usize = 64;
+const MAX_COUNT: usize = 65_536;
 
 pub(super) struct Validator<'a> {
     pub path: &'a Path,
@@ -34,12 +35,15 @@ impl Validator<'_> {
         let limits = self.limits(file.limits)?;
         let assignment = self.assignment(file.assignment)?;
         let variants = self.variants(file.variants, assignment.buckets)?;
+        let mut names = HashSet::new();
         let shadows = file
             .shadows
             .into_iter()
-            .map(|shadow| self.shadow(shadow, &limits))
+            .map(|shadow| {
+                self.unique(&mut names, &shadow.get_ref().name, "shadow")?;
+                self.shadow(shadow, &limits)
+            })
             .collect::<Result<Vec<_>>>()?;
-        self.unique_names(shadows.iter().map(|s| s.name.as_str()), "shadow")?;
         if shadows.len() > MAX_SHADOWS {
             return Err(ConfigError::invalid(
                 Location::file(self.path),
@@ -56,12 +60,16 @@ impl Validator<'_> {
     }
 
     fn server(&self, server: raw::Server) -> Result<Server> {
+        if let Some(tls) = &server.tls {
+            return Err(self.error(
+                tls.span(),
+                "[server.tls] is not supported yet: terminate TLS in front of abproxy (ingress, load balancer or sidecar)",
+            ));
+        }
         Ok(Server {
             listen: self.socket_addr(server.listen, SocketAddr::from(([0, 0, 0, 0], 8080)))?,
             admin: self.socket_addr(server.admin, SocketAddr::from(([127, 0, 0, 1], 9090)))?,
-            variant_header: self
-                .header_name(server.variant_header)?
-                .unwrap_or(HeaderName::from_static("x-variant")),
+            variant_header: self.variant_header(server.variant_header)?,
             preserve_host: server.preserve_host.unwrap_or(true),
         })
     }
@@ -131,8 +139,10 @@ impl Validator<'_> {
         let first_span = first.span();
         let mut total = 0u64;
         let mut validated = Vec::with_capacity(variants.len());
+        let mut names = HashSet::new();
         for variant in variants {
             let variant = variant.into_inner();
+            self.unique(&mut names, &variant.name, "variant")?;
             let name = self.name(&variant.name, "variant")?;
             let weight = *variant.weight.get_ref();
             if !(0.0..=100.0).contains(&weight) {
@@ -166,7 +176,6 @@ impl Validator<'_> {
                 format!("variant weights must sum to 100, they sum to {sum}"),
             ));
         }
-        self.unique_names(validated.iter().map(|v| v.name.as_str()), "variant")?;
         Ok(validated)
     }
 
@@ -240,18 +249,16 @@ impl Validator<'_> {
         Ok(text.clone())
     }
 
-    fn unique_names<'n>(&self, names: impl Iterator<Item = &'n str>, what: &str) -> Result<()> {
-        let mut seen = HashSet::new();
-        for name in names {
-            if !seen.insert(name) {
-                let offset = self.text.find(&format!("\"{name}\"")).unwrap_or(0);
-                return Err(self.error(
-                    offset..offset,
-                    format!("{what} name {name:?} is used twice"),
-                ));
-            }
+    /// Fails at the second use of a name.
+    fn unique(&self, seen: &mut HashSet<String>, name: &Spanned<String>, what: &str) -> Result<()> {
+        if seen.insert(name.get_ref().clone()) {
+            Ok(())
+        } else {
+            Err(self.error(
+                name.span(),
+                format!("{what} name {:?} is used twice", name.get_ref()),
+            ))
         }
-        Ok(())
     }
 
     fn upstream(&self, url: &Spanned<String>) -> Result<Upstream> {
@@ -301,6 +308,34 @@ impl Validator<'_> {
         })
     }
 
+    /// The response header naming the variant; one that HTTP itself gives meaning to would
+    /// corrupt every response.
+    fn variant_header(&self, name: Option<Spanned<String>>) -> Result<HeaderName> {
+        let span = name.as_ref().map(Spanned::span);
+        let header = self
+            .header_name(name)?
+            .unwrap_or(HeaderName::from_static("x-variant"));
+        let reserved = [
+            http::header::CONTENT_LENGTH,
+            http::header::CONTENT_TYPE,
+            http::header::CONTENT_ENCODING,
+            http::header::TRANSFER_ENCODING,
+            http::header::CONNECTION,
+            http::header::HOST,
+            http::header::DATE,
+            http::header::SET_COOKIE,
+            http::header::UPGRADE,
+            http::header::TRAILER,
+        ];
+        match span {
+            Some(span) if reserved.contains(&header) => Err(self.error(
+                span,
+                format!("variant_header {header:?} is a standard HTTP header; pick a name of your own such as \"x-variant\""),
+            )),
+            _ => Ok(header),
+        }
+    }
+
     fn header_name(&self, name: Option<Spanned<String>>) -> Result<Option<HeaderName>> {
         name.map(|name| {
             HeaderName::from_bytes(name.get_ref().as_bytes()).map_err(|_| {
@@ -342,14 +377,21 @@ impl Validator<'_> {
         })
     }
 
+    /// A positive count up to `MAX_COUNT`: queues, task pools and semaphores are sized by
+    /// these, so a typo of a few extra digits must not become a huge allocation or a panic.
     fn count(&self, count: Option<Spanned<i64>>, default: usize, what: &str) -> Result<usize> {
         let Some(count) = count else {
             return Ok(default);
         };
         usize::try_from(*count.get_ref())
             .ok()
-            .filter(|&count| count > 0)
-            .ok_or_else(|| self.error(count.span(), format!("{what} must be a positive integer")))
+            .filter(|count| (1..=MAX_COUNT).contains(count))
+            .ok_or_else(|| {
+                self.error(
+                    count.span(),
+                    format!("{what} must be an integer from 1 to {MAX_COUNT}"),
+                )
+            })
     }
 }
 

@@ -80,10 +80,9 @@ pub struct Capture {
 
 impl Capture {
     fn push(&mut self, data: &Bytes) {
-        if self.sender.is_none() {
-            return;
-        }
-        if self.copy.len() + data.len() > self.limit {
+        let Some(sender) = &self.sender else { return };
+        // No shadow is waiting (all dropped it, or gave up): stop copying.
+        if sender.is_closed() || self.copy.len() + data.len() > self.limit {
             self.sender = None;
             self.copy = BytesMut::new();
         } else {

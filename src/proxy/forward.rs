@@ -66,7 +66,10 @@ pub fn upstream_request(
         }
     }
     append_forwarded_for(headers, client);
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    // A load balancer in front that terminated TLS has said `https`: keep its word.
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
 
     let mut request = Request::new(body);
     *request.method_mut() = parts.method;
@@ -83,11 +86,16 @@ pub fn client_response_headers(headers: &mut HeaderMap) {
 }
 
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(connection) = headers.get(header::CONNECTION) {
-        let listed: Vec<HeaderName> = connection
-            .to_str()
-            .unwrap_or_default()
-            .split(',')
+    // `Connection: keep-alive` or `close` name nothing else to drop: skip the scan.
+    let names_others = headers.get_all(header::CONNECTION).iter().any(|value| {
+        !value.as_bytes().eq_ignore_ascii_case(b"keep-alive")
+            && !value.as_bytes().eq_ignore_ascii_case(b"close")
+    });
+    if names_others {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|value| value.to_str().unwrap_or_default().split(','))
             .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
             .collect();
         for name in listed {
@@ -99,17 +107,20 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Appends the client to `X-Forwarded-For`, folding earlier lines of it into one.
 fn append_forwarded_for(headers: &mut HeaderMap, client: &Peer) {
-    let value = match headers.get(&X_FORWARDED_FOR) {
-        Some(existing) => {
-            let mut value = Vec::with_capacity(existing.len() + 2 + client.forwarded_for.len());
-            value.extend_from_slice(existing.as_bytes());
-            value.extend_from_slice(b", ");
-            value.extend_from_slice(client.forwarded_for.as_bytes());
-            HeaderValue::from_bytes(&value).unwrap_or_else(|_| client.forwarded_for.clone())
-        }
-        None => client.forwarded_for.clone(),
-    };
+    let mut earlier = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    if earlier.peek().is_none() {
+        headers.insert(X_FORWARDED_FOR.clone(), client.forwarded_for.clone());
+        return;
+    }
+    let mut value = Vec::new();
+    for line in earlier {
+        value.extend_from_slice(line.as_bytes());
+        value.extend_from_slice(b", ");
+    }
+    value.extend_from_slice(client.forwarded_for.as_bytes());
+    let value = HeaderValue::from_bytes(&value).unwrap_or_else(|_| client.forwarded_for.clone());
     headers.insert(X_FORWARDED_FOR.clone(), value);
 }
 
@@ -131,6 +142,34 @@ mod tests {
         remove_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("x-end-to-end"));
+    }
+
+    #[test]
+    fn every_connection_header_line_is_honoured() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_static("x-first, x-second"),
+        );
+        headers.insert("x-first", HeaderValue::from_static("1"));
+        headers.insert("x-second", HeaderValue::from_static("2"));
+        headers.insert("x-kept", HeaderValue::from_static("3"));
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn several_forwarded_for_lines_become_one() {
+        let mut headers = HeaderMap::new();
+        headers.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        headers.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
+        append_forwarded_for(
+            &mut headers,
+            &Peer::new("127.0.0.1:5000".parse().expect("addr")),
+        );
+        let lines: Vec<_> = headers.get_all(&X_FORWARDED_FOR).iter().collect();
+        assert_eq!(lines, ["10.0.0.1, 10.0.0.2, 127.0.0.1"]);
     }
 
     #[test]

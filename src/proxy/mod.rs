@@ -26,6 +26,7 @@ pub use error::ProxyError;
 pub use forward::Peer;
 pub use listener::serve;
 
+use crate::config::Config;
 use crate::metrics::{Metrics, VariantMetrics};
 use crate::route::{Generation, Route};
 use mirror::Mirrors;
@@ -83,9 +84,7 @@ impl Proxy {
         let mirrors = Mirrors::select(&generation.shadows, assignment.user_id.as_deref());
         if !mirrors.is_empty() {
             if let Err(err) = body.buffer_for_mirror(&parts, config.limits.max_body).await {
-                let response = err.into_response();
-                route.metrics.record(response.status(), started.elapsed());
-                return response;
+                return answered(route, err.into_response(), started, config);
             }
         }
 
@@ -105,7 +104,7 @@ impl Proxy {
             Err(err) => Err(ProxyError::BadTarget(err)),
         };
 
-        // 5. Build the client's response, naming the variant.
+        // 5. Build the client's response.
         let mut response = match response {
             Ok((upstream_response, permit)) => {
                 let (mut parts, body) = upstream_response.into_parts();
@@ -114,19 +113,14 @@ impl Proxy {
             }
             Err(err) => err.into_response(),
         };
-        response.headers_mut().insert(
-            config.server.variant_header.clone(),
-            route.header_value.clone(),
-        );
 
         // 6. Mirror, now that the primary has answered: this only queues work for the shadows.
         if let Some(mirror) = mirror {
             response = mirror.dispatch(response, &route.name, started, &generation.shadows);
         }
 
-        // 7. Record.
-        route.metrics.record(response.status(), started.elapsed());
-        response
+        // 7. Name the variant and record the answer.
+        answered(route, response, started, config)
     }
 
     /// How long open connections may run on after shutdown begins, per the live config.
@@ -141,6 +135,21 @@ impl Proxy {
         self.unassigned.record(response.status(), started.elapsed());
         response
     }
+}
+
+/// Stamps the variant header on a response to an assigned request and counts it.
+fn answered(
+    route: &Route,
+    mut response: Response<ResponseBody>,
+    started: Instant,
+    config: &Config,
+) -> Response<ResponseBody> {
+    response.headers_mut().insert(
+        config.server.variant_header.clone(),
+        route.header_value.clone(),
+    );
+    route.metrics.record(response.status(), started.elapsed());
+    response
 }
 
 /// Sends the request to the route's upstream, counting a failure against the variant.

@@ -70,16 +70,20 @@ impl Upstream {
 
     /// The upstream URI for a client request's path and query.
     pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
-        let path_and_query = path_and_query.map_or("/", PathAndQuery::as_str);
         let builder = Uri::builder()
             .scheme(self.target.scheme.clone())
             .authority(self.target.authority.clone());
-        if self.target.path_prefix.is_empty() {
-            builder.path_and_query(path_and_query).build()
-        } else {
-            builder
-                .path_and_query(format!("{}{path_and_query}", self.target.path_prefix))
-                .build()
+        match path_and_query {
+            // The common case shares the client's bytes: no copy, no re-parse.
+            Some(path_and_query) if self.target.path_prefix.is_empty() => {
+                builder.path_and_query(path_and_query.clone()).build()
+            }
+            _ => {
+                let path_and_query = path_and_query.map_or("/", PathAndQuery::as_str);
+                builder
+                    .path_and_query(format!("{}{path_and_query}", self.target.path_prefix))
+                    .build()
+            }
         }
     }
 

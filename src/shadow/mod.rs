@@ -419,7 +419,7 @@ fn millis(duration: Duration) -> f64 {
     (duration.as_secs_f64() * 1e6).round() / 1e3
 }
 
-/// A body for the log: text up to `cap` bytes (on a character boundary).
+/// A body for the log: up to `cap` bytes as text (a character cut in two shows as U+FFFD).
 fn truncated(body: &[u8], cap: usize) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(cap)]);
     let mut text = text.into_owned();
