@@ -236,3 +236,22 @@ async fn waiting_for_an_upstream_connection_counts_against_request_timeout() {
     assert_eq!(second.status, 504);
     assert_eq!(first.await.expect("first request").status, 504);
 }
+
+#[tokio::test]
+async fn an_upstream_that_stalls_mid_body_is_cut_off_and_frees_its_connection() {
+    let backend = Backend::stalling_mid_body("control").await;
+    let proxy = one_variant(
+        &backend,
+        "[limits]\nrequest_timeout = \"300ms\"\nmax_upstream_connections = 1",
+    )
+    .await;
+    for attempt in 0..2 {
+        // The head arrives and the body never completes: the proxy cuts it off rather than
+        // answer 504, which it would if the first attempt still held the only connection.
+        let result = tokio::time::timeout(Duration::from_secs(5), proxy.client.get("/").try_send())
+            .await
+            .expect("the proxy ends a stalled body within request_timeout");
+        let error = result.expect_err("a truncated body must not look complete");
+        assert!(!error.contains("504"), "attempt {attempt}: {error}");
+    }
+}

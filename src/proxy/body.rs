@@ -1,8 +1,10 @@
 //! The body abproxy answers with: the upstream's, streamed through (and, for shadows that
 //! compare or log, copied on the way), or one of its own.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -17,6 +19,11 @@ pin_project_lite::pin_project! {
         Upstream {
             #[pin]
             body: Incoming,
+            // Armed only while the upstream keeps the body waiting, so a body that streams
+            // without pause never touches the timer wheel.
+            #[pin]
+            stall: Option<tokio::time::Sleep>,
+            idle_timeout: Duration,
             capture: Option<Capture>,
             // The upstream connection is busy until this body is done: its place in the
             // upstream's connection limit is released with it.
@@ -27,9 +34,17 @@ pin_project_lite::pin_project! {
 }
 
 impl ResponseBody {
-    pub fn upstream(body: Incoming, permit: OwnedSemaphorePermit) -> ResponseBody {
+    /// An upstream body that fails once the upstream sends nothing for `idle_timeout`, so a
+    /// backend that stalls mid-body cannot hold its connection (and permit) forever.
+    pub fn upstream(
+        body: Incoming,
+        idle_timeout: Duration,
+        permit: OwnedSemaphorePermit,
+    ) -> ResponseBody {
         ResponseBody::Upstream {
             body,
+            stall: None,
+            idle_timeout,
             capture: None,
             permit,
         }
@@ -47,23 +62,25 @@ impl ResponseBody {
         match self {
             ResponseBody::Upstream {
                 body,
+                stall,
+                idle_timeout,
                 capture: None,
                 permit,
             } => {
                 let (sender, receiver) = watch::channel(None);
-                let capture = Capture {
+                let capture = Some(Capture {
                     copy: BytesMut::new(),
                     limit,
                     sender: Some(sender),
+                });
+                let body = ResponseBody::Upstream {
+                    body,
+                    stall,
+                    idle_timeout,
+                    capture,
+                    permit,
                 };
-                (
-                    ResponseBody::Upstream {
-                        body,
-                        capture: Some(capture),
-                        permit,
-                    },
-                    Some(receiver),
-                )
+                (body, Some(receiver))
             }
             other => (other, None),
         }
@@ -99,39 +116,54 @@ impl Capture {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.project() {
             ResponseBodyProj::Upstream {
                 mut body,
-                capture: Some(capture),
+                mut stall,
+                idle_timeout,
+                capture,
                 ..
             } => {
-                let frame = body.as_mut().poll_frame(cx);
-                match &frame {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if let Some(data) = frame.data_ref() {
-                            capture.push(data);
+                let frame = match body.as_mut().poll_frame(cx) {
+                    Poll::Ready(frame) => frame,
+                    Poll::Pending => {
+                        if stall.is_none() {
+                            stall.set(Some(tokio::time::sleep(*idle_timeout)));
                         }
-                        // hyper stops polling once the body reports its end.
-                        if body.is_end_stream() {
-                            capture.finish();
+                        let stalled = stall
+                            .as_mut()
+                            .as_pin_mut()
+                            .is_some_and(|timer| timer.poll(cx).is_ready());
+                        if stalled {
+                            return Poll::Ready(Some(Err(BodyError::Stalled(*idle_timeout))));
                         }
+                        return Poll::Pending;
                     }
-                    Poll::Ready(None) => capture.finish(),
-                    Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+                };
+                stall.set(None);
+                if let Some(capture) = capture {
+                    match &frame {
+                        Some(Ok(frame)) => {
+                            if let Some(data) = frame.data_ref() {
+                                capture.push(data);
+                            }
+                            // hyper stops polling once the body reports its end.
+                            if body.is_end_stream() {
+                                capture.finish();
+                            }
+                        }
+                        None => capture.finish(),
+                        Some(Err(_)) => {}
+                    }
                 }
-                frame
+                Poll::Ready(frame.map(|frame| frame.map_err(BodyError::Upstream)))
             }
-            ResponseBodyProj::Upstream {
-                body,
-                capture: None,
-                ..
-            } => body.poll_frame(cx),
             ResponseBodyProj::Full { body } => body.poll_frame(cx).map_err(|never| match never {}),
         }
     }
@@ -149,4 +181,13 @@ impl Body for ResponseBody {
             ResponseBody::Full { body } => body.size_hint(),
         }
     }
+}
+
+/// Why a response body ended early; the client sees its connection cut.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("upstream body failed: {0}")]
+    Upstream(hyper::Error),
+    #[error("upstream sent nothing for {}", humantime::format_duration(*.0))]
+    Stalled(Duration),
 }

@@ -109,7 +109,10 @@ impl Proxy {
             Ok((upstream_response, permit)) => {
                 let (mut parts, body) = upstream_response.into_parts();
                 forward::client_response_headers(&mut parts.headers);
-                Response::from_parts(parts, ResponseBody::upstream(body, permit))
+                Response::from_parts(
+                    parts,
+                    ResponseBody::upstream(body, config.limits.request_timeout, permit),
+                )
             }
             Err(err) => err.into_response(),
         };

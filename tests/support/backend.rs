@@ -38,6 +38,8 @@ enum Behaviour {
     Blackhole,
     /// Accept, read the request, then reset the connection.
     Reset,
+    /// Answer a response head and part of the body, then send nothing more.
+    StallMidBody,
 }
 
 pub struct Backend {
@@ -96,6 +98,10 @@ impl Backend {
 
     pub async fn blackhole(name: &str) -> Backend {
         Self::spawn(name, Behaviour::Blackhole).await
+    }
+
+    pub async fn stalling_mid_body(name: &str) -> Backend {
+        Self::spawn(name, Behaviour::StallMidBody).await
     }
 
     pub async fn resetting(name: &str) -> Backend {
@@ -158,6 +164,20 @@ impl Backend {
                 connections.accepted.fetch_add(1, Ordering::SeqCst);
                 match behaviour.clone() {
                     Behaviour::Blackhole => held.push(stream),
+                    Behaviour::StallMidBody => {
+                        tokio::spawn(async move {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let mut stream = stream;
+                            let mut buf = [0u8; 4096];
+                            while stream.read(&mut buf).await.is_ok_and(|n| n > 0) {
+                                let head =
+                                    "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"partial\":";
+                                if stream.write_all(head.as_bytes()).await.is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                    }
                     Behaviour::Reset => {
                         tokio::spawn(async move {
                             use tokio::io::AsyncReadExt;
@@ -228,7 +248,9 @@ async fn answer(
             )
         }
         Behaviour::Raw { body, content_type } => (body.to_owned(), content_type),
-        Behaviour::Blackhole | Behaviour::Reset => unreachable!("handled at accept"),
+        Behaviour::Blackhole | Behaviour::Reset | Behaviour::StallMidBody => {
+            unreachable!("handled at accept")
+        }
     };
     Response::builder()
         .status(StatusCode::OK)
