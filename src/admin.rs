@@ -140,7 +140,12 @@ impl Admin {
                     "name": variant.name,
                     "upstream": variant.upstream.to_string(),
                     "weight": variant.weight,
-                    "buckets": [range.start, range.end],
+                    // Inclusive, as `abproxy check` prints them; null when the weight is 0.
+                    "buckets": {
+                        "first": (!range.is_empty()).then_some(range.start),
+                        "last": (!range.is_empty()).then(|| range.end - 1),
+                        "count": range.len(),
+                    },
                 })
             })
             .collect();

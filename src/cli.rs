@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use crate::assign::bucket;
+use crate::assign::{bucket, Split};
 use crate::config::Config;
 use crate::demo::{self, DEMO_CONFIG};
 use crate::server::Server;
@@ -150,18 +150,18 @@ fn check(path: &Path) -> CliResult {
         "{:width$}  {:>7}  {:>11}  UPSTREAM",
         "VARIANT", "WEIGHT", "BUCKETS"
     );
-    let mut start = 0;
-    for variant in &config.variants {
-        let range = if variant.buckets == 0 {
+    let split = Split::from_counts(config.variants.iter().map(|variant| variant.buckets));
+    for (index, variant) in config.variants.iter().enumerate() {
+        let range = split.range(index);
+        let range = if range.is_empty() {
             "-".to_owned()
         } else {
-            format!("{}-{}", start, start + variant.buckets - 1)
+            format!("{}-{}", range.start, range.end - 1)
         };
         println!(
             "{:width$}  {:>6}%  {:>11}  {}",
             variant.name, variant.weight, range, variant.upstream
         );
-        start += variant.buckets;
     }
     for shadow in &config.shadows {
         println!(
@@ -181,7 +181,7 @@ fn check(path: &Path) -> CliResult {
 
 fn assign(path: &Path, ids: &[String]) -> CliResult {
     let config = Config::load(path).map_err(|err| err.to_string())?.config;
-    let split = crate::assign::Split::from_counts(config.variants.iter().map(|v| v.buckets));
+    let split = Split::from_counts(config.variants.iter().map(|v| v.buckets));
     for id in ids {
         let bucket = bucket(&config.assignment.salt, id, config.assignment.buckets);
         let variant = &config.variants[split.variant_of(bucket)];

@@ -125,10 +125,13 @@ async fn health_readiness_and_status_describe_the_running_config() {
     assert_eq!(status["config"]["sha256"].as_str().map(str::len), Some(64));
     assert_eq!(status["variants"][0]["name"], "control");
     assert_eq!(status["variants"][0]["upstream"], control.url());
-    assert_eq!(status["variants"][0]["buckets"], serde_json::json!([0, 50]));
+    assert_eq!(
+        status["variants"][0]["buckets"],
+        serde_json::json!({"first": 0, "last": 49, "count": 50})
+    );
     assert_eq!(
         status["variants"][1]["buckets"],
-        serde_json::json!([50, 100])
+        serde_json::json!({"first": 50, "last": 99, "count": 50})
     );
     assert_eq!(status["last_reload_error"], serde_json::Value::Null);
 }
