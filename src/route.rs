@@ -68,80 +68,11 @@ impl Generation {
         background: &Background,
     ) -> Generation {
         let Loaded { config, sha256 } = loaded;
-        let mut upstreams: Vec<Arc<Upstream>> = previous
-            .map(|previous| {
-                previous
-                    .routes
-                    .iter()
-                    .map(|route| route.upstream.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let routes: Box<[Route]> = config
-            .variants
-            .iter()
-            .map(|variant| {
-                let upstream = match upstreams
-                    .iter()
-                    .find(|u| u.serves(&variant.upstream, &config.limits))
-                {
-                    Some(existing) => existing.clone(),
-                    None => {
-                        let created =
-                            Arc::new(Upstream::new(variant.upstream.clone(), &config.limits));
-                        upstreams.push(created.clone());
-                        created
-                    }
-                };
-                let metrics = metrics.variant(&variant.name);
-                metrics.set_weight(variant.weight);
-                Route {
-                    header_value: HeaderValue::from_str(&variant.name)
-                        .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
-                    name: variant.name.clone(),
-                    upstream,
-                    metrics,
-                }
-            })
-            .collect();
-        if let Some(previous) = previous {
-            for removed in previous
-                .routes
-                .iter()
-                .filter(|old| config.variant(&old.name).is_none())
-            {
-                removed.metrics.set_weight(0.0);
-            }
-        }
-        let limits_unchanged =
-            previous.is_some_and(|previous| previous.config.limits == config.limits);
-        let shadows = config
-            .shadows
-            .iter()
-            .map(|shadow| {
-                let old = previous.and_then(|previous| {
-                    previous
-                        .shadows
-                        .iter()
-                        .find(|old| old.config.name == shadow.name)
-                });
-                match old {
-                    // Unchanged: its queue, workers and log keep running.
-                    Some(old) if limits_unchanged && old.config == *shadow => old.clone(),
-                    _ => Arc::new(ShadowTarget::start(
-                        shadow,
-                        &config.limits,
-                        old.map(AsRef::as_ref),
-                        metrics,
-                        background,
-                    )),
-                }
-            })
-            .collect();
+        let routes = build_routes(&config, previous, metrics);
+        let shadows = build_shadows(&config, previous, metrics, background);
         Generation {
             number,
             sha256,
-            shadows,
             split: Split::from_counts(config.variants.iter().map(|variant| variant.buckets)),
             reads_body: config
                 .assignment
@@ -150,10 +81,10 @@ impl Generation {
                 .any(|source| source.needs_body()),
             config,
             routes,
+            shadows,
         }
     }
 
-    /// Picks the variant for a request: override header, then user ID sources, then `on_missing`.
     /// Whether this request's user ID may be in its body: a `json:` source comes before any
     /// source that already found one. A header that decides spares the body from buffering.
     pub fn needs_body(&self, parts: &Parts) -> bool {
@@ -167,6 +98,7 @@ impl Generation {
                 .any(|source| source.extract(parts, None).is_some())
     }
 
+    /// Picks the variant for a request: override header, then user ID sources, then `on_missing`.
     pub fn assign<'a>(
         &self,
         parts: &'a Parts,
@@ -237,4 +169,85 @@ impl Generation {
             .collect();
         sources.join(", ")
     }
+}
+
+/// One route per variant; an upstream client is shared by variants (and kept from the
+/// previous generation) when its URL and limits are the same.
+fn build_routes(config: &Config, previous: Option<&Generation>, metrics: &Metrics) -> Box<[Route]> {
+    let mut upstreams: Vec<Arc<Upstream>> = previous
+        .map(|previous| {
+            previous
+                .routes
+                .iter()
+                .map(|route| route.upstream.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let routes = config
+        .variants
+        .iter()
+        .map(|variant| {
+            let existing = upstreams
+                .iter()
+                .find(|u| u.serves(&variant.upstream, &config.limits));
+            let upstream = match existing {
+                Some(existing) => existing.clone(),
+                None => {
+                    let created = Arc::new(Upstream::new(variant.upstream.clone(), &config.limits));
+                    upstreams.push(created.clone());
+                    created
+                }
+            };
+            let metrics = metrics.variant(&variant.name);
+            metrics.set_weight(variant.weight);
+            Route {
+                header_value: HeaderValue::from_str(&variant.name)
+                    .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
+                name: variant.name.clone(),
+                upstream,
+                metrics,
+            }
+        })
+        .collect();
+    // A removed variant's weight gauge would otherwise keep its last value forever.
+    let removed = previous
+        .into_iter()
+        .flat_map(|previous| previous.routes.iter())
+        .filter(|old| config.variant(&old.name).is_none());
+    for route in removed {
+        route.metrics.set_weight(0.0);
+    }
+    routes
+}
+
+/// One target per shadow; an unchanged shadow keeps its queue, workers and log running.
+fn build_shadows(
+    config: &Config,
+    previous: Option<&Generation>,
+    metrics: &Metrics,
+    background: &Background,
+) -> Box<[Arc<ShadowTarget>]> {
+    let limits_unchanged = previous.is_some_and(|previous| previous.config.limits == config.limits);
+    config
+        .shadows
+        .iter()
+        .map(|shadow| {
+            let old = previous.and_then(|previous| {
+                previous
+                    .shadows
+                    .iter()
+                    .find(|old| old.config.name == shadow.name)
+            });
+            match old {
+                Some(old) if limits_unchanged && old.config == *shadow => old.clone(),
+                _ => Arc::new(ShadowTarget::start(
+                    shadow,
+                    &config.limits,
+                    old.map(AsRef::as_ref),
+                    metrics,
+                    background,
+                )),
+            }
+        })
+        .collect()
 }
