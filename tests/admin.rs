@@ -44,15 +44,7 @@ async fn per_variant_request_counts_equal_the_requests_sent() {
         )
         .await;
     assert_eq!(histogram_count, control.count() as f64);
-    assert_eq!(
-        proxy
-            .metric(
-                "abproxy_variant_weight_percent",
-                &[("variant", "treatment")]
-            )
-            .await,
-        50.0
-    );
+    assert_eq!(proxy.weight("treatment").await, 50.0);
     assert_eq!(proxy.metric("abproxy_config_generation", &[]).await, 1.0);
     assert_eq!(proxy.metric("abproxy_requests_in_flight", &[]).await, 0.0);
 }

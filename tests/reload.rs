@@ -101,15 +101,7 @@ async fn twenty_changes_under_load(config: ConfigFile, edits: &[Edit]) {
             weight,
             "change {change} by {edit:?}"
         );
-        assert_eq!(
-            proxy
-                .metric(
-                    "abproxy_variant_weight_percent",
-                    &[("variant", "treatment")]
-                )
-                .await,
-            weight
-        );
+        assert_eq!(proxy.weight("treatment").await, weight);
     }
     let (answered, failures) = load.finish().await;
     assert!(
@@ -281,15 +273,7 @@ async fn a_request_to_a_removed_variant_finishes_on_its_generation() {
     let reply = in_flight.await.expect("request task");
     assert_eq!(reply.status, 200);
     assert_eq!(reply.model(), "treatment");
-    assert_eq!(
-        proxy
-            .metric(
-                "abproxy_variant_weight_percent",
-                &[("variant", "treatment")]
-            )
-            .await,
-        0.0
-    );
+    assert_eq!(proxy.weight("treatment").await, 0.0);
     // With the last request on the old generation done, its pool to the removed upstream goes.
     eventually(WAIT, || async { slow.connections_open() == 0 }).await;
 }

@@ -107,6 +107,11 @@ impl Reply {
         })
     }
 
+    /// The `error` message of one of abproxy's own JSON error answers.
+    pub fn error(&self) -> String {
+        self.json()["error"].as_str().unwrap_or_default().to_owned()
+    }
+
     /// The model that produced the answer, as the backend wrote it.
     pub fn model(&self) -> String {
         self.json()["model"].as_str().unwrap_or_default().to_owned()

@@ -86,6 +86,21 @@ impl Proxy {
         sample(&self.metrics().await, name, labels)
     }
 
+    /// `abproxy_requests_total` for one variant and status code.
+    pub async fn requests(&self, variant: &str, code: &str) -> f64 {
+        self.metric(
+            "abproxy_requests_total",
+            &[("variant", variant), ("code", code)],
+        )
+        .await
+    }
+
+    /// `abproxy_variant_weight_percent` for one variant.
+    pub async fn weight(&self, variant: &str) -> f64 {
+        self.metric("abproxy_variant_weight_percent", &[("variant", variant)])
+            .await
+    }
+
     pub async fn status(&self) -> serde_json::Value {
         self.admin.get("/status").send().await.json()
     }
