@@ -247,3 +247,19 @@ async fn an_upstream_that_stalls_mid_body_is_cut_off_and_frees_its_connection() 
         assert!(!error.contains("504"), "attempt {attempt}: {error}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_still_running_when_the_grace_period_ends_are_cut_off() {
+    let backend = Backend::slow("control", Duration::from_secs(30)).await;
+    let proxy = one_variant(&backend, "[limits]\nshutdown_grace = \"200ms\"").await;
+    let in_flight = tokio::spawn(proxy.client.get("/").try_send());
+    support::proxy::eventually(Duration::from_secs(5), || async { backend.count() == 1 }).await;
+    tokio::time::timeout(Duration::from_secs(5), proxy.stop())
+        .await
+        .expect("shutdown ends soon after the grace period");
+    let reply = in_flight.await.expect("request task");
+    assert!(
+        reply.is_err(),
+        "the cut-off request must not look answered: {reply:?}"
+    );
+}

@@ -9,6 +9,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{Peer, Proxy};
@@ -22,8 +23,12 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30));
     let connections = GracefulShutdown::new();
+    // Owns every connection task, so that those still open when the grace period ends are
+    // closed rather than left running; finished ones are reaped as the loop goes.
+    let mut tasks = JoinSet::new();
     loop {
         let (stream, client) = tokio::select! {
+            Some(_) = tasks.join_next() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
@@ -45,7 +50,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let connection = connections.watch(connection);
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             if let Err(err) = connection.await {
                 tracing::debug!(%client, error = %err, "connection ended with an error");
             }
@@ -62,4 +67,5 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
     {
         tracing::warn!("grace period ended with requests still in flight; closing them");
     }
+    tasks.shutdown().await;
 }
