@@ -263,3 +263,22 @@ async fn requests_still_running_when_the_grace_period_ends_are_cut_off() {
         "the cut-off request must not look answered: {reply:?}"
     );
 }
+
+#[tokio::test]
+async fn connect_tunnels_are_refused_with_405() {
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(&backend, "").await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = vec![0u8; 256];
+    let read = stream.read(&mut answer).await.expect("read");
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert_eq!(backend.count(), 0);
+}

@@ -11,6 +11,8 @@ use crate::route::AssignError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    #[error("abproxy is a reverse proxy: CONNECT tunnels are not served")]
+    Connect,
     #[error("request body is larger than the {limit}-byte limit")]
     BodyTooLarge { limit: u64 },
     #[error("cannot read request body: {0}")]
@@ -30,6 +32,7 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
+            ProxyError::Connect => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyRead(_) | ProxyError::Assign(_) | ProxyError::BadTarget(_) => {
                 StatusCode::BAD_REQUEST

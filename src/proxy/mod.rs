@@ -62,6 +62,9 @@ impl Proxy {
         let generation = self.current.load_full();
         let config = &generation.config;
         let (parts, body) = request.into_parts();
+        if parts.method == http::Method::CONNECT {
+            return self.refuse(ProxyError::Connect, started);
+        }
 
         // 1. Read the body only when a `json:` source needs it; otherwise it streams through.
         let mut body = if generation.needs_body(&parts) {
