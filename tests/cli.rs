@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use support::process::spawn_run;
+use support::process::{signal, spawn_run};
 use support::{spec_bucket, variants, Backend, Client};
 
 fn abproxy(args: &[&str]) -> Output {
@@ -173,11 +173,7 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero() {
 
     let in_flight = tokio::spawn(Client::new(addr).get("/slow").user("alice").try_send());
     support::proxy::eventually(Duration::from_secs(5), || async { backend.count() == 1 }).await;
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    signal(&child, "TERM");
 
     support::proxy::eventually(Duration::from_secs(5), || async {
         tokio::net::TcpStream::connect(addr).await.is_err()
@@ -231,11 +227,7 @@ async fn sighup_rereads_the_config() {
         ),
     )
     .expect("rewrite config");
-    let status = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    signal(&child, "HUP");
     support::proxy::eventually(Duration::from_secs(10), || async {
         Client::new(admin).get("/status").send().await.json()["generation"] == 2
     })

@@ -55,3 +55,12 @@ pub fn rss_bytes(pid: u32) -> u64 {
         })
         .map_or(0, |kib| kib * 1024)
 }
+
+/// Sends `signal` (`TERM`, `HUP`, …) to the child, as an operator's `kill -SIGNAL` would.
+pub fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} failed");
+}
