@@ -444,3 +444,29 @@ async fn a_shadow_gets_the_clients_path_under_its_own_prefix() {
         "/shadow-prefix/predict?x=1"
     );
 }
+
+#[tokio::test]
+async fn a_shadow_queue_holds_no_more_bytes_than_max_queue_bytes() {
+    let primary = Backend::start("primary").await;
+    let blackhole = Backend::blackhole("blackhole").await;
+    let budget =
+        "timeout = \"10s\"\nmax_queue = 1000\nmax_concurrency = 1\nmax_queue_bytes = \"64KiB\"";
+    let config = format!(
+        "{}{}",
+        variants(&[("control", &primary, 100.0)]),
+        shadow("blackhole", &blackhole, budget)
+    );
+    let proxy = Proxy::start(&config).await;
+    let body = "x".repeat(20 * 1024);
+    for n in 0..10 {
+        let reply = proxy
+            .client
+            .post("/predict", body.clone())
+            .user(&format!("u{n}"))
+            .send()
+            .await;
+        assert_eq!(reply.status, 200);
+    }
+    // 21 KiB a mirror: one with the worker and two queued fit in 64 KiB; seven do not.
+    assert_eq!(shadow_results(&proxy, "blackhole").await[3], 7.0);
+}

@@ -81,6 +81,9 @@ pub struct Shadow {
     pub percent: f64,
     pub timeout: Duration,
     pub max_queue: usize,
+    /// Bytes of request and primary bodies the queue may hold: the bound on a shadow's
+    /// memory, whatever the bodies' sizes.
+    pub max_queue_bytes: u64,
     pub max_concurrency: usize,
     pub compare: Option<String>,
     pub tolerance: f64,

@@ -67,6 +67,7 @@ pub(super) struct Shadow {
     pub percent: Option<Spanned<f64>>,
     pub timeout: Option<Spanned<String>>,
     pub max_queue: Option<Spanned<i64>>,
+    pub max_queue_bytes: Option<Spanned<Size>>,
     pub max_concurrency: Option<Spanned<i64>>,
     pub compare: Option<Spanned<String>>,
     pub tolerance: Option<Spanned<f64>>,

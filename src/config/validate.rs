@@ -215,6 +215,7 @@ impl Validator<'_> {
             percent,
             timeout: self.duration(shadow.timeout, limits.request_timeout)?,
             max_queue: self.count(shadow.max_queue, 1024, "max_queue")?,
+            max_queue_bytes: self.size(shadow.max_queue_bytes, 64 * MIB)?,
             max_concurrency: self.count(shadow.max_concurrency, 32, "max_concurrency")?,
             compare,
             tolerance,

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response};
+use http_body::Body as _;
 
 use super::body::ResponseBody;
 use super::upstream::UpstreamBody;
@@ -122,6 +123,15 @@ impl PendingMirror {
             .filter_map(ShadowTarget::wants_primary_body)
             .max();
         let (parts, body) = response.into_parts();
+        // What the copy of the primary answer may come to: its declared size when it has
+        // one, else the capture limit.
+        let primary_bytes = capture_limit.map_or(0, |limit| {
+            let declared = body
+                .size_hint()
+                .upper()
+                .and_then(|upper| usize::try_from(upper).ok());
+            declared.map_or(limit, |declared| declared.min(limit))
+        });
         let (body, primary_body) = match capture_limit {
             Some(limit) => body.capture(limit),
             None => (body, None),
@@ -143,7 +153,7 @@ impl PendingMirror {
         });
         self.mirrors
             .of(shadows)
-            .for_each(|shadow| shadow.offer(mirror.clone()));
+            .for_each(|shadow| shadow.offer(mirror.clone(), primary_bytes));
         Response::from_parts(parts, body)
     }
 }

@@ -20,7 +20,7 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, watch, Mutex};
+use tokio::sync::{mpsc, watch, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -71,7 +71,9 @@ impl Background {
 /// One `[[shadow]]`: its client, queue, workers, metrics and log.
 pub struct ShadowTarget {
     pub config: config::Shadow,
-    queue: mpsc::Sender<Arc<Mirror>>,
+    queue: mpsc::Sender<Job>,
+    /// The queue's byte budget, in KiB permits; each queued mirror holds its size.
+    budget: Arc<Semaphore>,
     metrics: Arc<ShadowMetrics>,
     log: Option<Arc<ShadowLog>>,
     /// Bytes of the primary answer to keep for comparison and logging.
@@ -122,6 +124,10 @@ impl ShadowTarget {
         });
         let upstream = Arc::new(Upstream::new(config.upstream.clone(), limits));
         let (queue, jobs) = mpsc::channel(config.max_queue);
+        let budget_kib = usize::try_from(config.max_queue_bytes / 1024)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let budget = Arc::new(Semaphore::new(budget_kib.min(Semaphore::MAX_PERMITS)));
         let jobs = Arc::new(Mutex::new(jobs));
         let capture_limit = if config.compare.is_some() {
             usize::try_from(limits.max_body).unwrap_or(usize::MAX)
@@ -131,6 +137,7 @@ impl ShadowTarget {
         let target = ShadowTarget {
             config: config.clone(),
             queue,
+            budget,
             metrics,
             log,
             capture_limit,
@@ -181,9 +188,26 @@ impl ShadowTarget {
         room
     }
 
-    /// Hands a mirror to the workers without waiting: a full queue drops it.
-    pub fn offer(&self, mirror: Arc<Mirror>) {
-        if self.queue.try_send(mirror).is_err() {
+    /// Hands a mirror to the workers without waiting. It is dropped when the queue is full
+    /// or its bodies (the request's, and up to `primary_bytes` of the primary answer) do not
+    /// fit the queue's byte budget.
+    pub fn offer(&self, mirror: Arc<Mirror>, primary_bytes: usize) {
+        let kib = (mirror.body.len() + primary_bytes).div_ceil(1024).max(1);
+        let budget = u32::try_from(kib)
+            .ok()
+            .and_then(|kib| self.budget.clone().try_acquire_many_owned(kib).ok());
+        let Some(budget) = budget else {
+            self.metrics.dropped.increment(1);
+            return;
+        };
+        if self
+            .queue
+            .try_send(Job {
+                mirror,
+                _budget: budget,
+            })
+            .is_err()
+        {
             self.metrics.dropped.increment(1);
         }
     }
@@ -192,6 +216,12 @@ impl ShadowTarget {
     pub fn skip(&self) {
         self.metrics.dropped.increment(1);
     }
+}
+
+/// A queued mirror and the share of the byte budget it holds until a worker is done with it.
+struct Job {
+    mirror: Arc<Mirror>,
+    _budget: OwnedSemaphorePermit,
 }
 
 /// A request ID for the shadow log: the client's `x-request-id`, or one made up here.
@@ -231,15 +261,15 @@ enum Answer {
 }
 
 impl Worker {
-    async fn run(self, jobs: Arc<Mutex<mpsc::Receiver<Arc<Mirror>>>>, stop: CancellationToken) {
+    async fn run(self, jobs: Arc<Mutex<mpsc::Receiver<Job>>>, stop: CancellationToken) {
         loop {
             let job = tokio::select! {
                 job = async { jobs.lock().await.recv().await } => job,
                 () = stop.cancelled() => None,
             };
             // `None`: shutdown, or the shadow was removed by a reload and its queue is empty.
-            let Some(mirror) = job else { return };
-            self.mirror(&mirror).await;
+            let Some(job) = job else { return };
+            self.mirror(&job.mirror).await;
         }
     }
 
