@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use support::process::{signal, spawn_run};
+use support::proxy::with_server;
 use support::{spec_bucket, variants, Backend, Client};
 
 fn abproxy(args: &[&str]) -> Output {
@@ -165,7 +166,8 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero() {
     let backend = Backend::slow("control", Duration::from_millis(1500)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[limits]\nshutdown_grace = \"10s\"\n{}",
+        "{}[limits]\nshutdown_grace = \"10s\"\n{}",
+        with_server(""),
         variants(&[("control", &backend, 100.0)])
     );
     let path = write_config(dir.path(), &config);
@@ -200,7 +202,7 @@ async fn sighup_rereads_the_config() {
     let control = Backend::start("control").await;
     let treatment = Backend::start("treatment").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n";
+    let server = with_server("");
     let path = write_config(
         dir.path(),
         &format!(

@@ -23,22 +23,6 @@ impl ConfigError {
             message: message.into(),
         }
     }
-
-    /// The rule that was broken, without the location.
-    pub fn message(&self) -> String {
-        match self {
-            ConfigError::Read { source, .. } => format!("cannot read config: {source}"),
-            ConfigError::Invalid { message, .. } => message.clone(),
-        }
-    }
-
-    /// The 1-based line of the problem, when it has one.
-    pub fn line(&self) -> Option<usize> {
-        match self {
-            ConfigError::Invalid { location, .. } => location.line_column.map(|(line, _)| line),
-            ConfigError::Read { .. } => None,
-        }
-    }
 }
 
 /// Where in a config file a problem is: the file, and the line and column when known.
