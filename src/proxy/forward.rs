@@ -29,7 +29,6 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 /// connection rather than once per request.
 #[derive(Debug, Clone)]
 pub struct Peer {
-    pub addr: SocketAddr,
     forwarded_for: HeaderValue,
 }
 
@@ -37,10 +36,7 @@ impl Peer {
     pub fn new(addr: SocketAddr) -> Peer {
         let forwarded_for = HeaderValue::from_str(&addr.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Peer {
-            addr,
-            forwarded_for,
-        }
+        Peer { forwarded_for }
     }
 }
 
