@@ -3,7 +3,14 @@
 
 mod support;
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use support::{variants, Backend, Proxy};
 
@@ -197,12 +204,112 @@ async fn h2c_clients_are_served_and_forwarded_over_http1() {
     );
 }
 
+#[tokio::test]
+async fn an_h2c_preface_that_arrives_in_pieces_is_still_served_as_http2() {
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(&backend, "").await;
+    let stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    let io = hyper_util::rt::TokioIo::new(SplitFirstWrite::new(stream));
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = http::Request::get(format!("http://{}/h2", proxy.addr))
+        .header("x-user-id", "alice")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("h2c response");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.headers()["x-variant"], "control");
+}
+
+#[tokio::test]
+async fn an_http1_request_whose_first_byte_arrives_alone_is_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(&backend, "").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    // "P" could begin the h2c preface ("PRI * HTTP/2.0"), so the proxy must wait for more.
+    stream.write_all(b"P").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    stream
+        .write_all(b"OST /p HTTP/1.1\r\nhost: x\r\nx-user-id: a\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("read");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(backend.received()[0].method, "POST");
+}
+
+/// Sends the first few bytes of its first write alone, then the rest 30 ms later, as a
+/// client on a slow network might.
+struct SplitFirstWrite {
+    stream: TcpStream,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    first: bool,
+}
+
+impl SplitFirstWrite {
+    fn new(stream: TcpStream) -> SplitFirstWrite {
+        stream.set_nodelay(true).expect("nodelay");
+        SplitFirstWrite {
+            stream,
+            pause: None,
+            first: true,
+        }
+    }
+}
+
+impl AsyncRead for SplitFirstWrite {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SplitFirstWrite {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(pause) = self.pause.as_mut() {
+            ready!(pause.as_mut().poll(cx));
+            self.pause = None;
+        }
+        if std::mem::take(&mut self.first) {
+            let written =
+                ready!(Pin::new(&mut self.stream).poll_write(cx, &buf[..buf.len().min(5)]))?;
+            self.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(30))));
+            return Poll::Ready(Ok(written));
+        }
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_beyond_max_upstream_connections_wait_their_turn() {
     let backend = Backend::slow("control", Duration::from_millis(100)).await;
     let proxy = one_variant(&backend, "[limits]\nmax_upstream_connections = 2").await;
     let replies: Vec<_> = (0..10)
-        .map(|n| tokio::spawn(proxy.client.get("/").user(&format!("u{n}")).send()))
+        .map(|n| {
+            let call = proxy.client.get(&format!("/queued/{n}?n={n}"));
+            tokio::spawn(call.user(&format!("u{n}")).send())
+        })
         .collect();
     for reply in replies {
         assert_eq!(reply.await.expect("request task").status, 200);
@@ -213,6 +320,11 @@ async fn requests_beyond_max_upstream_connections_wait_their_turn() {
         "{} upstream connections",
         backend.connections_accepted()
     );
+    // Requests that queued were copied out of their connection's buffer: nothing was lost.
+    for received in backend.received() {
+        let n = &received.headers["x-user-id"].to_str().expect("ascii")[1..];
+        assert_eq!(received.uri.to_string(), format!("/queued/{n}?n={n}"));
+    }
 }
 
 #[tokio::test]
@@ -269,9 +381,7 @@ async fn connect_tunnels_are_refused_with_405() {
     let backend = Backend::start("control").await;
     let proxy = one_variant(&backend, "").await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr)
-        .await
-        .expect("connect");
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
     stream
         .write_all(b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n")
         .await

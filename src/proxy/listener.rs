@@ -1,27 +1,73 @@
 //! Accepts client connections and serves each with HTTP/1.1 or h2c until shutdown.
 
 use std::convert::Infallible;
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{Peer, Proxy};
 
+/// How long a client may take to send a request's head, and the h2c preface.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The first bytes of an h2c connection (RFC 9113 §3.4); no HTTP/1.1 request starts so.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The HTTP versions a client may speak, and how abproxy serves each.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+impl Protocols {
+    fn new() -> Protocols {
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2.timer(TokioTimer::new());
+        Protocols { http1, http2 }
+    }
+}
+
+/// Tells h2c from HTTP/1.1 by peeking at the first bytes, leaving them in the socket.
+///
+/// hyper-util's `auto` builder reads them into a side buffer and replays it, which makes
+/// hyper grow its read buffer from 8 to 16 KiB on every connection; peeking costs one
+/// system call per connection and no memory.
+async fn sniff(stream: &TcpStream) -> io::Result<Protocol> {
+    let mut first = [0; H2_PREFACE.len()];
+    loop {
+        let read = stream.peek(&mut first).await?;
+        if read == 0 || !H2_PREFACE.starts_with(&first[..read]) {
+            return Ok(Protocol::Http1);
+        }
+        if read == H2_PREFACE.len() {
+            return Ok(Protocol::Http2);
+        }
+        // Part of the preface has arrived: peeking again at once would spin.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Serves `listener` until `shutdown` fires, then closes it so new connections are refused,
 /// and gives open connections up to the configured grace period to finish their requests.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: CancellationToken) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+    let protocols = Arc::new(Protocols::new());
     let connections = GracefulShutdown::new();
     // Owns every connection task, so that those still open when the grace period ends are
     // closed rather than left running; finished ones are reaped as the loop goes.
@@ -46,12 +92,36 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
             let (proxy, peer) = (proxy.clone(), peer.clone());
             async move { Ok::<_, Infallible>(proxy.handle(request, &peer).await) }
         });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = connections.watch(connection);
+        let (protocols, watcher, shutdown) =
+            (protocols.clone(), connections.watcher(), shutdown.clone());
         tasks.spawn(async move {
-            if let Err(err) = connection.await {
+            let protocol = tokio::select! {
+                sniffed = tokio::time::timeout(HEADER_READ_TIMEOUT, sniff(&stream)) => sniffed,
+                // A connection that has sent nothing yet has no request to finish.
+                () = shutdown.cancelled() => return,
+            };
+            let protocol = match protocol {
+                Ok(Ok(protocol)) => protocol,
+                Ok(Err(err)) => {
+                    tracing::debug!(%client, error = %err, "connection failed before a request");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let io = TokioIo::new(stream);
+            let served = match protocol {
+                Protocol::Http1 => {
+                    watcher
+                        .watch(protocols.http1.serve_connection(io, service))
+                        .await
+                }
+                Protocol::Http2 => {
+                    watcher
+                        .watch(protocols.http2.serve_connection(io, service))
+                        .await
+                }
+            };
+            if let Err(err) = served {
                 tracing::debug!(%client, error = %err, "connection ended with an error");
             }
         });

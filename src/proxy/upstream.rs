@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{Request, Response, Uri};
+use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -96,7 +96,13 @@ impl Upstream {
         timeout: Duration,
     ) -> Result<(Response<Incoming>, OwnedSemaphorePermit), UpstreamError> {
         let exchange = async {
-            let permit = self.connections.clone().acquire_owned().await;
+            let (permit, request) = match self.connections.clone().try_acquire_owned() {
+                Ok(permit) => (Ok(permit), request),
+                Err(_) => {
+                    let request = detach(request);
+                    (self.connections.clone().acquire_owned().await, request)
+                }
+            };
             let response = self.client.request(request).await;
             (permit, response)
         };
@@ -110,6 +116,28 @@ impl Upstream {
             }),
         }
     }
+}
+
+/// Copies the URI and header values of a request that must queue for a connection.
+///
+/// hyper parses them without copying, as slices of the client connection's 8 KiB read
+/// buffer, and reads on into a new buffer while the request is out: a queued request would
+/// otherwise keep a second buffer alive for as long as it waits.
+fn detach(mut request: Request<UpstreamBody>) -> Request<UpstreamBody> {
+    if let Some(path_and_query) = request.uri().path_and_query() {
+        let mut parts = request.uri().clone().into_parts();
+        parts.path_and_query = PathAndQuery::try_from(path_and_query.as_str()).ok();
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+    }
+    for value in request.headers_mut().values_mut() {
+        if let Ok(mut copy) = HeaderValue::from_bytes(value.as_bytes()) {
+            copy.set_sensitive(value.is_sensitive());
+            *value = copy;
+        }
+    }
+    request
 }
 
 /// A failed exchange with an upstream, classified for metrics and status codes.
@@ -163,4 +191,27 @@ fn classify(err: &hyper_util::client::legacy::Error) -> UpstreamErrorKind {
         source = cause.source();
     }
     UpstreamErrorKind::Protocol
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_detached_request_keeps_its_uri_headers_and_their_sensitivity() {
+        let mut request = Request::post("http://model:8501/v1/predict?user=a%20b")
+            .header("x-user-id", "alice")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .body(Either::Right(Full::new(Bytes::from_static(b"{}"))))
+            .expect("request");
+        if let Some(user) = request.headers_mut().get_mut("x-user-id") {
+            user.set_sensitive(true);
+        }
+        let (uri, headers) = (request.uri().clone(), request.headers().clone());
+        let (after, _) = detach(request).into_parts();
+        assert_eq!(after.uri, uri);
+        assert_eq!(after.headers, headers);
+        assert!(after.headers["x-user-id"].is_sensitive());
+    }
 }
