@@ -17,8 +17,9 @@ use crate::proxy::{self, Proxy};
 use crate::reload::Reloader;
 use crate::shadow::Background;
 
-/// Histogram samples are folded into buckets this often.
-const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+/// Histogram samples are folded into buckets this often; until then each one is held in
+/// memory (16 bytes), so at 50,000 requests a second every second costs 0.8 MB more.
+const METRICS_UPKEEP: Duration = Duration::from_secs(1);
 /// How long shutdown waits for mirrors in flight and shadow logs to flush.
 const SHADOW_DRAIN: Duration = Duration::from_secs(5);
 

@@ -115,10 +115,11 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
                         .watch(protocols.http1.serve_connection(io, service))
                         .await
                 }
+                // Boxed: h2's connection state is large and rare here, and every HTTP/1.1
+                // connection's task would otherwise reserve room for it.
                 Protocol::Http2 => {
-                    watcher
-                        .watch(protocols.http2.serve_connection(io, service))
-                        .await
+                    let connection = protocols.http2.serve_connection(io, service);
+                    Box::pin(watcher.watch(connection)).await
                 }
             };
             if let Err(err) = served {
