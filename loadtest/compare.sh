@@ -19,7 +19,8 @@
 # and each proxy (nginx: 1 worker; abproxy: --threads 1) measures
 #   throughput  loadtest --mode max, 64 connections, --duration
 #   p99         loadtest --rate R, 64 connections, --duration (latency from the due time)
-#   CPU us/req  the proxy's utime+stime (/proc/PID/stat) over the max run / answers
+#   CPU us/req  the proxy's utime+stime (/proc/PID/stat) over the max run / answers, and the
+#               stime (kernel) part of it
 #   peak RSS    VmHWM of the proxy after a 1000-connection run
 # The proxy runs on CPU 0, backends and the load generator on CPU 1 (taskset). Proxies are
 # restarted for every repetition and the nginx/abproxy order alternates. Everything listens on
@@ -316,6 +317,9 @@ variant_header = "x-variant"
 
 [limits]
 shutdown_grace = "2s"
+# Each backend answers one request at a time (one thread): more in flight only queue in its
+# socket, and each upstream connection costs ~35 KiB. nginx's side has \`keepalive 64\`.
+max_upstream_connections = 64
 
 [assignment]
 sources = ["header:x-user-id"]
@@ -400,17 +404,23 @@ proxy_pids() {
     return 0
 }
 
-# utime + stime of the proxy's processes, in clock ticks.
+# CPU time of the proxy's processes in clock ticks: "user system" (utime, stime).
 proxy_cpu_ticks() {
-    local pid stat rest fields total=0
+    local pid stat rest fields user=0 system=0
     for pid in $(proxy_pids); do
         { stat=$(<"/proc/$pid/stat"); } 2>/dev/null || continue
         rest=${stat##*) }
         read -ra fields <<<"$rest"
         # Fields 14 and 15 of stat(5); `rest` starts at field 3.
-        total=$((total + fields[11] + fields[12]))
+        user=$((user + fields[11]))
+        system=$((system + fields[12]))
     done
-    echo "$total"
+    echo "$user $system"
+}
+
+# Microseconds per answer of CPU ticks $1 over $2 answers.
+us_per_answer() {
+    awk -v t="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { printf "%.2f", (n > 0 ? t * 1e6 / hz / n : 0) }'
 }
 
 # Peak RSS in KiB of the process serving traffic: abproxy, or the nginx worker (the largest).
@@ -491,7 +501,8 @@ check_errors() {
 # $1 scenario, $2 proxy, $3 repetition
 measure_proxy() {
     local scenario=$1 proxy=$2 rep=$3 key=$1/$2 out=$TMP/$1-$2-$3
-    local before after opens_before line tput p99 answers elapsed control_pct ticks dropped=0
+    local user_before system_before user_after system_after system_ticks ticks
+    local opens_before line tput p99 answers elapsed control_pct dropped=0
     local mirroring=0
     [[ $proxy == abproxy && $scenario == mirror ]] && mirroring=1
     log "$scenario / $proxy (repetition $rep of $REPEATS)"
@@ -502,18 +513,20 @@ measure_proxy() {
 
     ((mirroring)) && dropped=$(abproxy_shadow_dropped)
     opens_before=$(tcp_active_opens)
-    before=$(proxy_cpu_ticks)
+    read -r user_before system_before < <(proxy_cpu_ticks)
     load "$out-max.json" "$PROXY_URL" --mode max --duration "$DURATION" \
         --connections "$CONNECTIONS"
-    after=$(proxy_cpu_ticks)
+    read -r user_after system_after < <(proxy_cpu_ticks)
     record "$key/opens" $(($(tcp_active_opens) - opens_before))
     line=$(summary "$out-max.json")
     check_errors "$key" "max run $rep" "$line"
     read -r tput _ answers _ elapsed control_pct _ <<<"$line"
-    ticks=$((after - before))
+    system_ticks=$((system_after - system_before))
+    ticks=$((user_after - user_before + system_ticks))
     record "$key/tput" "$tput"
-    record "$key/cpu_us" "$(awk -v t="$ticks" -v hz="$CLK_TCK" -v n="$answers" \
-        'BEGIN { printf "%.2f", (n > 0 ? t * 1e6 / hz / n : 0) }')"
+    record "$key/cpu_us" "$(us_per_answer "$ticks" "$answers")"
+    # The kernel's share: TCP on loopback, charged to the proxy whichever proxy it is.
+    record "$key/sys_us" "$(us_per_answer "$system_ticks" "$answers")"
     record "$key/busy" "$(awk -v t="$ticks" -v hz="$CLK_TCK" -v s="$elapsed" \
         'BEGIN { printf "%.2f", (s > 0 ? t / hz / s : 0) }')"
     record "$key/control_pct" "$control_pct"
@@ -532,18 +545,18 @@ measure_proxy() {
     # Lets a mirror backlog from the max run drain before latency is measured.
     sleep 1
     ((mirroring)) && dropped=$(abproxy_shadow_dropped)
-    before=$(proxy_cpu_ticks)
+    read -r user_before system_before < <(proxy_cpu_ticks)
     load "$out-rate.json" "$PROXY_URL" --mode rate --rate "$RATE" --duration "$DURATION" \
         --connections "$CONNECTIONS"
-    after=$(proxy_cpu_ticks)
+    read -r user_after system_after < <(proxy_cpu_ticks)
     line=$(summary "$out-rate.json")
     check_errors "$key" "rate run $rep" "$line"
     read -r tput p99 answers _ <<<"$line"
     record "$key/p99" "$p99"
     record "$key/rate_tput" "$tput"
     # At a fixed rate both proxies mirror every request, so this is the like-for-like CPU cost.
-    record "$key/rate_cpu_us" "$(awk -v t="$((after - before))" -v hz="$CLK_TCK" -v n="$answers" \
-        'BEGIN { printf "%.2f", (n > 0 ? t * 1e6 / hz / n : 0) }')"
+    record "$key/rate_cpu_us" "$(us_per_answer \
+        $((user_after - user_before + system_after - system_before)) "$answers")"
     log "  rate: p99 ${p99} us at $(printf '%.0f' "$tput") req/s"
     if ((mirroring)); then
         dropped=$(($(abproxy_shadow_dropped) - dropped))
@@ -638,7 +651,8 @@ echo "## abproxy vs nginx"
 echo
 echo "- date: $STARTED"
 echo "- machine: $(nproc) CPUs, ${cpu_model:-unknown CPU}, $(uname -sr)"
-echo "- abproxy: $revision, \`run --threads 1\`, RUST_LOG=warn; nginx: $nginx_version, \`worker_processes 1\`"
+echo "- abproxy: $revision, \`run --threads 1\`, RUST_LOG=warn, \`max_upstream_connections = 64\`" \
+    "(default 256); nginx: $nginx_version, \`worker_processes 1\`, \`keepalive 64\`"
 echo "- pinning: proxy on CPU 0; load generator and the three backends (loadtest-backend, one thread each) on CPU 1"
 echo "- runs: $DURATION each; throughput with \`--mode max --connections $CONNECTIONS\`;" \
     "p99 with \`--rate $RATE --connections $CONNECTIONS\` (from the due time);" \
@@ -646,8 +660,8 @@ echo "- runs: $DURATION each; throughput with \`--mode max --connections $CONNEC
     "$USERS users by \`x-user-id\`; median of $REPEATS"
 echo "- command: \`$COMMAND_LINE\`"
 echo
-echo "| scenario | proxy | throughput (req/s) | p99 at $RATE req/s (µs) | proxy CPU at max (µs/req) | proxy CPU at $RATE req/s (µs/req) | proxy CPU busy (cores) | peak RSS (MiB) |"
-echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+echo "| scenario | proxy | throughput (req/s) | p99 at $RATE req/s (µs) | proxy CPU at max (µs/req) | of which kernel (µs/req) | proxy CPU at $RATE req/s (µs/req) | proxy CPU busy (cores) | peak RSS (MiB) |"
+echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 for scenario in split mirror; do
     proxies=(nginx abproxy)
     [[ $scenario == split ]] && proxies+=(direct)
@@ -655,15 +669,17 @@ for scenario in split mirror; do
         key=$scenario/$proxy
         rss=$(med "$key/rss_kib")
         [[ $rss != nan ]] && rss=$(awk -v k="$rss" 'BEGIN { print k / 1024 }')
-        printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$scenario" "$proxy" \
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$scenario" "$proxy" \
             "$(fmt '%.0f' "$(med "$key/tput")")" "$(fmt '%.0f' "$(med "$key/p99")")" \
-            "$(fmt '%.1f' "$(med "$key/cpu_us")")" "$(fmt '%.1f' "$(med "$key/rate_cpu_us")")" \
+            "$(fmt '%.1f' "$(med "$key/cpu_us")")" "$(fmt '%.1f' "$(med "$key/sys_us")")" \
+            "$(fmt '%.1f' "$(med "$key/rate_cpu_us")")" \
             "$(fmt '%.2f' "$(med "$key/busy")")" "$(fmt '%.1f' "$rss")"
     done
-    printf '| %s | **abproxy / nginx** | %s | %s | %s | %s | | %s |\n' "$scenario" \
+    printf '| %s | **abproxy / nginx** | %s | %s | %s | %s | %s | | %s |\n' "$scenario" \
         "$(ratio "$(med "$scenario/abproxy/tput")" "$(med "$scenario/nginx/tput")")" \
         "$(ratio "$(med "$scenario/abproxy/p99")" "$(med "$scenario/nginx/p99")")" \
         "$(ratio "$(med "$scenario/abproxy/cpu_us")" "$(med "$scenario/nginx/cpu_us")")" \
+        "$(ratio "$(med "$scenario/abproxy/sys_us")" "$(med "$scenario/nginx/sys_us")")" \
         "$(ratio "$(med "$scenario/abproxy/rate_cpu_us")" "$(med "$scenario/nginx/rate_cpu_us")")" \
         "$(ratio "$(med "$scenario/abproxy/rss_kib")" "$(med "$scenario/nginx/rss_kib")")"
 done
