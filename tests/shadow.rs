@@ -470,3 +470,59 @@ async fn a_shadow_queue_holds_no_more_bytes_than_max_queue_bytes() {
     // 21 KiB a mirror: one with the worker and two queued fit in 64 KiB; seven do not.
     assert_eq!(shadow_results(&proxy, "blackhole").await[3], 7.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_waiting_in_a_shadow_queue_hold_their_own_bytes_not_their_connections_buffers() {
+    let primary = Backend::start("primary").await;
+    let blackhole = Backend::blackhole("blackhole").await;
+    // One mirror in flight that never ends; the rest wait in the queue for the whole test.
+    let budget = "timeout = \"60s\"\nmax_queue = 4096\nmax_concurrency = 1";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("abproxy.toml");
+    let config = format!(
+        "{}{}{}",
+        support::proxy::with_server(""),
+        variants(&[("control", &primary, 100.0)]),
+        shadow("blackhole", &blackhole, budget),
+    );
+    std::fs::write(&path, config).expect("write config");
+    let (mut child, addr, admin) = spawn_run(&path.display().to_string());
+    let (client, admin) = (Client::new(addr), Client::new(admin));
+    client.get("/warm-up").user("warm-up").send().await;
+    let before = rss_bytes(child.id());
+    let requests = 4000;
+    let mut tasks = Vec::new();
+    for task in 0..8 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in 0..requests / 8 {
+                let reply = client
+                    .get(&format!("/predict?n={n}"))
+                    .user(&format!("u{task}-{n}"))
+                    .send()
+                    .await;
+                assert_eq!(reply.status, 200);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("client task");
+    }
+    let metrics = admin.get("/metrics").send().await.text();
+    let dropped = sample(
+        &metrics,
+        "abproxy_shadow_requests_total",
+        &[("shadow", "blackhole"), ("result", "dropped")],
+    );
+    assert_eq!(dropped, 0.0, "every mirror is still queued or in flight");
+    // A queued mirror that kept a slice of its connection's 8 KiB read buffer would pin
+    // that whole buffer: 4000 of them, 31 MiB.
+    let growth = rss_bytes(child.id()).saturating_sub(before);
+    assert!(
+        growth < 12 << 20,
+        "4000 queued mirrors of bodiless requests took {} MiB",
+        growth >> 20
+    );
+    child.kill().expect("stop proxy");
+    let _ = child.wait();
+}

@@ -12,6 +12,7 @@ use http::{HeaderMap, Method, Request, Response};
 use http_body::Body as _;
 
 use super::body::ResponseBody;
+use super::detach;
 use super::upstream::UpstreamBody;
 use crate::shadow::{self, Mirror, ShadowTarget};
 
@@ -92,12 +93,13 @@ impl MirrorSource {
         request: Option<&Request<UpstreamBody>>,
         shadows: &[Arc<ShadowTarget>],
     ) -> Option<PendingMirror> {
+        // Copied, not shared: a mirror may wait in a shadow queue long after the exchange.
         let copy = request.zip(self.body).map(|(request, body)| PendingMirror {
             mirrors: self.mirrors,
             method: request.method().clone(),
-            path_and_query: self.path_and_query,
-            headers: request.headers().clone(),
-            body,
+            path_and_query: self.path_and_query.as_ref().map(detach::path_and_query),
+            headers: detach::headers(request.headers()),
+            body: detach::body(body),
             user_id: self.user_id,
         });
         if copy.is_none() {

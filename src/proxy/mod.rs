@@ -1,6 +1,7 @@
 //! The request path: accept, assign, forward, respond.
 
 mod body;
+mod detach;
 mod error;
 mod forward;
 mod listener;

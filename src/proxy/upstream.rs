@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Request, Response, Uri};
+use http::{Request, Response, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -14,6 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::detach;
 use crate::config;
 use crate::metrics::UpstreamErrorKind;
 
@@ -118,25 +119,17 @@ impl Upstream {
     }
 }
 
-/// Copies the URI and header values of a request that must queue for a connection.
-///
-/// hyper parses them without copying, as slices of the client connection's 8 KiB read
-/// buffer, and reads on into a new buffer while the request is out: a queued request would
-/// otherwise keep a second buffer alive for as long as it waits.
+/// Copies the URI and headers of a request that must queue for a connection, so that while
+/// it waits it does not pin its client connection's read buffer (see `detach`).
 fn detach(mut request: Request<UpstreamBody>) -> Request<UpstreamBody> {
     if let Some(path_and_query) = request.uri().path_and_query() {
         let mut parts = request.uri().clone().into_parts();
-        parts.path_and_query = PathAndQuery::try_from(path_and_query.as_str()).ok();
+        parts.path_and_query = Some(detach::path_and_query(path_and_query));
         if let Ok(uri) = Uri::from_parts(parts) {
             *request.uri_mut() = uri;
         }
     }
-    for value in request.headers_mut().values_mut() {
-        if let Ok(mut copy) = HeaderValue::from_bytes(value.as_bytes()) {
-            copy.set_sensitive(value.is_sensitive());
-            *value = copy;
-        }
-    }
+    *request.headers_mut() = detach::headers(request.headers());
     request
 }
 
