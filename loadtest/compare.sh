@@ -318,7 +318,8 @@ variant_header = "x-variant"
 [limits]
 shutdown_grace = "2s"
 # Each backend answers one request at a time (one thread): more in flight only queue in its
-# socket, and each upstream connection costs ~35 KiB. nginx's side has \`keepalive 64\`.
+# socket, and each upstream connection costs ~35 KiB. (nginx caches 64 idle connections per
+# upstream, \`keepalive 64\`, but opens as many as it has requests in flight.)
 max_upstream_connections = 64
 
 [assignment]
@@ -652,7 +653,8 @@ echo
 echo "- date: $STARTED"
 echo "- machine: $(nproc) CPUs, ${cpu_model:-unknown CPU}, $(uname -sr)"
 echo "- abproxy: $revision, \`run --threads 1\`, RUST_LOG=warn, \`max_upstream_connections = 64\`" \
-    "(default 256); nginx: $nginx_version, \`worker_processes 1\`, \`keepalive 64\`"
+    "(requests in flight per upstream; default 256); nginx: $nginx_version, \`worker_processes 1\`," \
+    "\`keepalive 64\` (idle connections kept per upstream; no cap on open ones)"
 echo "- pinning: proxy on CPU 0; load generator and the three backends (loadtest-backend, one thread each) on CPU 1"
 echo "- runs: $DURATION each; throughput with \`--mode max --connections $CONNECTIONS\`;" \
     "p99 with \`--rate $RATE --connections $CONNECTIONS\` (from the due time);" \

@@ -231,7 +231,7 @@ async fn an_http1_request_whose_first_byte_arrives_alone_is_served() {
     let proxy = one_variant(&backend, "").await;
     let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
     stream.set_nodelay(true).expect("nodelay");
-    // "P" could begin the h2c preface ("PRI * HTTP/2.0"), so the proxy must wait for more.
+    // "P" could begin the h2c preface ("PRI * HTTP/2.0"): the proxy must read on to decide.
     stream.write_all(b"P").await.expect("write");
     tokio::time::sleep(Duration::from_millis(30)).await;
     stream
@@ -242,6 +242,23 @@ async fn an_http1_request_whose_first_byte_arrives_alone_is_served() {
     stream.read_to_string(&mut answer).await.expect("read");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(backend.received()[0].method, "POST");
+}
+
+#[tokio::test]
+async fn a_client_that_sends_half_the_h2c_preface_and_hangs_up_is_let_go_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(&backend, "").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n")
+        .await
+        .expect("write");
+    stream.shutdown().await.expect("half-close");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the proxy held the connection open");
+    assert_eq!(backend.count(), 0);
 }
 
 /// Sends the first few bytes of its first write alone, then the rest 30 ms later, as a

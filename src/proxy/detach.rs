@@ -3,7 +3,8 @@
 //! hyper parses the URI, header values and small bodies as slices of the client connection's
 //! read buffer (8 KiB at least), and reads on into a new buffer while they are alive. Parts
 //! kept for a while (a request queued for a connection, a mirror queued for a shadow) are
-//! copied here so they pin only their own bytes.
+//! copied here so they pin only their own bytes. (Buffered bodies are copied as they are
+//! read, in `read_body`.)
 
 use bytes::{Bytes, BytesMut};
 use http::uri::PathAndQuery;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -25,11 +26,14 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 struct Protocols {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    /// For the rare connection whose first bytes could begin either.
+    either: auto::Builder<TokioExecutor>,
 }
 
 enum Protocol {
     Http1,
     Http2,
+    Undecided,
 }
 
 impl Protocols {
@@ -40,28 +44,36 @@ impl Protocols {
             .header_read_timeout(HEADER_READ_TIMEOUT);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new());
-        Protocols { http1, http2 }
+        let mut either = auto::Builder::new(TokioExecutor::new());
+        either
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        either.http2().timer(TokioTimer::new());
+        Protocols {
+            http1,
+            http2,
+            either,
+        }
     }
 }
 
 /// Tells h2c from HTTP/1.1 by peeking at the first bytes, leaving them in the socket.
 ///
 /// hyper-util's `auto` builder reads them into a side buffer and replays it, which makes
-/// hyper grow its read buffer from 8 to 16 KiB on every connection; peeking costs one
-/// system call per connection and no memory.
+/// hyper grow its read buffer from 8 to 16 KiB on every connection; one peek costs a system
+/// call per connection and no memory. When the bytes so far are only the start of the h2c
+/// preface, `auto` decides after all: peeking again would poll, as the socket stays readable.
 async fn sniff(stream: &TcpStream) -> io::Result<Protocol> {
     let mut first = [0; H2_PREFACE.len()];
-    loop {
-        let read = stream.peek(&mut first).await?;
-        if read == 0 || !H2_PREFACE.starts_with(&first[..read]) {
-            return Ok(Protocol::Http1);
-        }
-        if read == H2_PREFACE.len() {
-            return Ok(Protocol::Http2);
-        }
-        // Part of the preface has arrived: peeking again at once would spin.
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let read = stream.peek(&mut first).await?;
+    Ok(if read == 0 || !H2_PREFACE.starts_with(&first[..read]) {
+        Protocol::Http1
+    } else if read == H2_PREFACE.len() {
+        Protocol::Http2
+    } else {
+        Protocol::Undecided
+    })
 }
 
 /// Serves `listener` until `shutdown` fires, then closes it so new connections are refused,
@@ -110,15 +122,20 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
             };
             let io = TokioIo::new(stream);
             let served = match protocol {
-                Protocol::Http1 => {
-                    watcher
-                        .watch(protocols.http1.serve_connection(io, service))
-                        .await
-                }
+                Protocol::Http1 => watcher
+                    .watch(protocols.http1.serve_connection(io, service))
+                    .await
+                    .map_err(Into::into),
                 // Boxed: h2's connection state is large and rare here, and every HTTP/1.1
                 // connection's task would otherwise reserve room for it.
                 Protocol::Http2 => {
                     let connection = protocols.http2.serve_connection(io, service);
+                    Box::pin(watcher.watch(connection))
+                        .await
+                        .map_err(Into::into)
+                }
+                Protocol::Undecided => {
+                    let connection = protocols.either.serve_connection(io, service);
                     Box::pin(watcher.watch(connection)).await
                 }
             };

@@ -94,12 +94,13 @@ impl MirrorSource {
         shadows: &[Arc<ShadowTarget>],
     ) -> Option<PendingMirror> {
         // Copied, not shared: a mirror may wait in a shadow queue long after the exchange.
+        // (The body was copied when it was read.)
         let copy = request.zip(self.body).map(|(request, body)| PendingMirror {
             mirrors: self.mirrors,
             method: request.method().clone(),
             path_and_query: self.path_and_query.as_ref().map(detach::path_and_query),
             headers: detach::headers(request.headers()),
-            body: detach::body(body),
+            body,
             user_id: self.user_id,
         });
         if copy.is_none() {

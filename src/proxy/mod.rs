@@ -179,7 +179,8 @@ async fn read_body(parts: &Parts, body: Incoming, limit: u64) -> Result<Bytes, P
     }
     let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
     match limited.collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
+        // Copied when small: it may wait in a queue, and must not pin the read buffer then.
+        Ok(collected) => Ok(detach::body(collected.to_bytes())),
         Err(err) if err.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
         Err(err) => Err(ProxyError::BodyRead(err.to_string())),
     }

@@ -3,23 +3,51 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
 use std::process::{Child, Command, Stdio};
 
+/// An abproxy child process that is killed when the test ends, passed or failed.
+pub struct Running(Child);
+
+impl Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Starts `abproxy run` and reads the bound addresses from its JSON log.
-pub fn spawn_run(config: &str) -> (Child, SocketAddr, SocketAddr) {
+pub fn spawn_run(config: &str) -> (Running, SocketAddr, SocketAddr) {
     spawn(&["run", "--config", config])
 }
 
 /// Starts `abproxy ARGS…` and waits for it to log that it is ready.
-pub fn spawn(args: &[&str]) -> (Child, SocketAddr, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_abproxy"))
-        .args(["--log-format", "json"])
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("abproxy run starts");
+pub fn spawn(args: &[&str]) -> (Running, SocketAddr, SocketAddr) {
+    let mut child = Running(
+        Command::new(env!("CARGO_BIN_EXE_abproxy"))
+            .args(["--log-format", "json"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("abproxy run starts"),
+    );
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
     let ready = lines
