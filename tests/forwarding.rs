@@ -318,6 +318,52 @@ impl AsyncWrite for SplitFirstWrite {
     }
 }
 
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_is_not_reused() {
+    let backend = Backend::closing_after_each_answer("control").await;
+    let proxy = one_variant(&backend, "").await;
+    for n in 0..10 {
+        let reply = proxy
+            .client
+            .get(&format!("/{n}"))
+            .user("alice")
+            .send()
+            .await;
+        assert_eq!(reply.status, 200, "request {n}: {}", reply.text());
+        // Time for the upstream's close to arrive before the next request.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(backend.connections_accepted(), 10);
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(&backend, "").await;
+    for n in 0..10 {
+        let reply = proxy
+            .client
+            .get(&format!("/{n}"))
+            .user("alice")
+            .send()
+            .await;
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(backend.connections_accepted(), 1);
+}
+
+#[tokio::test]
+async fn an_empty_answer_leaves_its_connection_reusable() {
+    let backend = Backend::raw("control", "", "text/plain").await;
+    let proxy = one_variant(&backend, "").await;
+    for _ in 0..5 {
+        let reply = proxy.client.get("/").user("alice").send().await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.text(), "");
+    }
+    assert_eq!(backend.connections_accepted(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_beyond_max_upstream_connections_wait_their_turn() {
     let backend = Backend::slow("control", Duration::from_millis(100)).await;

@@ -10,7 +10,9 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::watch;
+
+use super::upstream::Lease;
 
 pin_project_lite::pin_project! {
     /// An enum rather than a boxed body: no allocation per response.
@@ -25,9 +27,9 @@ pin_project_lite::pin_project! {
             stall: Option<tokio::time::Sleep>,
             idle_timeout: Duration,
             capture: Option<Capture>,
-            // The upstream connection is busy until this body is done: its place in the
-            // upstream's connection limit is released with it.
-            permit: OwnedSemaphorePermit,
+            // The upstream connection is busy until this body is done: it goes back to the
+            // pool when the body ends, and its place in the connection limit with it.
+            lease: Lease,
         },
         Full { #[pin] body: Full<Bytes> },
     }
@@ -36,17 +38,17 @@ pin_project_lite::pin_project! {
 impl ResponseBody {
     /// An upstream body that fails once the upstream sends nothing for `idle_timeout`, so a
     /// backend that stalls mid-body cannot hold its connection (and permit) forever.
-    pub fn upstream(
-        body: Incoming,
-        idle_timeout: Duration,
-        permit: OwnedSemaphorePermit,
-    ) -> ResponseBody {
+    pub fn upstream(body: Incoming, idle_timeout: Duration, mut lease: Lease) -> ResponseBody {
+        // hyper never polls a body that is empty from the start.
+        if body.is_end_stream() {
+            lease.release();
+        }
         ResponseBody::Upstream {
             body,
             stall: None,
             idle_timeout,
             capture: None,
-            permit,
+            lease,
         }
     }
 
@@ -65,7 +67,7 @@ impl ResponseBody {
                 stall,
                 idle_timeout,
                 capture: None,
-                permit,
+                lease,
             } => {
                 let (sender, receiver) = watch::channel(None);
                 let capture = Some(Capture {
@@ -78,7 +80,7 @@ impl ResponseBody {
                     stall,
                     idle_timeout,
                     capture,
-                    permit,
+                    lease,
                 };
                 (body, Some(receiver))
             }
@@ -128,7 +130,7 @@ impl Body for ResponseBody {
                 mut stall,
                 idle_timeout,
                 capture,
-                ..
+                lease,
             } => {
                 let frame = match body.as_mut().poll_frame(cx) {
                     Poll::Ready(frame) => frame,
@@ -147,14 +149,22 @@ impl Body for ResponseBody {
                     }
                 };
                 stall.set(None);
+                // hyper stops polling once the body reports its end.
+                let ended = match &frame {
+                    Some(Ok(_)) => body.is_end_stream(),
+                    None => true,
+                    Some(Err(_)) => false,
+                };
+                if ended {
+                    lease.release();
+                }
                 if let Some(capture) = capture {
                     match &frame {
                         Some(Ok(frame)) => {
                             if let Some(data) = frame.data_ref() {
                                 capture.push(data);
                             }
-                            // hyper stops polling once the body reports its end.
-                            if body.is_end_stream() {
+                            if ended {
                                 capture.finish();
                             }
                         }

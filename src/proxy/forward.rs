@@ -52,14 +52,16 @@ pub fn upstream_request(
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
     if !preserve_host {
-        headers.remove(header::HOST);
+        headers.insert(header::HOST, upstream.host().clone());
     } else if !headers.contains_key(header::HOST) {
-        // HTTP/2 clients send the authority as a pseudo-header, not as `Host`.
-        if let Some(authority) = parts.uri.authority() {
-            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                headers.insert(header::HOST, host);
-            }
-        }
+        // HTTP/2 clients send the authority as a pseudo-header, not as `Host`; an HTTP/1.0
+        // client may send neither, and an HTTP/1.1 upstream needs one.
+        let host = parts
+            .uri
+            .authority()
+            .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
+            .unwrap_or_else(|| upstream.host().clone());
+        headers.insert(header::HOST, host);
     }
     append_forwarded_for(headers, client);
     // A load balancer in front that terminated TLS has said `https`: keep its word.

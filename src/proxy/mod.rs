@@ -20,7 +20,6 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use metrics::Gauge;
-use tokio::sync::OwnedSemaphorePermit;
 
 pub use body::ResponseBody;
 pub use error::ProxyError;
@@ -31,7 +30,7 @@ use crate::config::Config;
 use crate::metrics::{Metrics, VariantMetrics};
 use crate::route::{Generation, Route};
 use mirror::Mirrors;
-use upstream::UpstreamBody;
+use upstream::{Lease, UpstreamBody};
 
 /// State shared by every connection: the live generation and process-wide metrics.
 pub struct Proxy {
@@ -110,12 +109,12 @@ impl Proxy {
 
         // 5. Build the client's response.
         let mut response = match response {
-            Ok((upstream_response, permit)) => {
+            Ok((upstream_response, lease)) => {
                 let (mut parts, body) = upstream_response.into_parts();
                 forward::client_response_headers(&mut parts.headers);
                 Response::from_parts(
                     parts,
-                    ResponseBody::upstream(body, config.limits.request_timeout, permit),
+                    ResponseBody::upstream(body, config.limits.request_timeout, lease),
                 )
             }
             Err(err) => err.into_response(),
@@ -164,7 +163,7 @@ async fn send(
     route: &Route,
     request: Request<UpstreamBody>,
     timeout: Duration,
-) -> Result<(Response<Incoming>, OwnedSemaphorePermit), ProxyError> {
+) -> Result<(Response<Incoming>, Lease), ProxyError> {
     route.upstream.send(request, timeout).await.map_err(|source| {
         route.metrics.upstream_error(source.kind);
         tracing::debug!(variant = %route.name, upstream = %route.upstream.target(), error = %source, "upstream failed");

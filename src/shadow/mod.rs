@@ -330,8 +330,8 @@ impl Worker {
                 }
             }
         };
-        // The permit lives until the body has been read, as the connection is busy until then.
-        let (response, _permit) = match self.upstream.send(request, self.config.timeout).await {
+        // The lease lives until the body has been read, as the connection is busy until then.
+        let (response, mut lease) = match self.upstream.send(request, self.config.timeout).await {
             Ok(answer) => answer,
             Err(err) => {
                 return Answer::Failed {
@@ -342,11 +342,16 @@ impl Worker {
         };
         let status = response.status();
         // A body over the limit still counts as answered; it just cannot be compared.
-        let body = Limited::new(response.into_body(), self.response_limit)
+        let body = match Limited::new(response.into_body(), self.response_limit)
             .collect()
             .await
-            .map(|collected| collected.to_bytes())
-            .unwrap_or_default();
+        {
+            Ok(collected) => {
+                lease.release();
+                collected.to_bytes()
+            }
+            Err(_) => Bytes::new(),
+        };
         Answer::Answered { status, body }
     }
 
@@ -359,8 +364,8 @@ impl Worker {
         *request.uri_mut() = self.upstream.uri_for(mirror.path_and_query.as_ref())?;
         let headers = request.headers_mut();
         headers.clone_from(&mirror.headers);
-        // The shadow is another host: let the client set its own authority.
-        headers.remove(HOST);
+        // The shadow is another host.
+        headers.insert(HOST, self.upstream.host().clone());
         headers.insert(SHADOW_MARKER.clone(), HeaderValue::from_static("1"));
         Ok(request)
     }

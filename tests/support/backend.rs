@@ -40,6 +40,8 @@ enum Behaviour {
     Reset,
     /// Answer a response head and part of the body, then send nothing more.
     StallMidBody,
+    /// Answer one request as if keeping the connection alive, then close it.
+    CloseAfterAnswer,
 }
 
 pub struct Backend {
@@ -102,6 +104,12 @@ impl Backend {
 
     pub async fn stalling_mid_body(name: &str) -> Backend {
         Self::spawn(name, Behaviour::StallMidBody).await
+    }
+
+    /// Drops each connection after one answer, as an upstream whose keep-alive timeout is
+    /// shorter than the proxy's would.
+    pub async fn closing_after_each_answer(name: &str) -> Backend {
+        Backend::spawn(name, Behaviour::CloseAfterAnswer).await
     }
 
     pub async fn resetting(name: &str) -> Backend {
@@ -178,6 +186,17 @@ impl Backend {
                             }
                         });
                     }
+                    Behaviour::CloseAfterAnswer => {
+                        tokio::spawn(async move {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let mut stream = stream;
+                            let mut buf = [0u8; 4096];
+                            if stream.read(&mut buf).await.is_ok_and(|n| n > 0) {
+                                let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+                                let _ = stream.write_all(answer.as_bytes()).await;
+                            }
+                        });
+                    }
                     Behaviour::Reset => {
                         tokio::spawn(async move {
                             use tokio::io::AsyncReadExt;
@@ -248,7 +267,10 @@ async fn answer(
             )
         }
         Behaviour::Raw { body, content_type } => (body.to_owned(), content_type),
-        Behaviour::Blackhole | Behaviour::Reset | Behaviour::StallMidBody => {
+        Behaviour::Blackhole
+        | Behaviour::Reset
+        | Behaviour::StallMidBody
+        | Behaviour::CloseAfterAnswer => {
             unreachable!("handled at accept")
         }
     };
