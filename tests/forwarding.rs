@@ -364,6 +364,54 @@ async fn an_empty_answer_leaves_its_connection_reusable() {
     assert_eq!(backend.connections_accepted(), 1);
 }
 
+#[tokio::test]
+async fn a_connection_still_sending_a_stalled_upload_does_not_hold_up_the_next_request() {
+    use tokio::io::AsyncWriteExt;
+    // An upstream that answers each read at once, before the request body is all in, as a
+    // 401 or 413 would, and keeps the connection open.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = [0u8; 4096];
+                while stream.read(&mut buf).await.is_ok_and(|n| n > 0) {
+                    let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let config = format!(
+        "[limits]\nrequest_timeout = \"3s\"\n\n[[variant]]\nname = \"control\"\n\
+         upstream = \"http://{upstream}\"\nweight = 100\n"
+    );
+    let proxy = Proxy::start(&config).await;
+    let mut uploader = TcpStream::connect(proxy.addr).await.expect("connect");
+    uploader
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nhost: x\r\nx-user-id: a\r\n\
+              content-length: 100000\r\n\r\n0123456789",
+        )
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let reply = proxy.client.get("/next").user("b").send().await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "waited {:?} behind the stalled upload",
+        started.elapsed()
+    );
+    drop(uploader);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_beyond_max_upstream_connections_wait_their_turn() {
     let backend = Backend::slow("control", Duration::from_millis(100)).await;

@@ -151,7 +151,8 @@ impl Body for ResponseBody {
                 stall.set(None);
                 // hyper stops polling once the body reports its end.
                 let ended = match &frame {
-                    Some(Ok(_)) => body.is_end_stream(),
+                    // Trailers come last; hyper polls no further after them.
+                    Some(Ok(frame)) => frame.is_trailers() || body.is_end_stream(),
                     None => true,
                     Some(Err(_)) => false,
                 };

@@ -29,6 +29,8 @@ pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
 
 /// How long an idle upstream connection stays in the pool.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a request waits for a pooled connection that is not ready before opening one.
+const READY_WAIT: Duration = Duration::from_millis(10);
 
 /// A connection pool for one upstream base URL.
 ///
@@ -240,16 +242,26 @@ impl std::fmt::Debug for Lease {
 struct IdleConnections(Mutex<VecDeque<(SendRequest<UpstreamBody>, Instant)>>);
 
 impl IdleConnections {
-    /// The warmest usable connection, if any. Waits only for a connection that is still
-    /// finishing its last response, which takes a turn of its task at most.
+    /// The warmest usable connection, if any.
     async fn take(&self) -> Option<SendRequest<UpstreamBody>> {
         loop {
-            let (mut connection, _) = self.lock().pop_back()?;
-            if connection.is_closed() {
+            let (mut connection, since) = self.lock().pop_back()?;
+            if connection.is_closed() || since.elapsed() > POOL_IDLE_TIMEOUT {
                 continue;
             }
-            if connection.ready().await.is_ok() {
+            if connection.is_ready() {
                 return Some(connection);
+            }
+            // Not ready: its task has yet to take it back after the last response, or the
+            // last request's body is still going out (the upstream answered before reading
+            // it all), which may take any time. Wait a moment, not the request's timeout.
+            match tokio::time::timeout(READY_WAIT, connection.ready()).await {
+                Ok(Ok(())) => return Some(connection),
+                Ok(Err(_)) => continue,
+                Err(_) => {
+                    self.lock().push_front((connection, since));
+                    return None;
+                }
             }
         }
     }
