@@ -5,7 +5,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use support::process::{rss_bytes, spawn_run};
+use support::process::{rss_bytes, spawn_run, Running};
 use support::proxy::{eventually, sample};
 use support::{spec_bucket, variants, Backend, Client, Edit, Proxy};
 
@@ -16,6 +16,22 @@ fn shadow(name: &str, backend: &Backend, extra: &str) -> String {
         "[[shadow]]\nname = \"{name}\"\nupstream = \"{}\"\n{extra}\n\n",
         backend.url()
     )
+}
+
+/// abproxy as a process of its own, so that its memory is the proxy's alone: all traffic to
+/// `primary`, mirrored to `shadows`. Returns the config's directory, the process, and a
+/// client for its listener and one for its admin port.
+fn spawn_process(primary: &Backend, shadows: &str) -> (tempfile::TempDir, Running, Client, Client) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("abproxy.toml");
+    let config = format!(
+        "{}{}{shadows}",
+        support::proxy::with_server(""),
+        variants(&[("control", primary, 100.0)]),
+    );
+    std::fs::write(&path, config).expect("write config");
+    let (child, addr, admin) = spawn_run(&path.display().to_string());
+    (dir, child, Client::new(addr), Client::new(admin))
 }
 
 async fn shadow_results(proxy: &Proxy, name: &str) -> [f64; 4] {
@@ -155,19 +171,9 @@ async fn a_blackholed_and_a_resetting_shadow_fail_no_primary_request_and_hold_bo
     let blackhole = Backend::blackhole("blackhole").await;
     let resetting = Backend::resetting("resetting").await;
     let budget = "timeout = \"300ms\"\nmax_queue = 16\nmax_concurrency = 4";
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("abproxy.toml");
-    let config = format!(
-        "{}{}{}{}",
-        support::proxy::with_server(""),
-        variants(&[("control", &primary, 100.0)]),
-        shadow("blackhole", &blackhole, budget),
-        shadow("resetting", &resetting, budget),
-    );
-    std::fs::write(&path, config).expect("write config");
-    // A real process, so its memory is the proxy's alone.
-    let (mut child, addr, admin) = spawn_run(&path.display().to_string());
-    let (client, admin) = (Client::new(addr), Client::new(admin));
+    let shadows =
+        shadow("blackhole", &blackhole, budget) + &shadow("resetting", &resetting, budget);
+    let (_dir, mut child, client, admin) = spawn_process(&primary, &shadows);
     // 64 KiB bodies: 3000 of them kept for the shadows would be 190 MiB.
     let body = format!(r#"{{"pad":"{}"}}"#, "x".repeat(64 * 1024));
     client
@@ -477,17 +483,8 @@ async fn mirrors_waiting_in_a_shadow_queue_hold_their_own_bytes_not_their_connec
     let blackhole = Backend::blackhole("blackhole").await;
     // One mirror in flight that never ends; the rest wait in the queue for the whole test.
     let budget = "timeout = \"60s\"\nmax_queue = 4096\nmax_concurrency = 1";
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("abproxy.toml");
-    let config = format!(
-        "{}{}{}",
-        support::proxy::with_server(""),
-        variants(&[("control", &primary, 100.0)]),
-        shadow("blackhole", &blackhole, budget),
-    );
-    std::fs::write(&path, config).expect("write config");
-    let (mut child, addr, admin) = spawn_run(&path.display().to_string());
-    let (client, admin) = (Client::new(addr), Client::new(admin));
+    let (_dir, mut child, client, admin) =
+        spawn_process(&primary, &shadow("blackhole", &blackhole, budget));
     client.get("/warm-up").user("warm-up").send().await;
     let before = rss_bytes(child.id());
     let requests = 4000;
