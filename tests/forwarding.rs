@@ -120,15 +120,7 @@ async fn an_upstream_that_is_down_is_a_502_counted_as_connect() {
     assert_eq!(reply.variant(), Some("control"));
     assert_eq!(reply.json()["variant"], "control");
     assert_eq!(reply.json()["kind"], "connect");
-    assert_eq!(
-        proxy
-            .metric(
-                "abproxy_upstream_errors_total",
-                &[("variant", "control"), ("kind", "connect")]
-            )
-            .await,
-        1.0
-    );
+    assert_eq!(proxy.upstream_errors("control", "connect").await, 1.0);
     assert_eq!(proxy.requests("control", "502").await, 1.0);
 }
 
@@ -139,15 +131,7 @@ async fn an_upstream_slower_than_request_timeout_is_a_504() {
     let reply = proxy.client.get("/").send().await;
     assert_eq!(reply.status, 504);
     assert_eq!(reply.json()["kind"], "timeout");
-    assert_eq!(
-        proxy
-            .metric(
-                "abproxy_upstream_errors_total",
-                &[("variant", "control"), ("kind", "timeout")]
-            )
-            .await,
-        1.0
-    );
+    assert_eq!(proxy.upstream_errors("control", "timeout").await, 1.0);
 }
 
 #[tokio::test]
@@ -156,15 +140,7 @@ async fn an_upstream_that_resets_the_connection_is_a_502_counted_as_reset() {
     let proxy = one_variant(&backend, "").await;
     let reply = proxy.client.get("/").send().await;
     assert_eq!(reply.status, 502);
-    assert_eq!(
-        proxy
-            .metric(
-                "abproxy_upstream_errors_total",
-                &[("variant", "control"), ("kind", "reset")]
-            )
-            .await,
-        1.0
-    );
+    assert_eq!(proxy.upstream_errors("control", "reset").await, 1.0);
 }
 
 #[tokio::test]

@@ -95,6 +95,15 @@ impl Proxy {
         .await
     }
 
+    /// `abproxy_upstream_errors_total` for one variant and kind of failure.
+    pub async fn upstream_errors(&self, variant: &str, kind: &str) -> f64 {
+        self.metric(
+            "abproxy_upstream_errors_total",
+            &[("variant", variant), ("kind", kind)],
+        )
+        .await
+    }
+
     /// `abproxy_variant_weight_percent` for one variant.
     pub async fn weight(&self, variant: &str) -> f64 {
         self.metric("abproxy_variant_weight_percent", &[("variant", variant)])
