@@ -68,7 +68,7 @@ impl Metrics {
 
     fn describe(&self) {
         let counters = [
-            ("abproxy_requests_total", "Requests answered, by variant and HTTP status returned to the client."),
+            ("abproxy_requests_total", "Requests answered, by variant and HTTP status returned to the client (499: the client hung up first)."),
             ("abproxy_upstream_errors_total", "Failed upstream exchanges, by variant and kind (connect, timeout, reset, protocol)."),
             ("abproxy_shadow_requests_total", "Mirrored requests, by shadow and result (ok, error, timeout, dropped)."),
             ("abproxy_shadow_comparisons_total", "Comparisons of primary and shadow answers, by outcome."),

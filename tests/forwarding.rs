@@ -135,6 +135,80 @@ async fn an_upstream_slower_than_request_timeout_is_a_504() {
 }
 
 #[tokio::test]
+async fn a_client_that_hangs_up_before_the_answer_is_counted_as_499_under_its_variant() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::slow("control", Duration::from_secs(2)).await;
+    let proxy = one_variant(&backend, "").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(b"GET /predict HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\n\r\n")
+        .await
+        .expect("write");
+    support::proxy::eventually(Duration::from_secs(5), || async { backend.count() == 1 }).await;
+    drop(stream);
+    support::proxy::eventually(Duration::from_secs(5), || async {
+        proxy.requests("control", "499").await == 1.0
+    })
+    .await;
+    assert_eq!(proxy.metric("abproxy_requests_in_flight", &[]).await, 0.0);
+    // The upstream's late answer is not counted a second time.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(proxy.metric("abproxy_requests_total", &[]).await, 1.0);
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_while_its_body_is_read_is_counted_as_499_unassigned() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(&backend, "[assignment]\nsources = [\"json:/user_id\"]").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(
+            b"POST /predict HTTP/1.1\r\nhost: abproxy\r\ncontent-length: 100\r\n\r\n{\"user_id\":",
+        )
+        .await
+        .expect("write");
+    support::proxy::eventually(Duration::from_secs(5), || async {
+        proxy.metric("abproxy_requests_in_flight", &[]).await == 1.0
+    })
+    .await;
+    drop(stream);
+    support::proxy::eventually(Duration::from_secs(5), || async {
+        proxy.requests("none", "499").await == 1.0
+    })
+    .await;
+    assert_eq!(backend.count(), 0);
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_upload_is_a_499_not_an_upstream_error() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(&backend, "").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(b"POST /predict HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\ncontent-length: 100\r\n\r\n{\"inputs\":")
+        .await
+        .expect("write");
+    // The body streams: the upstream has the request head before the client gives up.
+    support::proxy::eventually(Duration::from_secs(5), || async {
+        backend.connections_accepted() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(stream);
+    support::proxy::eventually(Duration::from_secs(5), || async {
+        proxy.requests("control", "499").await == 1.0
+    })
+    .await;
+    let errors = proxy.metric("abproxy_upstream_errors_total", &[]).await;
+    assert_eq!(
+        errors, 0.0,
+        "the client's hang-up was blamed on the upstream"
+    );
+}
+
+#[tokio::test]
 async fn an_upstream_that_resets_the_connection_is_a_502_counted_as_reset() {
     let backend = Backend::resetting("control").await;
     let proxy = one_variant(&backend, "").await;

@@ -9,6 +9,12 @@ use super::upstream::UpstreamError;
 use crate::metrics::UpstreamErrorKind;
 use crate::route::AssignError;
 
+/// nginx's "client closed request": no standard code exists for an answer nobody waited for.
+pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(code) => code,
+    Err(_) => unreachable!(),
+};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("abproxy is a reverse proxy: CONNECT tunnels are not served")]
@@ -17,6 +23,10 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("cannot read request body: {0}")]
     BodyRead(String),
+    /// The client hung up before its request was whole; nobody reads the answer, but the
+    /// request is still counted, as nginx does, with 499.
+    #[error("the client closed the connection before sending its whole request: {0}")]
+    ClientGone(String),
     #[error(transparent)]
     Assign(#[from] AssignError),
     #[error("cannot build upstream request: {0}")]
@@ -34,6 +44,7 @@ impl ProxyError {
         match self {
             ProxyError::Connect => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::ClientGone(_) => CLIENT_CLOSED_REQUEST,
             ProxyError::BodyRead(_) | ProxyError::Assign(_) | ProxyError::BadTarget(_) => {
                 StatusCode::BAD_REQUEST
             }

@@ -15,14 +15,14 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::request::Parts;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use metrics::Gauge;
 
 pub use body::ResponseBody;
-pub use error::ProxyError;
+pub use error::{ProxyError, CLIENT_CLOSED_REQUEST};
 pub use forward::Peer;
 pub use listener::serve;
 
@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::metrics::{Metrics, VariantMetrics};
 use crate::route::{Generation, Route};
 use mirror::Mirrors;
-use upstream::{Lease, UpstreamBody};
+use upstream::{Lease, SendError, UpstreamBody};
 
 /// State shared by every connection: the live generation and process-wide metrics.
 pub struct Proxy {
@@ -61,16 +61,17 @@ impl Proxy {
         // swaps in another before it ends.
         let generation = self.current.load_full();
         let config = &generation.config;
+        let mut tally = Tally::new(&self.unassigned, started);
         let (parts, body) = request.into_parts();
         if parts.method == http::Method::CONNECT {
-            return self.refuse(ProxyError::Connect, started);
+            return refuse(ProxyError::Connect, tally);
         }
 
         // 1. Read the body only when a `json:` source needs it; otherwise it streams through.
         let mut body = if generation.needs_body(&parts) {
             match read_body(&parts, body, config.limits.max_body).await {
                 Ok(bytes) => RequestBody::Buffered(bytes),
-                Err(err) => return self.refuse(err, started),
+                Err(err) => return refuse(err, tally),
             }
         } else {
             RequestBody::Streaming(body)
@@ -79,15 +80,16 @@ impl Proxy {
         // 2. Assign the variant that owns the user's bucket.
         let assignment = match generation.assign(&parts, body.buffered()) {
             Ok(assignment) => assignment,
-            Err(err) => return self.refuse(err.into(), started),
+            Err(err) => return refuse(err.into(), tally),
         };
         let route = &generation.routes[assignment.route];
+        tally.assign(&route.metrics);
 
         // 3. Choose the shadows that mirror this user; they need the body in memory.
         let mirrors = Mirrors::select(&generation.shadows, assignment.user_id.as_deref());
         if !mirrors.is_empty() {
             if let Err(err) = body.buffer_for_mirror(&parts, config.limits.max_body).await {
-                return answered(route, err.into_response(), started, config);
+                return answered(route, err.into_response(), tally, config);
             }
         }
 
@@ -126,36 +128,74 @@ impl Proxy {
         }
 
         // 7. Name the variant and record the answer.
-        answered(route, response, started, config)
+        answered(route, response, tally, config)
     }
 
     /// How long open connections may run on after shutdown begins, per the live config.
     pub fn shutdown_grace(&self) -> Duration {
         self.current.load().config.limits.shutdown_grace
     }
+}
 
-    /// Answers a request that never reached a variant.
-    fn refuse(&self, err: ProxyError, started: Instant) -> Response<ResponseBody> {
-        tracing::debug!(error = %err, "request refused");
-        let response = err.into_response();
-        self.unassigned.record(response.status(), started.elapsed());
-        response
-    }
+/// Answers a request that never reached a variant.
+fn refuse(err: ProxyError, tally: Tally<'_>) -> Response<ResponseBody> {
+    tracing::debug!(error = %err, "request refused");
+    let response = err.into_response();
+    tally.answered(response.status());
+    response
 }
 
 /// Stamps the variant header on a response to an assigned request and counts it.
 fn answered(
     route: &Route,
     mut response: Response<ResponseBody>,
-    started: Instant,
+    tally: Tally<'_>,
     config: &Config,
 ) -> Response<ResponseBody> {
     response.headers_mut().insert(
         config.server.variant_header.clone(),
         route.header_value.clone(),
     );
-    route.metrics.record(response.status(), started.elapsed());
+    tally.answered(response.status());
     response
+}
+
+/// Counts a request exactly once, under the variant it was assigned to (`none` until then):
+/// with the status it was answered with, or as 499 when the client hung up first and hyper
+/// dropped the handler. Without the 499s, a treatment slow enough for clients to give up on
+/// would look better than it is: its worst requests would vanish from the metrics.
+struct Tally<'a> {
+    metrics: &'a VariantMetrics,
+    started: Instant,
+    counted: bool,
+}
+
+impl<'a> Tally<'a> {
+    fn new(unassigned: &'a VariantMetrics, started: Instant) -> Self {
+        Tally {
+            metrics: unassigned,
+            started,
+            counted: false,
+        }
+    }
+
+    fn assign(&mut self, variant: &'a VariantMetrics) {
+        self.metrics = variant;
+    }
+
+    fn answered(mut self, status: StatusCode) {
+        self.metrics.record(status, self.started.elapsed());
+        self.counted = true;
+    }
+}
+
+impl Drop for Tally<'_> {
+    fn drop(&mut self) {
+        if !self.counted {
+            self.metrics
+                .record(CLIENT_CLOSED_REQUEST, self.started.elapsed());
+        }
+    }
 }
 
 /// Sends the request to the route's upstream, counting a failure against the variant.
@@ -164,11 +204,18 @@ async fn send(
     request: Request<UpstreamBody>,
     timeout: Duration,
 ) -> Result<(Response<Incoming>, Lease), ProxyError> {
-    route.upstream.send(request, timeout).await.map_err(|source| {
-        route.metrics.upstream_error(source.kind);
-        tracing::debug!(variant = %route.name, upstream = %route.upstream.target(), error = %source, "upstream failed");
-        ProxyError::Upstream { variant: route.name.clone(), source }
-    })
+    route
+        .upstream
+        .send(request, timeout)
+        .await
+        .map_err(|err| match err {
+            SendError::Upstream(source) => {
+                route.metrics.upstream_error(source.kind);
+                tracing::debug!(variant = %route.name, upstream = %route.upstream.target(), error = %source, "upstream failed");
+                ProxyError::Upstream { variant: route.name.clone(), source }
+            }
+            SendError::ClientBody(detail) => ProxyError::ClientGone(detail),
+        })
 }
 
 /// Buffers a request body up to `limit` bytes; larger bodies are a 413, not a memory spike.
@@ -181,8 +228,27 @@ async fn read_body(parts: &Parts, body: Incoming, limit: u64) -> Result<Bytes, P
         // Copied when small: it may wait in a queue, and must not pin the read buffer then.
         Ok(collected) => Ok(detach::body(collected.to_bytes())),
         Err(err) if err.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
+        Err(err) if client_went_away(&*err) => Err(ProxyError::ClientGone(err.to_string())),
         Err(err) => Err(ProxyError::BodyRead(err.to_string())),
     }
+}
+
+/// A body cut short because the client's connection closed under it.
+fn client_went_away(err: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let Some(err) = err.downcast_ref::<hyper::Error>() else {
+        return false;
+    };
+    err.is_incomplete_message()
+        || err.is_closed()
+        || std::error::Error::source(err)
+            .and_then(|cause| cause.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+                )
+            })
 }
 
 fn declared_length(parts: &Parts) -> Option<u64> {

@@ -116,7 +116,7 @@ impl Upstream {
         &self,
         request: Request<UpstreamBody>,
         timeout: Duration,
-    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
         let exchange = async {
             let (permit, request) = match self.connections.clone().try_acquire_owned() {
                 Ok(permit) => (permit, request),
@@ -136,10 +136,10 @@ impl Upstream {
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(UpstreamError {
+            Err(_) => Err(SendError::Upstream(UpstreamError {
                 kind: UpstreamErrorKind::Timeout,
                 detail: format!("no response within {}", humantime::format_duration(timeout)),
-            }),
+            })),
         }
     }
 
@@ -149,7 +149,7 @@ impl Upstream {
     async fn exchange(
         &self,
         request: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, SendRequest<UpstreamBody>), UpstreamError> {
+    ) -> Result<(Response<Incoming>, SendRequest<UpstreamBody>), SendError> {
         let (mut connection, pooled) = match self.idle.take().await {
             Some(connection) => (connection, true),
             None => (self.connect().await?, false),
@@ -162,10 +162,10 @@ impl Upstream {
                     let response = connection
                         .send_request(request)
                         .await
-                        .map_err(|err| UpstreamError::from_hyper(&err))?;
+                        .map_err(|err| SendError::from_hyper(&err))?;
                     Ok((response, connection))
                 }
-                _ => Err(UpstreamError::from_hyper(failed.error())),
+                _ => Err(SendError::from_hyper(failed.error())),
             },
         }
     }
@@ -297,6 +297,32 @@ fn detach(mut request: Request<UpstreamBody>) -> Request<UpstreamBody> {
     }
     *request.headers_mut() = detach::headers(request.headers());
     request
+}
+
+/// Why an exchange brought no response.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The client's request body broke off while it streamed upstream (the client hung up
+    /// mid-upload): not the upstream's failure, and not counted as one.
+    #[error("the client's request body failed: {0}")]
+    ClientBody(String),
+}
+
+impl SendError {
+    fn from_hyper(err: &hyper::Error) -> SendError {
+        // The request body is the client's `Incoming` or infallible `Full`, so a hyper error
+        // below hyper's own is the client connection's.
+        let mut source = err.source();
+        while let Some(cause) = source {
+            if cause.is::<hyper::Error>() {
+                return SendError::ClientBody(cause.to_string());
+            }
+            source = cause.source();
+        }
+        SendError::Upstream(UpstreamError::from_hyper(err))
+    }
 }
 
 /// A failed exchange with an upstream, classified for metrics and status codes.

@@ -30,7 +30,7 @@ pub use log::ShadowLog;
 use crate::assign::bucket;
 use crate::config::{self, hex};
 use crate::metrics::{Metrics, ShadowMetrics, UpstreamErrorKind};
-use crate::proxy::upstream::Upstream;
+use crate::proxy::upstream::{SendError, Upstream};
 
 static SHADOW_MARKER: HeaderName = HeaderName::from_static("x-abproxy-shadow");
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -333,10 +333,17 @@ impl Worker {
         // The lease lives until the body has been read, as the connection is busy until then.
         let (response, mut lease) = match self.upstream.send(request, self.config.timeout).await {
             Ok(answer) => answer,
-            Err(err) => {
+            Err(SendError::Upstream(err)) => {
                 return Answer::Failed {
                     kind: err.kind,
                     detail: err.detail,
+                }
+            }
+            // The mirror's body is a buffered copy: it cannot fail, but say so if it did.
+            Err(err @ SendError::ClientBody(_)) => {
+                return Answer::Failed {
+                    kind: UpstreamErrorKind::Protocol,
+                    detail: err.to_string(),
                 }
             }
         };
