@@ -209,6 +209,46 @@ async fn a_client_that_hangs_up_mid_upload_is_a_499_not_an_upstream_error() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_its_answer_is_cut_off_and_frees_the_upstream_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Larger than the socket buffers between the proxy and a client that reads nothing.
+    let answer: &'static str = Box::leak("0".repeat(16 << 20).into_boxed_str());
+    let backend = Backend::raw("control", answer, "text/plain").await;
+    let proxy = one_variant(
+        &backend,
+        "[limits]\nrequest_timeout = \"1s\"\nmax_upstream_connections = 1",
+    )
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
+    let mut idle_reader = socket.connect(proxy.addr).await.expect("connect");
+    idle_reader
+        .write_all(b"GET /big HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\n\r\n")
+        .await
+        .expect("write");
+    support::proxy::eventually(Duration::from_secs(5), || async { backend.count() == 1 }).await;
+
+    // Past the stall limit, the one upstream connection is free for someone else.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reply = proxy.client.get("/small").user("bob").send().await;
+    assert_eq!(reply.status, 200);
+
+    let mut rest = Vec::new();
+    let closed =
+        tokio::time::timeout(Duration::from_secs(10), idle_reader.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the proxy kept the idle reader's connection open"
+    );
+    assert!(
+        rest.len() < answer.len(),
+        "the idle reader got the whole answer"
+    );
+}
+
+#[tokio::test]
 async fn an_upstream_that_resets_the_connection_is_a_502_counted_as_reset() {
     let backend = Backend::resetting("control").await;
     let proxy = one_variant(&backend, "").await;

@@ -44,7 +44,8 @@ pub struct Server {
 pub struct Limits {
     /// Largest request body abproxy will buffer (for a `json:` source or a shadow).
     pub max_body: u64,
-    /// Time allowed for an upstream's response head.
+    /// Time allowed for an upstream's response head, for any pause in its body, and for any
+    /// pause of a client in reading its answer.
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
     /// Requests in flight to one upstream at once, and so its connections; more wait their

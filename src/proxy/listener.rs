@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::stall::WriteStallLimit;
 use super::{Peer, Proxy};
 
 /// How long a client may take to send a request's head, and the h2c preface.
@@ -99,6 +100,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
+        let stall_limit = proxy.client_stall_limit();
         let (proxy, peer) = (proxy.clone(), Peer::new(client));
         let service = service_fn(move |request| {
             let (proxy, peer) = (proxy.clone(), peer.clone());
@@ -120,7 +122,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
                 }
                 Err(_) => return,
             };
-            let io = TokioIo::new(stream);
+            let io = TokioIo::new(WriteStallLimit::new(stream, stall_limit));
             let served = match protocol {
                 Protocol::Http1 => watcher
                     .watch(protocols.http1.serve_connection(io, service))

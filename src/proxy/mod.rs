@@ -6,6 +6,7 @@ mod error;
 mod forward;
 mod listener;
 mod mirror;
+mod stall;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -129,6 +130,12 @@ impl Proxy {
 
         // 7. Name the variant and record the answer.
         answered(route, response, tally, config)
+    }
+
+    /// How long a client may leave its answer unread before its connection is cut: as long
+    /// as an upstream may leave a body waiting (`request_timeout`), per the live config.
+    pub fn client_stall_limit(&self) -> Duration {
+        self.current.load().config.limits.request_timeout
     }
 
     /// How long open connections may run on after shutdown begins, per the live config.
