@@ -11,6 +11,8 @@ use http::header::{HeaderName, COOKIE};
 use http::request::Parts;
 use sha2::{Digest, Sha256};
 
+use crate::json_pointer::JsonPointer;
+
 /// `int.from_bytes(SHA-256(salt ‖ user_id), "big") mod buckets`, reducing all 256 bits.
 ///
 /// Byte-wise Horner reduction keeps every intermediate below `buckets × 256`, so no big
@@ -35,7 +37,7 @@ pub enum UserIdSource {
     Cookie(String),
     Query(String),
     /// An RFC 6901 pointer into a JSON request body.
-    Json(String),
+    Json(JsonPointer),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -66,10 +68,9 @@ impl FromStr for UserIdSource {
                 .map_err(|_| SourceError::HeaderName(arg.to_owned())),
             "cookie" => Ok(UserIdSource::Cookie(arg.to_owned())),
             "query" => Ok(UserIdSource::Query(arg.to_owned())),
-            "json" if arg.is_empty() || arg.starts_with('/') => {
-                Ok(UserIdSource::Json(arg.to_owned()))
-            }
-            "json" => Err(SourceError::Pointer(arg.to_owned())),
+            "json" => JsonPointer::new(arg)
+                .map(UserIdSource::Json)
+                .ok_or_else(|| SourceError::Pointer(arg.to_owned())),
             _ => Err(SourceError::Syntax(spec.to_owned())),
         }
     }
@@ -143,10 +144,9 @@ fn query_value<'a>(query: &'a str, name: &str) -> Option<Cow<'a, str>> {
 }
 
 /// A string or number at `pointer` in a JSON body; numbers keep their JSON spelling.
-fn json_value(body: &[u8], pointer: &str) -> Option<String> {
-    let document: serde_json::Value = serde_json::from_slice(body).ok()?;
-    match document.pointer(pointer)? {
-        serde_json::Value::String(text) => Some(text.clone()),
+fn json_value(body: &[u8], pointer: &JsonPointer) -> Option<String> {
+    match pointer.value_in(body)? {
+        serde_json::Value::String(text) => Some(text),
         serde_json::Value::Number(number) => Some(number.to_string()),
         _ => None,
     }
@@ -396,7 +396,10 @@ mod tests {
 
     #[test]
     fn source_specs_are_validated() {
-        assert_eq!(source("json:/a/b"), UserIdSource::Json("/a/b".into()));
+        assert_eq!(
+            source("json:/a/b"),
+            UserIdSource::Json(JsonPointer::new("/a/b").expect("valid"))
+        );
         assert!(matches!(
             "json:a".parse::<UserIdSource>(),
             Err(SourceError::Pointer(_))

@@ -8,6 +8,7 @@ pub mod assign;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod json_pointer;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 pub use error::{ConfigError, Location};
 
 use crate::assign::{OnMissing, UserIdSource};
+use crate::json_pointer::JsonPointer;
 
 /// One validated config file.
 #[derive(Debug, Clone)]
@@ -86,7 +87,7 @@ pub struct Shadow {
     /// memory, whatever the bodies' sizes.
     pub max_queue_bytes: u64,
     pub max_concurrency: usize,
-    pub compare: Option<String>,
+    pub compare: Option<JsonPointer>,
     pub tolerance: f64,
     pub log: Option<PathBuf>,
     pub log_user_id: bool,

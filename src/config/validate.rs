@@ -13,6 +13,7 @@ use toml::Spanned;
 use super::raw::{self, Size};
 use super::{Assignment, Config, ConfigError, Limits, Location, Server, Shadow, Upstream, Variant};
 use crate::assign::{OnMissing, UserIdSource};
+use crate::json_pointer::JsonPointer;
 
 const MIB: u64 = 1024 * 1024;
 /// The request path tracks the shadows of a request in a 64-bit set.
@@ -190,18 +191,16 @@ impl Validator<'_> {
             }
         };
         let compare = match shadow.compare {
-            Some(pointer)
-                if !pointer.get_ref().is_empty() && !pointer.get_ref().starts_with('/') =>
-            {
-                return Err(self.error(
+            Some(pointer) => Some(JsonPointer::new(pointer.get_ref()).ok_or_else(|| {
+                self.error(
                     pointer.span(),
                     format!(
                         "compare must be a JSON pointer starting with '/', not {:?}",
                         pointer.get_ref()
                     ),
-                ))
-            }
-            other => other.map(Spanned::into_inner),
+                )
+            })?),
+            None => None,
         };
         let tolerance = match shadow.tolerance {
             None => 0.0,

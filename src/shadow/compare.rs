@@ -33,12 +33,6 @@ impl Comparison {
     }
 }
 
-/// The value at `pointer` in a JSON body, if the body is JSON and has it.
-pub fn value_at(body: &[u8], pointer: &str) -> Option<Value> {
-    let mut document: Value = serde_json::from_slice(body).ok()?;
-    document.pointer_mut(pointer).map(Value::take)
-}
-
 /// Numbers compare by absolute difference against `tolerance`; anything else by equality.
 pub fn compare(primary: Option<&Value>, shadow: Option<&Value>, tolerance: f64) -> Comparison {
     let (Some(primary), Some(shadow)) = (primary, shadow) else {
@@ -64,7 +58,7 @@ mod tests {
     use serde_json::json;
 
     fn at(body: &str) -> Option<Value> {
-        value_at(body.as_bytes(), "/prediction")
+        crate::json_pointer::JsonPointer::new("/prediction")?.value_in(body.as_bytes())
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use compare::{compare, value_at, Comparison};
+pub use compare::{compare, Comparison};
 pub use log::ShadowLog;
 
 use crate::assign::bucket;
@@ -301,8 +301,8 @@ impl Worker {
         };
         let comparison = match (&self.config.compare, &answer) {
             (Some(pointer), Answer::Answered { body, .. }) => {
-                let primary = primary_body.as_deref().and_then(|b| value_at(b, pointer));
-                let shadow = value_at(body, pointer);
+                let primary = primary_body.as_deref().and_then(|b| pointer.value_in(b));
+                let shadow = pointer.value_in(body);
                 let result = compare(primary.as_ref(), shadow.as_ref(), self.config.tolerance);
                 self.record(&result);
                 Some((result, primary, shadow))
