@@ -3,13 +3,14 @@
 //!
 //! Model requests and answers are often large arrays of numbers; parsing a whole body into a
 //! `serde_json::Value` to read one field cost about ten times the body's size in memory and
-//! most of the time. Everything off the pointer's path is checked and skipped (`IgnoredAny`),
-//! so the answer is the same as `Value::pointer` on the parsed document: `None` for a
-//! malformed body, and the last of duplicate keys wins.
+//! most of the time. Everything off the pointer's path is parsed, checked and dropped as it
+//! goes (`Skip`), so the answer is the same as `Value::pointer` on the parsed document: `None`
+//! for a malformed body (numbers out of range, lone surrogates and nesting past serde_json's
+//! limit included), and the last of duplicate keys wins.
 
 use std::fmt;
 
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 /// A pointer split into its reference tokens once, at config load.
@@ -96,7 +97,7 @@ impl<'de> Visitor<'de> for Step<'_> {
             if is_token {
                 found = object.next_value_seed(At(self.rest))?;
             } else {
-                object.next_value::<IgnoredAny>()?;
+                object.next_value_seed(Skip)?;
             }
         }
         Ok(found)
@@ -112,7 +113,7 @@ impl<'de> Visitor<'de> for Step<'_> {
                     .map(|value| found = value)
                     .is_some()
             } else {
-                array.next_element::<IgnoredAny>()?.is_some()
+                array.next_element_seed(Skip)?.is_some()
             };
             if !more {
                 break;
@@ -139,6 +140,60 @@ impl<'de> Visitor<'de> for Step<'_> {
     }
     fn visit_unit<E>(self) -> Result<Option<Value>, E> {
         Ok(None)
+    }
+}
+
+/// A value off the path, parsed with every check `Value` gets and kept nowhere.
+///
+/// serde's `IgnoredAny` would be cheaper, but serde_json skips it without checking numbers,
+/// string escapes or nesting depth: a body `Value` rejects would yield a user ID.
+#[derive(Clone, Copy)]
+struct Skip;
+
+impl<'de> DeserializeSeed<'de> for Skip {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, value: D) -> Result<(), D::Error> {
+        value.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Skip {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut object: A) -> Result<(), A::Error> {
+        while object.next_key_seed(Skip)?.is_some() {
+            object.next_value_seed(Skip)?;
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut array: A) -> Result<(), A::Error> {
+        while array.next_element_seed(Skip)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
     }
 }
 
@@ -203,6 +258,11 @@ mod tests {
             r#""just a string""#,
             "{not json",
             "",
+            // Malformed off the path: `Value` rejects the whole body.
+            r#"{"x":1e400,"user":{"id":"u"}}"#,
+            r#"{"x":"\ud800","user":{"id":"u"}}"#,
+            r#"{"x":-1e400,"user":{"id":"u"}}"#,
+            r#"{"x":tru,"user":{"id":"u"}}"#,
         ];
         let pointers = [
             "",
@@ -230,6 +290,30 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn bodies_value_rejects_off_the_path_yield_nothing() {
+        let pointer = JsonPointer::new("/user_id").expect("valid");
+        let deep = format!(
+            r#"{{"x":{}{},"user_id":"u"}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let mut bad_utf8 = br#"{"x":"a"#.to_vec();
+        bad_utf8.extend_from_slice(&[0xff, 0xfe]);
+        bad_utf8.extend_from_slice(br#"","user_id":"u"}"#);
+        for body in [deep.as_bytes(), &bad_utf8] {
+            assert!(serde_json::from_slice::<Value>(body).is_err());
+            assert_eq!(pointer.value_in(body), None);
+        }
+        // The same shape, well formed, is read.
+        let fine = format!(
+            r#"{{"x":{}{},"user_id":"u"}}"#,
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        assert_eq!(pointer.value_in(fine.as_bytes()), Some(Value::from("u")));
     }
 
     #[test]

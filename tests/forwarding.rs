@@ -209,6 +209,33 @@ async fn a_client_that_hangs_up_mid_upload_is_a_499_not_an_upstream_error() {
 }
 
 #[tokio::test]
+async fn a_malformed_streamed_upload_is_a_400_not_an_upstream_error() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(&backend, "").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(b"POST /predict HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n")
+        .await
+        .expect("write");
+    support::proxy::eventually(Duration::from_secs(5), || async {
+        backend.connections_accepted() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stream.write_all(b"zz\r\n").await.expect("write");
+    support::proxy::eventually(Duration::from_secs(5), || async {
+        proxy.requests("control", "400").await == 1.0
+    })
+    .await;
+    assert_eq!(
+        proxy.metric("abproxy_upstream_errors_total", &[]).await,
+        0.0
+    );
+    assert_eq!(proxy.requests("control", "499").await, 0.0);
+}
+
+#[tokio::test]
 async fn a_client_that_stops_reading_its_answer_is_cut_off_and_frees_the_upstream_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // Larger than the socket buffers between the proxy and a client that reads nothing.

@@ -73,3 +73,22 @@ impl ProxyError {
         response
     }
 }
+
+/// Whether a client body error means the client's connection closed under it (a 499), rather
+/// than a body that was malformed (a 400).
+pub(super) fn client_went_away(err: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let Some(err) = err.downcast_ref::<hyper::Error>() else {
+        return false;
+    };
+    err.is_incomplete_message()
+        || err.is_closed()
+        || std::error::Error::source(err)
+            .and_then(|cause| cause.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+                )
+            })
+}

@@ -20,6 +20,10 @@ use super::{Peer, Proxy};
 /// How long a client may take to send a request's head, and the h2c preface.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long an h2c connection may stay silent before abproxy pings it; a peer that does not
+/// answer within hyper's 20 s is gone (HTTP/1.1's idle connections end at the header timeout).
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
+
 /// The first bytes of an h2c connection (RFC 9113 §3.4); no HTTP/1.1 request starts so.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -44,13 +48,18 @@ impl Protocols {
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2.timer(TokioTimer::new());
+        http2
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_KEEP_ALIVE);
         let mut either = auto::Builder::new(TokioExecutor::new());
         either
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT);
-        either.http2().timer(TokioTimer::new());
+        either
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_KEEP_ALIVE);
         Protocols {
             http1,
             http2,
@@ -100,7 +109,10 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let stall_limit = proxy.client_stall_limit();
+        let stall_limit = {
+            let proxy = proxy.clone();
+            move || proxy.client_stall_limit()
+        };
         let (proxy, peer) = (proxy.clone(), Peer::new(client));
         let service = service_fn(move |request| {
             let (proxy, peer) = (proxy.clone(), peer.clone());

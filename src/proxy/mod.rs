@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use metrics::Gauge;
 
 pub use body::ResponseBody;
+use error::client_went_away;
 pub use error::{ProxyError, CLIENT_CLOSED_REQUEST};
 pub use forward::Peer;
 pub use listener::serve;
@@ -221,7 +222,8 @@ async fn send(
                 tracing::debug!(variant = %route.name, upstream = %route.upstream.target(), error = %source, "upstream failed");
                 ProxyError::Upstream { variant: route.name.clone(), source }
             }
-            SendError::ClientBody(detail) => ProxyError::ClientGone(detail),
+            SendError::ClientGone(detail) => ProxyError::ClientGone(detail),
+            SendError::ClientBody(detail) => ProxyError::BodyRead(detail),
         })
 }
 
@@ -238,24 +240,6 @@ async fn read_body(parts: &Parts, body: Incoming, limit: u64) -> Result<Bytes, P
         Err(err) if client_went_away(&*err) => Err(ProxyError::ClientGone(err.to_string())),
         Err(err) => Err(ProxyError::BodyRead(err.to_string())),
     }
-}
-
-/// A body cut short because the client's connection closed under it.
-fn client_went_away(err: &(dyn std::error::Error + 'static)) -> bool {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
-    let Some(err) = err.downcast_ref::<hyper::Error>() else {
-        return false;
-    };
-    err.is_incomplete_message()
-        || err.is_closed()
-        || std::error::Error::source(err)
-            .and_then(|cause| cause.downcast_ref::<std::io::Error>())
-            .is_some_and(|io| {
-                matches!(
-                    io.kind(),
-                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
-                )
-            })
 }
 
 fn declared_length(parts: &Parts) -> Option<u64> {

@@ -14,23 +14,25 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 pin_project_lite::pin_project! {
-    pub struct WriteStallLimit<S> {
+    pub struct WriteStallLimit<S, L> {
         #[pin]
         stream: S,
-        limit: Duration,
+        // Asked each time a write starts to wait, so a reload reaches open connections.
+        limit: L,
         // Allocated the first time a write waits, then re-armed: most connections never wait.
         timer: Option<Pin<Box<Sleep>>>,
-        waiting: bool,
+        // The limit of the wait in progress, if a write is waiting.
+        waiting: Option<Duration>,
     }
 }
 
-impl<S> WriteStallLimit<S> {
-    pub fn new(stream: S, limit: Duration) -> Self {
+impl<S, L: Fn() -> Duration> WriteStallLimit<S, L> {
+    pub fn new(stream: S, limit: L) -> Self {
         WriteStallLimit {
             stream,
             limit,
             timer: None,
-            waiting: false,
+            waiting: None,
         }
     }
 }
@@ -39,22 +41,23 @@ impl<S> WriteStallLimit<S> {
 fn watch<T>(
     poll: Poll<io::Result<T>>,
     cx: &mut Context<'_>,
-    limit: Duration,
+    limit: &dyn Fn() -> Duration,
     timer: &mut Option<Pin<Box<Sleep>>>,
-    waiting: &mut bool,
+    waiting: &mut Option<Duration>,
 ) -> Poll<io::Result<T>> {
     if poll.is_ready() {
-        *waiting = false;
+        *waiting = None;
         return poll;
     }
-    if !*waiting {
-        *waiting = true;
+    let limit = *waiting.get_or_insert_with(|| {
+        let limit = limit();
         let deadline = Instant::now() + limit;
         match timer {
             Some(timer) => timer.as_mut().reset(deadline),
             None => *timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
         }
-    }
+        limit
+    });
     let expired = timer
         .as_mut()
         .is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
@@ -70,7 +73,7 @@ fn watch<T>(
     )))
 }
 
-impl<S: AsyncWrite> AsyncWrite for WriteStallLimit<S> {
+impl<S: AsyncWrite, L: Fn() -> Duration> AsyncWrite for WriteStallLimit<S, L> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -78,7 +81,7 @@ impl<S: AsyncWrite> AsyncWrite for WriteStallLimit<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let poll = this.stream.poll_write(cx, buf);
-        watch(poll, cx, *this.limit, this.timer, this.waiting)
+        watch(poll, cx, this.limit, this.timer, this.waiting)
     }
 
     fn poll_write_vectored(
@@ -88,7 +91,7 @@ impl<S: AsyncWrite> AsyncWrite for WriteStallLimit<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let poll = this.stream.poll_write_vectored(cx, bufs);
-        watch(poll, cx, *this.limit, this.timer, this.waiting)
+        watch(poll, cx, this.limit, this.timer, this.waiting)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -98,17 +101,17 @@ impl<S: AsyncWrite> AsyncWrite for WriteStallLimit<S> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let poll = this.stream.poll_flush(cx);
-        watch(poll, cx, *this.limit, this.timer, this.waiting)
+        watch(poll, cx, this.limit, this.timer, this.waiting)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let poll = this.stream.poll_shutdown(cx);
-        watch(poll, cx, *this.limit, this.timer, this.waiting)
+        watch(poll, cx, this.limit, this.timer, this.waiting)
     }
 }
 
-impl<S: AsyncRead> AsyncRead for WriteStallLimit<S> {
+impl<S: AsyncRead, L> AsyncRead for WriteStallLimit<S, L> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -126,7 +129,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_write_the_reader_never_takes_fails_after_the_limit() {
         let (near, _far) = tokio::io::duplex(16);
-        let mut stream = WriteStallLimit::new(near, Duration::from_secs(30));
+        let mut stream = WriteStallLimit::new(near, || Duration::from_secs(30));
         let started = Instant::now();
         let err = stream
             .write_all(&[0; 64])
@@ -137,9 +140,28 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_limit_is_the_one_in_force_when_a_write_starts_to_wait() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let seconds = Arc::new(AtomicU64::new(30));
+        let (near, _far) = tokio::io::duplex(16);
+        let limit = {
+            let seconds = seconds.clone();
+            move || Duration::from_secs(seconds.load(Ordering::Relaxed))
+        };
+        let mut stream = WriteStallLimit::new(near, limit);
+        // A reload shortens the limit after the connection was accepted.
+        seconds.store(5, Ordering::Relaxed);
+        let started = Instant::now();
+        let err = stream.write_all(&[0; 64]).await.expect_err("never read");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_reader_that_keeps_taking_bytes_is_never_cut_off() {
         let (near, mut far) = tokio::io::duplex(16);
-        let mut stream = WriteStallLimit::new(near, Duration::from_secs(1));
+        let mut stream = WriteStallLimit::new(near, || Duration::from_secs(1));
         let reader = tokio::spawn(async move {
             let mut buf = [0; 16];
             let mut total = 0;

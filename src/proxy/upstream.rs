@@ -341,8 +341,11 @@ fn detach(mut request: Request<UpstreamBody>) -> Request<UpstreamBody> {
 pub enum SendError {
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
-    /// The client's request body broke off while it streamed upstream (the client hung up
-    /// mid-upload): not the upstream's failure, and not counted as one.
+    /// The client hung up mid-upload while its body streamed upstream: not the upstream's
+    /// failure, and not counted as one.
+    #[error("the client closed the connection during its upload: {0}")]
+    ClientGone(String),
+    /// The client's streamed body was malformed (bad chunked encoding, say).
     #[error("the client's request body failed: {0}")]
     ClientBody(String),
 }
@@ -354,7 +357,11 @@ impl SendError {
         let mut source = err.source();
         while let Some(cause) = source {
             if cause.is::<hyper::Error>() {
-                return SendError::ClientBody(cause.to_string());
+                return if super::error::client_went_away(cause) {
+                    SendError::ClientGone(cause.to_string())
+                } else {
+                    SendError::ClientBody(cause.to_string())
+                };
             }
             source = cause.source();
         }
