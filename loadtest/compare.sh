@@ -43,7 +43,8 @@ USERS=10000
 RSS_CONNECTIONS=1000
 RSS_DURATION=2s
 WARMUP=1s
-COMMAND_LINE="bash loadtest/compare.sh$(printf ' %q' "$@")"
+COMMAND_LINE="bash loadtest/compare.sh"
+(($# == 0)) || COMMAND_LINE+="$(printf ' %q' "$@")"
 
 usage() {
     sed -n '2,/^$/{s/^# \{0,1\}//;p}' "$0" >&2
@@ -684,6 +685,20 @@ for scenario in split mirror; do
         "$(ratio "$(med "$scenario/abproxy/sys_us")" "$(med "$scenario/nginx/sys_us")")" \
         "$(ratio "$(med "$scenario/abproxy/rate_cpu_us")" "$(med "$scenario/nginx/rate_cpu_us")")" \
         "$(ratio "$(med "$scenario/abproxy/rss_kib")" "$(med "$scenario/nginx/rss_kib")")"
+done
+# Ratios of the two runs of each repetition, which ran minutes apart at most: this machine's
+# speed drifts over minutes, and a ratio of neighbours shows how far that moves the figure.
+pair_ratios() {
+    awk -v a="${RESULTS[$1/abproxy/$2]:-}" -v b="${RESULTS[$1/nginx/$2]:-}" 'BEGIN {
+        n = split(a, x, " "); split(b, y, " ")
+        for (i = 1; i <= n; i++) printf "%s%.2f", (i > 1 ? ", " : ""), (y[i] + 0 ? x[i] / y[i] : 0)
+    }'
+}
+echo
+echo "abproxy / nginx within each repetition (the two runs next to each other):"
+for scenario in split mirror; do
+    echo "$scenario: throughput $(pair_ratios "$scenario" tput); CPU at max $(pair_ratios \
+        "$scenario" cpu_us); p99 $(pair_ratios "$scenario" p99)."
 done
 echo
 echo "Throughput: higher is better; p99, CPU and RSS: lower is better. \"CPU busy\" is the proxy's"
