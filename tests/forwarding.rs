@@ -181,6 +181,31 @@ async fn a_client_that_hangs_up_while_its_body_is_read_is_counted_as_499_unassig
 }
 
 #[tokio::test]
+async fn an_h2c_client_that_cancels_its_request_is_counted_as_499() {
+    let backend = Backend::slow("control", Duration::from_secs(2)).await;
+    let proxy = one_variant(&backend, "").await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let request = |path: &str| {
+        http::Request::get(format!("http://{}{path}", proxy.addr))
+            .header("x-user-id", "alice")
+            .body(Default::default())
+            .expect("request")
+    };
+    // Dropping the response future resets the stream (RST_STREAM), not the connection.
+    let cancelled = tokio::time::timeout(Duration::from_millis(300), client.request(request("/a")));
+    assert!(cancelled.await.is_err(), "the slow backend answered early");
+    support::proxy::eventually(Duration::from_secs(5), || async {
+        proxy.requests("control", "499").await == 1.0
+    })
+    .await;
+    let answered = client.request(request("/b")).await.expect("h2c response");
+    assert_eq!(answered.status(), 200);
+    assert_eq!(proxy.requests("control", "200").await, 1.0);
+}
+
+#[tokio::test]
 async fn a_client_that_hangs_up_mid_upload_is_a_499_not_an_upstream_error() {
     use tokio::io::AsyncWriteExt;
     let backend = Backend::start("control").await;
