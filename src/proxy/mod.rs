@@ -23,8 +23,8 @@ use hyper::body::Incoming;
 use metrics::Gauge;
 
 pub use body::ResponseBody;
-use error::client_went_away;
-pub use error::{ProxyError, CLIENT_CLOSED_REQUEST};
+use error::{client_went_away, CLIENT_CLOSED_REQUEST};
+pub use error::ProxyError;
 pub use forward::Peer;
 pub use listener::serve;
 
@@ -171,7 +171,8 @@ fn answered(
 /// Counts a request exactly once, under the variant it was assigned to (`none` until then):
 /// with the status it was answered with, or as 499 when the client hung up first and hyper
 /// dropped the handler. Without the 499s, a treatment slow enough for clients to give up on
-/// would look better than it is: its worst requests would vanish from the metrics.
+/// would look better than it is: its worst requests would vanish from the metrics. (Requests
+/// cut when the shutdown grace period ends count as 499 too, as the process exits.)
 struct Tally<'a> {
     metrics: &'a VariantMetrics,
     started: Instant,
