@@ -23,8 +23,8 @@ use hyper::body::Incoming;
 use metrics::Gauge;
 
 pub use body::ResponseBody;
-use error::{client_went_away, CLIENT_CLOSED_REQUEST};
 pub use error::ProxyError;
+use error::{client_went_away, CLIENT_CLOSED_REQUEST};
 pub use forward::Peer;
 pub use listener::serve;
 
