@@ -146,10 +146,7 @@ async fn a_client_that_hangs_up_before_the_answer_is_counted_as_499_under_its_va
         .expect("write");
     support::proxy::eventually(Duration::from_secs(5), || async { backend.count() == 1 }).await;
     drop(stream);
-    support::proxy::eventually(Duration::from_secs(5), || async {
-        proxy.requests("control", "499").await == 1.0
-    })
-    .await;
+    proxy.wait_for_requests("control", "499", 1.0).await;
     assert_eq!(proxy.metric("abproxy_requests_in_flight", &[]).await, 0.0);
     // The upstream's late answer is not counted a second time.
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -173,10 +170,7 @@ async fn a_client_that_hangs_up_while_its_body_is_read_is_counted_as_499_unassig
     })
     .await;
     drop(stream);
-    support::proxy::eventually(Duration::from_secs(5), || async {
-        proxy.requests("none", "499").await == 1.0
-    })
-    .await;
+    proxy.wait_for_requests("none", "499", 1.0).await;
     assert_eq!(backend.count(), 0);
 }
 
@@ -196,36 +190,38 @@ async fn an_h2c_client_that_cancels_its_request_is_counted_as_499() {
     // Dropping the response future resets the stream (RST_STREAM), not the connection.
     let cancelled = tokio::time::timeout(Duration::from_millis(300), client.request(request("/a")));
     assert!(cancelled.await.is_err(), "the slow backend answered early");
-    support::proxy::eventually(Duration::from_secs(5), || async {
-        proxy.requests("control", "499").await == 1.0
-    })
-    .await;
+    proxy.wait_for_requests("control", "499", 1.0).await;
     let answered = client.request(request("/b")).await.expect("h2c response");
     assert_eq!(answered.status(), 200);
     assert_eq!(proxy.requests("control", "200").await, 1.0);
 }
 
-#[tokio::test]
-async fn a_client_that_hangs_up_mid_upload_is_a_499_not_an_upstream_error() {
+/// Sends `request`, a head and the start of its body, on a connection of its own, and
+/// returns once the upstream has the head: the body streams, so the head goes ahead of it.
+async fn upload_under_way(proxy: &Proxy, backend: &Backend, request: &[u8]) -> TcpStream {
     use tokio::io::AsyncWriteExt;
-    let backend = Backend::start("control").await;
-    let proxy = one_variant(&backend, "").await;
     let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
-    stream
-        .write_all(b"POST /predict HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\ncontent-length: 100\r\n\r\n{\"inputs\":")
-        .await
-        .expect("write");
-    // The body streams: the upstream has the request head before the client gives up.
+    stream.write_all(request).await.expect("write");
     support::proxy::eventually(Duration::from_secs(5), || async {
         backend.connections_accepted() == 1
     })
     .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    drop(stream);
-    support::proxy::eventually(Duration::from_secs(5), || async {
-        proxy.requests("control", "499").await == 1.0
-    })
+    stream
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_upload_is_a_499_not_an_upstream_error() {
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(&backend, "").await;
+    let stream = upload_under_way(
+        &proxy,
+        &backend,
+        b"POST /predict HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\ncontent-length: 100\r\n\r\n{\"inputs\":",
+    )
     .await;
+    drop(stream);
+    proxy.wait_for_requests("control", "499", 1.0).await;
     let errors = proxy.metric("abproxy_upstream_errors_total", &[]).await;
     assert_eq!(
         errors, 0.0,
@@ -238,21 +234,14 @@ async fn a_malformed_streamed_upload_is_a_400_not_an_upstream_error() {
     use tokio::io::AsyncWriteExt;
     let backend = Backend::start("control").await;
     let proxy = one_variant(&backend, "").await;
-    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
-    stream
-        .write_all(b"POST /predict HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n")
-        .await
-        .expect("write");
-    support::proxy::eventually(Duration::from_secs(5), || async {
-        backend.connections_accepted() == 1
-    })
+    let mut stream = upload_under_way(
+        &proxy,
+        &backend,
+        b"POST /predict HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n",
+    )
     .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
     stream.write_all(b"zz\r\n").await.expect("write");
-    support::proxy::eventually(Duration::from_secs(5), || async {
-        proxy.requests("control", "400").await == 1.0
-    })
-    .await;
+    proxy.wait_for_requests("control", "400", 1.0).await;
     assert_eq!(
         proxy.metric("abproxy_upstream_errors_total", &[]).await,
         0.0

@@ -114,6 +114,14 @@ impl Proxy {
         self.admin.get("/status").send().await.json()
     }
 
+    /// Polls `/metrics` until `abproxy_requests_total` for `variant` and `code` reaches `count`.
+    pub async fn wait_for_requests(&self, variant: &str, code: &str, count: f64) {
+        eventually(Duration::from_secs(5), || async {
+            self.requests(variant, code).await >= count
+        })
+        .await;
+    }
+
     /// Polls `/status` until the generation reaches `generation`.
     pub async fn wait_for_generation(&self, generation: u64) {
         eventually(Duration::from_secs(10), || async {
