@@ -449,10 +449,8 @@ impl AsyncWrite for SplitFirstWrite {
     }
 }
 
-#[tokio::test]
-async fn a_pooled_connection_the_upstream_closed_is_not_reused() {
-    let backend = Backend::closing_after_each_answer("control").await;
-    let proxy = one_variant(&backend, "").await;
+/// Ten requests of one user, one after another with `pause` between, each answered 200.
+async fn ten_requests_in_turn(proxy: &Proxy, pause: Duration) {
     for n in 0..10 {
         let reply = proxy
             .client
@@ -461,9 +459,16 @@ async fn a_pooled_connection_the_upstream_closed_is_not_reused() {
             .send()
             .await;
         assert_eq!(reply.status, 200, "request {n}: {}", reply.text());
-        // Time for the upstream's close to arrive before the next request.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(pause).await;
     }
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_is_not_reused() {
+    let backend = Backend::closing_after_each_answer("control").await;
+    let proxy = one_variant(&backend, "").await;
+    // A pause for the upstream's close to arrive before the next request.
+    ten_requests_in_turn(&proxy, Duration::from_millis(20)).await;
     assert_eq!(backend.connections_accepted(), 10);
 }
 
@@ -471,15 +476,7 @@ async fn a_pooled_connection_the_upstream_closed_is_not_reused() {
 async fn upstream_connections_are_kept_alive_and_reused() {
     let backend = Backend::start("control").await;
     let proxy = one_variant(&backend, "").await;
-    for n in 0..10 {
-        let reply = proxy
-            .client
-            .get(&format!("/{n}"))
-            .user("alice")
-            .send()
-            .await;
-        assert_eq!(reply.status, 200);
-    }
+    ten_requests_in_turn(&proxy, Duration::ZERO).await;
     assert_eq!(backend.connections_accepted(), 1);
 }
 
