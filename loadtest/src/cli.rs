@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use http::{HeaderName, Method};
+use http::{HeaderName, HeaderValue, Method};
 use serde::Serialize;
 
 use crate::options::{Budget, Mode, Options, OptionsError, Target};
@@ -18,11 +18,12 @@ use crate::request::IdSource;
 const MAX_BODY_SIZE: usize = 64 * 1024 * 1024;
 
 const AFTER_HELP: &str = "\
-Examples (against `abproxy demo` on 127.0.0.1:8080):
+Examples (the first four against `abproxy demo` on 127.0.0.1:8080):
   loadtest --duration 10s --connections 32 --expect control=80,treatment=20
   loadtest --mode rate --rate 2000 --duration 30s --users 100000 --distribution zipf
   loadtest --id-source json:user_id --body-size 4KiB --path /predict --requests 10000
   loadtest --requests 5000 --json --fail-on-stickiness --max-error-rate 0.1%
+  loadtest --url http://gateway.internal:8080 -H 'authorization: Bearer TOKEN' --duration 30s
 
 Exit status: 0 run completed and every check passed; 1 a --fail-on-stickiness or
 --max-error-rate check failed; 2 invalid arguments; 3 the run could not start
@@ -50,6 +51,11 @@ pub struct Cli {
     /// HTTP method [default: POST when requests have a body, else GET].
     #[arg(long, value_name = "METHOD", value_parser = parse_method, help_heading = "Target")]
     pub method: Option<Method>,
+
+    /// A header for every request, e.g. -H 'authorization: Bearer ...'; repeatable. It
+    /// replaces a header of the same name loadtest would send.
+    #[arg(long = "header", short = 'H', value_name = "NAME: VALUE", value_parser = parse_header, help_heading = "Target")]
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 
     /// max: each connection sends as fast as answers come back (capacity).
     /// rate: requests due at fixed intervals, latency timed from the due time, so stalls are
@@ -173,6 +179,7 @@ impl Cli {
         };
         let options = Options {
             method: self.method,
+            headers: self.headers,
             mode,
             connections: self.connections,
             population: Population::new(self.users, distribution)?,
@@ -248,6 +255,18 @@ pub async fn execute(cli: Cli) -> ExitCode {
     } else {
         ExitCode::from(1)
     }
+}
+
+/// `NAME: VALUE`, as curl's `-H` takes it.
+fn parse_header(s: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let (name, value) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not a header (NAME: VALUE)"))?;
+    let name = HeaderName::from_bytes(name.trim().as_bytes())
+        .map_err(|_| format!("{:?} is not a header name", name.trim()))?;
+    let value = HeaderValue::from_str(value.trim())
+        .map_err(|_| format!("the value of {name} is not a valid header value"))?;
+    Ok((name, value))
 }
 
 fn parse_method(s: &str) -> Result<Method, String> {
@@ -370,6 +389,27 @@ mod tests {
         assert!(!options.progress);
         assert!(checks.fail_on_stickiness);
         assert_eq!(checks.max_error_rate, Some(0.02));
+    }
+
+    #[test]
+    fn headers_are_taken_as_curl_takes_them() {
+        let (options, _) = parse(&["-H", "Authorization: Bearer abc:def", "--header=x-model:v2"])
+            .expect("valid headers");
+        assert_eq!(
+            options.headers,
+            vec![
+                (
+                    HeaderName::from_static("authorization"),
+                    HeaderValue::from_static("Bearer abc:def")
+                ),
+                (
+                    HeaderName::from_static("x-model"),
+                    HeaderValue::from_static("v2")
+                ),
+            ]
+        );
+        assert!(parse(&["-H", "no colon"]).is_err());
+        assert!(parse(&["-H", "bad name: x"]).is_err());
     }
 
     #[test]

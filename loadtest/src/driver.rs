@@ -52,7 +52,8 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             options.target.authority().clone(),
             options.id_source.clone(),
             options.body_size,
-        ),
+        )
+        .with_headers(options.headers.clone()),
         population: options.population.clone(),
         variant_header: options.variant_header.clone(),
         timeout: options.timeout,

@@ -178,6 +178,8 @@ pub struct Options {
     /// `None`: POST when requests carry a body (JSON ID source or `body_size` > 0), else GET.
     pub method: Option<Method>,
     pub mode: Mode,
+    /// Sent with every request, replacing any header of the same name loadtest would send.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Exactly this many TCP connections, each kept alive and used by one request at a time.
     pub connections: usize,
     pub population: Population,
@@ -207,6 +209,7 @@ impl Options {
             target,
             method: None,
             mode: Mode::Max,
+            headers: Vec::new(),
             connections: 16,
             population: Population::default(),
             id_source: IdSource::Header(HeaderName::from_static("x-user-id")),

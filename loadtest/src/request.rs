@@ -104,6 +104,8 @@ pub struct RequestTemplate {
     json_key: Option<String>,
     /// `0,0,0,...` long enough for any body; slicing it avoids rebuilding padding per request.
     padding: Bytes,
+    /// The user's `--header`s, which replace any of the same name set here.
+    headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl RequestTemplate {
@@ -127,7 +129,13 @@ impl RequestTemplate {
             body_size,
             json_key,
             padding,
+            headers: Vec::new(),
         }
+    }
+
+    pub fn with_headers(mut self, headers: Vec<(HeaderName, HeaderValue)>) -> Self {
+        self.headers = headers;
+        self
     }
 
     /// The request for `user`. Bodies are `{"FIELD":"user-n","features":[0,0,...]}` (the ID field
@@ -154,7 +162,15 @@ impl RequestTemplate {
         } else {
             Bytes::new()
         };
-        builder.body(Full::new(body))
+        let mut request = builder.body(Full::new(body))?;
+        let headers = request.headers_mut();
+        for (name, _) in &self.headers {
+            headers.remove(name);
+        }
+        for (name, value) in &self.headers {
+            headers.append(name, value.clone());
+        }
+        Ok(request)
     }
 
     fn body(&self, user_id: &str) -> Bytes {
@@ -205,6 +221,40 @@ mod tests {
             .expect("full body")
             .to_bytes()
             .to_vec()
+    }
+
+    #[test]
+    fn extra_headers_are_sent_and_replace_loadtests_own() {
+        let template = template("header:x-user-id", 0).with_headers(vec![
+            (
+                HeaderName::from_static("authorization"),
+                HeaderValue::from_static("Bearer t"),
+            ),
+            (
+                HeaderName::from_static("host"),
+                HeaderValue::from_static("model.example"),
+            ),
+            (
+                HeaderName::from_static("x-tag"),
+                HeaderValue::from_static("a"),
+            ),
+            (
+                HeaderName::from_static("x-tag"),
+                HeaderValue::from_static("b"),
+            ),
+        ]);
+        let request = template.build(UserId(7)).expect("request");
+        let headers = request.headers();
+        assert_eq!(headers["authorization"], "Bearer t");
+        assert_eq!(
+            headers.get_all(HOST).iter().collect::<Vec<_>>(),
+            ["model.example"]
+        );
+        assert_eq!(
+            headers.get_all("x-tag").iter().collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(headers["x-user-id"], "user-7");
     }
 
     #[test]

@@ -37,6 +37,7 @@ struct Seen {
     users: Mutex<HashMap<&'static str, HashSet<String>>>,
     body_sizes: Mutex<HashSet<usize>>,
     per_user: Mutex<HashMap<String, u64>>,
+    authorizations: Mutex<HashSet<String>>,
 }
 
 impl Seen {
@@ -84,6 +85,10 @@ async fn answer(
     routing: Routing,
     seen: Arc<Seen>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if let Some(token) = request.headers().get("authorization") {
+        let token = String::from_utf8_lossy(token.as_bytes()).into_owned();
+        seen.authorizations.lock().expect("lock").insert(token);
+    }
     let header = request
         .headers()
         .get("x-user-id")
@@ -195,6 +200,20 @@ async fn max_mode_reports_the_split_the_router_made_on_exactly_n_connections() {
     assert!(report
         .latency_us
         .is_some_and(|l| l.p50 <= l.p99 && l.p99 <= l.max));
+}
+
+#[tokio::test]
+async fn every_request_carries_the_extra_headers() {
+    let (addr, seen) = start_router(Routing::ByParity).await;
+    let mut options = options(addr, Mode::Max, 100);
+    options.headers = vec![(
+        http::HeaderName::from_static("authorization"),
+        http::HeaderValue::from_static("Bearer test-token"),
+    )];
+    let report = loadtest::run(options).await.expect("run");
+    assert_eq!(report.answers, 100);
+    let tokens = seen.authorizations.lock().expect("lock").clone();
+    assert_eq!(tokens, HashSet::from(["Bearer test-token".to_owned()]));
 }
 
 #[tokio::test]
