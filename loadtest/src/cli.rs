@@ -53,7 +53,8 @@ pub struct Cli {
     pub method: Option<Method>,
 
     /// A header for every request, e.g. -H 'authorization: Bearer ...'; repeatable. It
-    /// replaces a header of the same name loadtest would send.
+    /// replaces a header of the same name loadtest would send (a Cookie is added beside the
+    /// ID cookie).
     #[arg(long = "header", short = 'H', value_name = "NAME: VALUE", value_parser = parse_header, help_heading = "Target")]
     pub headers: Vec<(HeaderName, HeaderValue)>,
 
@@ -257,13 +258,27 @@ pub async fn execute(cli: Cli) -> ExitCode {
     }
 }
 
-/// `NAME: VALUE`, as curl's `-H` takes it.
+/// `NAME: VALUE`, as curl's `-H` spells it. Headers that frame the message or manage the
+/// connection are loadtest's to set: a wrong length or a `Connection: close` would break the
+/// request stream or the fixed set of keep-alive connections.
 fn parse_header(s: &str) -> Result<(HeaderName, HeaderValue), String> {
+    const RESERVED: [&str; 7] = [
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+    ];
     let (name, value) = s
         .split_once(':')
         .ok_or_else(|| format!("{s:?} is not a header (NAME: VALUE)"))?;
     let name = HeaderName::from_bytes(name.trim().as_bytes())
         .map_err(|_| format!("{:?} is not a header name", name.trim()))?;
+    if RESERVED.contains(&name.as_str()) {
+        return Err(format!("{name} is set by loadtest itself"));
+    }
     let value = HeaderValue::from_str(value.trim())
         .map_err(|_| format!("the value of {name} is not a valid header value"))?;
     Ok((name, value))
@@ -410,6 +425,12 @@ mod tests {
         );
         assert!(parse(&["-H", "no colon"]).is_err());
         assert!(parse(&["-H", "bad name: x"]).is_err());
+        assert!(parse(&["-H", "Content-Length: 3"]).is_err());
+        assert!(parse(&["-H", "connection: close"]).is_err());
+        // The default ID source is the x-user-id header: -H must not hide it.
+        let hidden = parse(&["-H", "x-user-id: fixed"]).expect_err("hides the user ID");
+        assert!(hidden.contains("x-user-id"), "{hidden}");
+        assert!(parse(&["--id-source=cookie:uid", "-H", "x-user-id: fixed"]).is_ok());
     }
 
     #[test]

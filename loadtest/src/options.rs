@@ -35,6 +35,8 @@ pub enum OptionsError {
     Zero(&'static str),
     #[error("{0}")]
     Population(#[from] PopulationError),
+    #[error("-H {0} would replace the user ID that --id-source puts there")]
+    HeaderHidesUserId(HeaderName),
 }
 
 /// The abproxy listener under test. Plain HTTP only: load tests target the proxy's client port
@@ -248,6 +250,11 @@ impl Options {
         }
         if self.budget.requests == Some(0) {
             return Err(OptionsError::Zero("the request count"));
+        }
+        if let IdSource::Header(id_header) = &self.id_source {
+            if self.headers.iter().any(|(name, _)| name == id_header) {
+                return Err(OptionsError::HeaderHidesUserId(id_header.clone()));
+            }
         }
         Ok(())
     }

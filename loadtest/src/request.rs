@@ -165,7 +165,10 @@ impl RequestTemplate {
         let mut request = builder.body(Full::new(body))?;
         let headers = request.headers_mut();
         for (name, _) in &self.headers {
-            headers.remove(name);
+            // A `Cookie` of the user's joins the ID cookie rather than replacing it.
+            if name != COOKIE {
+                headers.remove(name);
+            }
         }
         for (name, value) in &self.headers {
             headers.append(name, value.clone());
@@ -255,6 +258,15 @@ mod tests {
             ["a", "b"]
         );
         assert_eq!(headers["x-user-id"], "user-7");
+    }
+
+    #[test]
+    fn an_extra_cookie_goes_beside_the_id_cookie() {
+        let template = template("cookie:uid", 0)
+            .with_headers(vec![(COOKIE, HeaderValue::from_static("session=s1"))]);
+        let request = template.build(UserId(3)).expect("request");
+        let cookies: Vec<_> = request.headers().get_all(COOKIE).iter().collect();
+        assert_eq!(cookies, ["uid=user-3", "session=s1"]);
     }
 
     #[test]
