@@ -196,6 +196,35 @@ async fn an_h2c_client_that_cancels_its_request_is_counted_as_499() {
     assert_eq!(proxy.requests("control", "200").await, 1.0);
 }
 
+#[tokio::test]
+async fn an_h2c_client_that_cancels_its_upload_is_counted_as_499_unassigned() {
+    use http_body_util::channel::Channel;
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(&backend, "[assignment]\nsources = [\"json:/user_id\"]").await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Channel<bytes::Bytes>>();
+    let (mut upload, body) = Channel::<bytes::Bytes>::new(1);
+    let request = http::Request::post(format!("http://{}/predict", proxy.addr))
+        .header("content-length", "100")
+        .body(body)
+        .expect("request");
+    let exchange = tokio::spawn(client.request(request));
+    upload
+        .send_data(bytes::Bytes::from_static(b"{\"user_id\":"))
+        .await
+        .expect("first piece");
+    support::proxy::eventually(Duration::from_secs(5), || async {
+        proxy.metric("abproxy_requests_in_flight", &[]).await == 1.0
+    })
+    .await;
+    // Dropping the exchange resets the stream (RST_STREAM); the connection stays up.
+    exchange.abort();
+    proxy.wait_for_requests("none", "499", 1.0).await;
+    assert_eq!(proxy.requests("none", "400").await, 0.0);
+    assert_eq!(backend.count(), 0);
+}
+
 /// Sends `request`, a head and the start of its body, on a connection of its own, and
 /// returns once the upstream has the head: the body streams, so the head goes ahead of it.
 async fn upload_under_way(proxy: &Proxy, backend: &Backend, request: &[u8]) -> TcpStream {

@@ -25,9 +25,11 @@ fn a_user_id_after_a_megabyte_of_features_is_read_without_building_the_document(
     assert_eq!(found, Some(serde_json::Value::from("u-42")));
 
     let (_, whole) = allocated_by(|| serde_json::from_slice::<serde_json::Value>(body.as_bytes()));
-    assert!(one_pass < 4096, "one pass allocated {one_pass} bytes");
-    assert!(
+    // dhat's asserts save a heap profile (dhat-heap.json) when they fail.
+    dhat::assert!(one_pass < 4096, "one pass allocated {} bytes", one_pass);
+    dhat::assert!(
         whole > body.len() as u64,
-        "the whole document took {whole} bytes"
+        "the whole document took {} bytes",
+        whole
     );
 }

@@ -81,14 +81,20 @@ pub(super) fn client_went_away(err: &(dyn std::error::Error + 'static)) -> bool 
     let Some(err) = err.downcast_ref::<hyper::Error>() else {
         return false;
     };
+    let cause = std::error::Error::source(err);
+    let io_closed = |io: &std::io::Error| {
+        matches!(
+            io.kind(),
+            UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+        )
+    };
     err.is_incomplete_message()
         || err.is_closed()
-        || std::error::Error::source(err)
+        || cause
             .and_then(|cause| cause.downcast_ref::<std::io::Error>())
-            .is_some_and(|io| {
-                matches!(
-                    io.kind(),
-                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
-                )
-            })
+            .is_some_and(io_closed)
+        // An h2c client resets its stream, goes away, or drops the connection.
+        || cause
+            .and_then(|cause| cause.downcast_ref::<h2::Error>())
+            .is_some_and(|h2| (h2.is_remote() && (h2.is_reset() || h2.is_go_away())) || h2.is_io())
 }

@@ -159,6 +159,29 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_wait_under_way_keeps_the_limit_it_started_with() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let seconds = Arc::new(AtomicU64::new(30));
+        let (near, _far) = tokio::io::duplex(16);
+        let limit = {
+            let seconds = seconds.clone();
+            move || Duration::from_secs(seconds.load(Ordering::Relaxed))
+        };
+        let started = Instant::now();
+        let write = tokio::spawn(async move {
+            let mut stream = WriteStallLimit::new(near, limit);
+            stream.write_all(&[0; 64]).await
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // A reload mid-wait: the next wait gets 5 s, this one keeps its 30.
+        seconds.store(5, Ordering::Relaxed);
+        let err = write.await.expect("task").expect_err("never read");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_reader_that_keeps_taking_bytes_is_never_cut_off() {
         let (near, mut far) = tokio::io::duplex(16);
         let mut stream = WriteStallLimit::new(near, || Duration::from_secs(1));

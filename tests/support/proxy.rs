@@ -117,7 +117,7 @@ impl Proxy {
     /// Polls `/metrics` until `abproxy_requests_total` for `variant` and `code` reaches `count`.
     pub async fn wait_for_requests(&self, variant: &str, code: &str, count: f64) {
         eventually(Duration::from_secs(5), || async {
-            self.requests(variant, code).await >= count
+            self.requests(variant, code).await == count
         })
         .await;
     }
