@@ -124,6 +124,8 @@ impl<S: AsyncRead, L> AsyncRead for WriteStallLimit<S, L> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test(start_paused = true)]
@@ -139,16 +141,19 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(30));
     }
 
+    /// A limit that a test can change, as a reload changes the live config's.
+    fn reloadable_limit(seconds: u64) -> (Arc<AtomicU64>, impl Fn() -> Duration) {
+        let setting = Arc::new(AtomicU64::new(seconds));
+        let read = setting.clone();
+        (setting, move || {
+            Duration::from_secs(read.load(Ordering::Relaxed))
+        })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_limit_is_the_one_in_force_when_a_write_starts_to_wait() {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        use std::sync::Arc;
-        let seconds = Arc::new(AtomicU64::new(30));
+        let (seconds, limit) = reloadable_limit(30);
         let (near, _far) = tokio::io::duplex(16);
-        let limit = {
-            let seconds = seconds.clone();
-            move || Duration::from_secs(seconds.load(Ordering::Relaxed))
-        };
         let mut stream = WriteStallLimit::new(near, limit);
         // A reload shortens the limit after the connection was accepted.
         seconds.store(5, Ordering::Relaxed);
@@ -160,14 +165,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_wait_under_way_keeps_the_limit_it_started_with() {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        use std::sync::Arc;
-        let seconds = Arc::new(AtomicU64::new(30));
+        let (seconds, limit) = reloadable_limit(30);
         let (near, _far) = tokio::io::duplex(16);
-        let limit = {
-            let seconds = seconds.clone();
-            move || Duration::from_secs(seconds.load(Ordering::Relaxed))
-        };
         let started = Instant::now();
         let write = tokio::spawn(async move {
             let mut stream = WriteStallLimit::new(near, limit);
