@@ -77,24 +77,26 @@ impl ProxyError {
 /// Whether a client body error means the client's connection closed under it (a 499), rather
 /// than a body that was malformed (a 400).
 pub(super) fn client_went_away(err: &(dyn std::error::Error + 'static)) -> bool {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
     let Some(err) = err.downcast_ref::<hyper::Error>() else {
         return false;
     };
     let cause = std::error::Error::source(err);
-    let io_closed = |io: &std::io::Error| {
-        matches!(
-            io.kind(),
-            UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
-        )
-    };
     err.is_incomplete_message()
         || err.is_closed()
         || cause
             .and_then(|cause| cause.downcast_ref::<std::io::Error>())
-            .is_some_and(io_closed)
+            .is_some_and(connection_closed)
         // An h2c client resets its stream, goes away, or drops the connection.
         || cause
             .and_then(|cause| cause.downcast_ref::<h2::Error>())
             .is_some_and(|h2| (h2.is_remote() && (h2.is_reset() || h2.is_go_away())) || h2.is_io())
+}
+
+/// An I/O error that means the peer closed or reset the connection, whichever peer it was.
+pub(super) fn connection_closed(io: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    matches!(
+        io.kind(),
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+    )
 }

@@ -410,14 +410,10 @@ fn classify(err: &hyper::Error) -> UpstreamErrorKind {
     let mut source = err.source();
     while let Some(cause) = source {
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::*;
-            if matches!(
-                io.kind(),
-                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
-            ) {
+            if super::error::connection_closed(io) {
                 return UpstreamErrorKind::Reset;
             }
-            if io.kind() == TimedOut {
+            if io.kind() == std::io::ErrorKind::TimedOut {
                 return UpstreamErrorKind::Timeout;
             }
         }
