@@ -136,14 +136,13 @@ async fn an_upstream_slower_than_request_timeout_is_a_504() {
 
 #[tokio::test]
 async fn a_client_that_hangs_up_before_the_answer_is_counted_as_499_under_its_variant() {
-    use tokio::io::AsyncWriteExt;
     let backend = Backend::slow("control", Duration::from_secs(2)).await;
     let proxy = one_variant(&backend, "").await;
-    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
-    stream
-        .write_all(b"GET /predict HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\n\r\n")
-        .await
-        .expect("write");
+    let stream = sending(
+        &proxy,
+        b"GET /predict HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\n\r\n",
+    )
+    .await;
     support::proxy::eventually(Duration::from_secs(5), || async { backend.count() == 1 }).await;
     drop(stream);
     proxy.wait_for_requests("control", "499", 1.0).await;
@@ -155,16 +154,13 @@ async fn a_client_that_hangs_up_before_the_answer_is_counted_as_499_under_its_va
 
 #[tokio::test]
 async fn a_client_that_hangs_up_while_its_body_is_read_is_counted_as_499_unassigned() {
-    use tokio::io::AsyncWriteExt;
     let backend = Backend::start("control").await;
     let proxy = one_variant(&backend, "[assignment]\nsources = [\"json:/user_id\"]").await;
-    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
-    stream
-        .write_all(
-            b"POST /predict HTTP/1.1\r\nhost: abproxy\r\ncontent-length: 100\r\n\r\n{\"user_id\":",
-        )
-        .await
-        .expect("write");
+    let stream = sending(
+        &proxy,
+        b"POST /predict HTTP/1.1\r\nhost: abproxy\r\ncontent-length: 100\r\n\r\n{\"user_id\":",
+    )
+    .await;
     support::proxy::eventually(Duration::from_secs(5), || async {
         proxy.metric("abproxy_requests_in_flight", &[]).await == 1.0
     })
@@ -225,12 +221,19 @@ async fn an_h2c_client_that_cancels_its_upload_is_counted_as_499_unassigned() {
     assert_eq!(backend.count(), 0);
 }
 
+/// A raw connection to the proxy that has sent `bytes`, for what a well-behaved client would
+/// not send.
+async fn sending(proxy: &Proxy, bytes: &[u8]) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    stream
+}
+
 /// Sends `request`, a head and the start of its body, on a connection of its own, and
 /// returns once the upstream has the head: the body streams, so the head goes ahead of it.
 async fn upload_under_way(proxy: &Proxy, backend: &Backend, request: &[u8]) -> TcpStream {
-    use tokio::io::AsyncWriteExt;
-    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
-    stream.write_all(request).await.expect("write");
+    let stream = sending(proxy, request).await;
     support::proxy::eventually(Duration::from_secs(5), || async {
         backend.connections_accepted() == 1
     })
@@ -409,11 +412,7 @@ async fn a_client_that_sends_half_the_h2c_preface_and_hangs_up_is_let_go_at_once
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = Backend::start("control").await;
     let proxy = one_variant(&backend, "").await;
-    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
-    stream
-        .write_all(b"PRI * HTTP/2.0\r\n")
-        .await
-        .expect("write");
+    let mut stream = sending(&proxy, b"PRI * HTTP/2.0\r\n").await;
     stream.shutdown().await.expect("half-close");
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
@@ -549,14 +548,12 @@ async fn a_connection_still_sending_a_stalled_upload_does_not_hold_up_the_next_r
          upstream = \"http://{upstream}\"\nweight = 100\n"
     );
     let proxy = Proxy::start(&config).await;
-    let mut uploader = TcpStream::connect(proxy.addr).await.expect("connect");
-    uploader
-        .write_all(
-            b"POST /upload HTTP/1.1\r\nhost: x\r\nx-user-id: a\r\n\
+    let uploader = sending(
+        &proxy,
+        b"POST /upload HTTP/1.1\r\nhost: x\r\nx-user-id: a\r\n\
               content-length: 100000\r\n\r\n0123456789",
-        )
-        .await
-        .expect("write");
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = std::time::Instant::now();
     let reply = proxy.client.get("/next").user("b").send().await;
@@ -648,12 +645,12 @@ async fn requests_still_running_when_the_grace_period_ends_are_cut_off() {
 async fn connect_tunnels_are_refused_with_405() {
     let backend = Backend::start("control").await;
     let proxy = one_variant(&backend, "").await;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
-    stream
-        .write_all(b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n")
-        .await
-        .expect("write");
+    use tokio::io::AsyncReadExt;
+    let mut stream = sending(
+        &proxy,
+        b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n",
+    )
+    .await;
     let mut answer = vec![0u8; 256];
     let read = stream.read(&mut answer).await.expect("read");
     let answer = String::from_utf8_lossy(&answer[..read]);
