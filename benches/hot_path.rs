@@ -115,7 +115,9 @@ fn routing(c: &mut Criterion) {
         config,
         sha256: String::new(),
     };
-    let generation = Generation::build(1, loaded, None, &Metrics::new(), &Background::default());
+    let metrics = Metrics::new();
+    let guard = abproxy::canary::Guard::new(&metrics, Default::default());
+    let generation = Generation::build(1, loaded, None, &metrics, &Background::default(), &guard);
     let by_header = request("/predict", &[("x-user-id", UUID)]);
     let by_json = request("/predict", &[]);
     let body = json_body(10 * 1024);

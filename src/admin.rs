@@ -1,4 +1,5 @@
-//! The admin port: `/metrics`, `/healthz`, `/readyz`, `/status`.
+//! The admin port: `/metrics`, `/healthz`, `/readyz`, `/status`, and the canary guard's
+//! `/canary` with its operator commands.
 //!
 //! Kept off the client listener so that scrapes and probes never compete with, or are
 //! exposed alongside, model traffic.
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -20,8 +21,13 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::canary::run::Command;
+use crate::canary::{CommandError, Guard};
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
+
+/// Largest body an admin command reads (`{"action": "rollback"}`).
+const MAX_COMMAND_BODY: usize = 4096;
 
 /// Where the process is in its life, as load balancers see it through `/readyz`.
 #[derive(Debug, Default)]
@@ -61,6 +67,7 @@ pub struct Admin {
     pub admin: SocketAddr,
     pub metrics: Metrics,
     pub health: Arc<Health>,
+    pub guard: Arc<Guard>,
 }
 
 impl Admin {
@@ -68,9 +75,9 @@ impl Admin {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
         let builder = auto::Builder::new(TokioExecutor::new());
         loop {
-            let stream = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
+                    Ok(accepted) => accepted,
                     Err(err) => {
                         tracing::warn!(error = %err, "admin accept failed");
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -82,7 +89,7 @@ impl Admin {
             let admin = self.clone();
             let service = service_fn(move |request| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.route(&request)) }
+                async move { Ok::<_, Infallible>(admin.route(request, peer).await) }
             });
             let connection = builder
                 .serve_connection(TokioIo::new(stream), service)
@@ -93,11 +100,28 @@ impl Admin {
         }
     }
 
-    fn route(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-        if request.method() != Method::GET && request.method() != Method::HEAD {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    async fn route(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let path = request.uri().path();
+        if request.method() == Method::POST {
+            let command = match path {
+                "/rollback" => Some(None),
+                _ => path
+                    .strip_prefix("/canary/")
+                    .and_then(|action| action.parse::<Command>().ok())
+                    .map(Some),
+            };
+            return match command {
+                Some(command) => self.command(request, peer, command).await,
+                None => error(StatusCode::NOT_FOUND, "POST /canary/rollback, /canary/promote, /canary/pause, /canary/resume or /rollback"),
+            };
         }
-        match request.uri().path() {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only GET, and POST for canary commands\n",
+            );
+        }
+        match path {
             "/metrics" => {
                 let mut response = text(StatusCode::OK, self.metrics.render());
                 response.headers_mut().insert(
@@ -112,17 +136,54 @@ impl Admin {
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("{}\n", self.health.state()),
             ),
-            "/status" => {
-                let mut response = text(StatusCode::OK, self.status().to_string());
-                response
-                    .headers_mut()
-                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                response
-            }
+            "/status" => json_response(StatusCode::OK, &self.status()),
+            "/canary" => json_response(StatusCode::OK, &self.guard.status()),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz, /readyz or /status\n",
+                "not found: try /metrics, /healthz, /readyz, /status or /canary\n",
             ),
+        }
+    }
+
+    /// An operator's command to the canary guard (`None`: `POST /rollback`, whose body names
+    /// the action, as existing monitor scripts send it). Commands change what users are
+    /// served, so they need the bearer token when one is configured, and otherwise come
+    /// from this machine only.
+    async fn command(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+        command: Option<Command>,
+    ) -> Response<Full<Bytes>> {
+        let token_file = self
+            .reloader
+            .current()
+            .load()
+            .config
+            .server
+            .admin_token_file
+            .clone();
+        if let Err(refusal) = authorize(token_file.as_deref(), request.headers(), peer) {
+            return refusal.into_response();
+        }
+        let command = match command {
+            Some(command) => command,
+            None => match action_in(request.into_body()).await {
+                Ok(command) => command,
+                Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+            },
+        };
+        match self.guard.command(command) {
+            Ok(weight_changed) => {
+                if weight_changed {
+                    self.reloader.rebuild().await;
+                }
+                json_response(StatusCode::OK, &self.guard.status())
+            }
+            Err(CommandError::NoCanary) => {
+                error(StatusCode::NOT_FOUND, &CommandError::NoCanary.to_string())
+            }
+            Err(err @ CommandError::Refused(_)) => error(StatusCode::CONFLICT, &err.to_string()),
         }
     }
 
@@ -180,14 +241,149 @@ impl Admin {
             },
             "variants": variants,
             "shadows": shadows,
+            "canary": self.guard.summary(),
             "last_reload_error": reload.last_error,
             "restart_required": reload.restart_required,
         })
     }
 }
 
+/// Why a canary command was refused before it was looked at.
+#[derive(Debug, PartialEq, Eq)]
+struct Refusal {
+    status: StatusCode,
+    message: &'static str,
+}
+
+impl Refusal {
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let mut response = error(self.status, self.message);
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+/// Commands need the bearer token in `token_file` when one is configured, and otherwise
+/// must come from this machine.
+fn authorize(
+    token_file: Option<&std::path::Path>,
+    headers: &http::HeaderMap,
+    peer: SocketAddr,
+) -> Result<(), Refusal> {
+    let Some(token_file) = token_file else {
+        if peer.ip().is_loopback() {
+            return Ok(());
+        }
+        return Err(Refusal {
+            status: StatusCode::FORBIDDEN,
+            message: "canary commands are taken from loopback only unless [server] admin_token_file is set",
+        });
+    };
+    let expected = match std::fs::read_to_string(token_file) {
+        Ok(token) if !token.trim().is_empty() => token.trim().to_owned(),
+        _ => {
+            tracing::error!(path = %token_file.display(), "cannot read admin_token_file; refusing canary commands");
+            return Err(Refusal {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: "the admin token file cannot be read",
+            });
+        }
+    };
+    let presented = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(()),
+        _ => Err(Refusal {
+            status: StatusCode::UNAUTHORIZED,
+            message: "a valid bearer token is required",
+        }),
+    }
+}
+
+/// The command in a `POST /rollback` body: `{"action": "rollback"}` (or another command).
+async fn action_in(body: Incoming) -> Result<Command, String> {
+    let bytes = Limited::new(body, MAX_COMMAND_BODY)
+        .collect()
+        .await
+        .map_err(|err| format!("cannot read the request body: {err}"))?
+        .to_bytes();
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|err| {
+        format!("the body must be JSON such as {{\"action\": \"rollback\"}}: {err}")
+    })?;
+    value["action"]
+        .as_str()
+        .and_then(|action| action.parse().ok())
+        .ok_or_else(|| "\"action\" must be one of rollback, promote, pause, resume".to_owned())
+}
+
+/// Compares secrets in time that does not depend on where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = text(status, value.to_string());
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    json_response(status, &json!({ "error": message }))
+}
+
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(ip: [u8; 4]) -> SocketAddr {
+        SocketAddr::from((ip, 40_000))
+    }
+
+    fn bearer(token: &str) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        let value = HeaderValue::from_str(&format!("Bearer {token}")).expect("header value");
+        headers.insert(http::header::AUTHORIZATION, value);
+        headers
+    }
+
+    #[test]
+    fn without_a_token_file_only_loopback_peers_may_command() {
+        let none = http::HeaderMap::new();
+        assert_eq!(authorize(None, &none, peer([127, 0, 0, 1])), Ok(()));
+        let refused = authorize(None, &none, peer([10, 1, 2, 3])).expect_err("refused");
+        assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn with_a_token_file_every_peer_needs_the_token() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cret\n").expect("token written");
+        let remote = peer([10, 1, 2, 3]);
+        assert_eq!(authorize(Some(&file), &bearer("s3cret"), remote), Ok(()));
+        for headers in [bearer("s3cre"), bearer("s3cret2"), http::HeaderMap::new()] {
+            let refused =
+                authorize(Some(&file), &headers, peer([127, 0, 0, 1])).expect_err("refused");
+            assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+        }
+        std::fs::remove_file(&file).expect("removed");
+        let unreadable = authorize(Some(&file), &bearer("s3cret"), remote).expect_err("refused");
+        assert_eq!(unreadable.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
 }

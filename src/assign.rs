@@ -18,6 +18,12 @@ use crate::json_pointer::JsonPointer;
 /// Byte-wise Horner reduction keeps every intermediate below `buckets × 256`, so no big
 /// integers are needed and the result equals Python's `int(sha256(...).hexdigest(), 16) % n`.
 pub fn bucket(salt: &str, user_id: &str, buckets: u32) -> u32 {
+    hash(salt, user_id, buckets).0
+}
+
+/// The bucket, and 64 bits of the same digest that tell users apart (the canary guard
+/// counts distinct users by them) at no extra hashing.
+pub fn hash(salt: &str, user_id: &str, buckets: u32) -> (u32, u64) {
     let digest = Sha256::new()
         .chain_update(salt.as_bytes())
         .chain_update(user_id.as_bytes())
@@ -26,8 +32,10 @@ pub fn bucket(salt: &str, user_id: &str, buckets: u32) -> u32 {
     let reduced = digest
         .iter()
         .fold(0u64, |acc, &byte| (acc * 256 + u64::from(byte)) % modulus);
+    let mut fingerprint = [0; 8];
+    fingerprint.copy_from_slice(&digest[..8]);
     // The remainder is below `buckets`, which is a u32.
-    reduced as u32
+    (reduced as u32, u64::from_be_bytes(fingerprint))
 }
 
 /// Where a user ID is read from; sources are tried in configured order.

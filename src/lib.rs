@@ -5,11 +5,14 @@
 
 pub mod admin;
 pub mod assign;
+pub mod canary;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod http_client;
 pub mod json_pointer;
 pub mod metrics;
+pub mod prediction;
 pub mod proxy;
 pub mod reload;
 pub mod route;

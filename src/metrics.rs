@@ -4,6 +4,10 @@
 //! incremented, so the request path never formats a label or looks one up.
 
 use std::sync::{Arc, OnceLock};
+
+use crate::canary::window::ArmWindow;
+use crate::prediction::{ClassTable, Unread};
+use crate::route;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -26,6 +30,7 @@ const ABS_DIFF_BUCKETS: &[f64] = &[
 pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
+    classes: Arc<ClassTable>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -44,11 +49,18 @@ impl Metrics {
     /// A registry of its own rather than the global recorder, so that several proxies can
     /// live in one process (tests, benches) without sharing counters.
     pub fn new() -> Metrics {
+        Self::with_prediction_buckets(crate::config::DEFAULT_PREDICTION_BUCKETS)
+    }
+
+    /// A registry whose `abproxy_prediction` histogram has these bucket bounds; the exporter
+    /// fixes them when it is built, so they change only with a restart.
+    pub fn with_prediction_buckets(prediction_buckets: &[f64]) -> Metrics {
         let builder = PrometheusBuilder::new();
         let builder = [
             ("abproxy_request_duration_seconds", LATENCY_BUCKETS),
             ("abproxy_shadow_duration_seconds", LATENCY_BUCKETS),
             ("abproxy_shadow_abs_diff", ABS_DIFF_BUCKETS),
+            ("abproxy_prediction", prediction_buckets),
         ]
         .into_iter()
         .fold(builder, |builder, (name, buckets)| {
@@ -61,6 +73,7 @@ impl Metrics {
         let metrics = Metrics {
             recorder: Arc::new(recorder),
             handle,
+            classes: Arc::default(),
         };
         metrics.describe();
         metrics
@@ -74,6 +87,10 @@ impl Metrics {
             ("abproxy_shadow_comparisons_total", "Comparisons of primary and shadow answers, by outcome."),
             ("abproxy_config_reloads_total", "Config reload attempts, by result."),
             ("abproxy_shadow_log_dropped_total", "Shadow log lines dropped because the writer fell behind."),
+            ("abproxy_prediction_class_total", "Successful answers by the class label at the prediction pointer (later labels count as other)."),
+            ("abproxy_prediction_unread_total", "Successful answers whose prediction was not read, by reason (over_cap, not_json, no_prediction)."),
+            ("abproxy_canary_checks_total", "Canary guard checks, by check and outcome (pass, fail, inconclusive, skipped)."),
+            ("abproxy_canary_rollbacks_total", "Canary rollbacks, by the guard or an operator."),
         ];
         for (name, help) in counters {
             self.recorder
@@ -91,6 +108,14 @@ impl Metrics {
             (
                 "abproxy_requests_in_flight",
                 "Client requests being served now.",
+            ),
+            (
+                "abproxy_canary_weight_percent",
+                "Weight the canary guard gives the canary now, in percent.",
+            ),
+            (
+                "abproxy_canary_state",
+                "The canary guard's state: 1 for the current one (running, paused, promoted, rolled_back).",
             ),
         ];
         for (name, help) in gauges {
@@ -111,6 +136,11 @@ impl Metrics {
                 "abproxy_shadow_abs_diff",
                 None,
                 "Absolute difference between primary and shadow numeric answers.",
+            ),
+            (
+                "abproxy_prediction",
+                None,
+                "Numeric predictions read from successful answers.",
             ),
         ];
         for (name, unit, help) in histograms {
@@ -143,8 +173,9 @@ impl Metrics {
             .register_histogram(&key(name, labels), &METADATA)
     }
 
-    /// The handles of one configured variant.
-    pub fn variant(&self, name: &str) -> VariantMetrics {
+    /// The handles of one configured variant; `window` is the canary guard's, for the canary
+    /// and its baseline.
+    pub fn variant(&self, name: &str, window: Option<Arc<ArmWindow>>) -> VariantMetrics {
         let error = |kind: &str| {
             self.counter(
                 "abproxy_upstream_errors_total",
@@ -158,6 +189,7 @@ impl Metrics {
             duration: self.histogram("abproxy_request_duration_seconds", &[("variant", name)]),
             upstream_errors: UpstreamErrorKind::ALL.map(|kind| error(kind.as_str())),
             weight: self.gauge("abproxy_variant_weight_percent", &[("variant", name)]),
+            window,
         }
     }
 
@@ -171,6 +203,39 @@ impl Metrics {
             duration: self.histogram("abproxy_request_duration_seconds", &[("variant", "none")]),
             upstream_errors: UpstreamErrorKind::ALL.map(|_| Counter::noop()),
             weight: Gauge::noop(),
+            window: None,
+        }
+    }
+
+    pub(crate) fn classes(&self) -> Arc<ClassTable> {
+        self.classes.clone()
+    }
+
+    pub(crate) fn prediction_histogram(&self, variant: &str) -> Histogram {
+        self.histogram("abproxy_prediction", &[("variant", variant)])
+    }
+
+    pub(crate) fn prediction_class(&self, variant: &str, class: &str) -> Counter {
+        self.counter(
+            "abproxy_prediction_class_total",
+            &[("variant", variant), ("class", class)],
+        )
+    }
+
+    pub(crate) fn prediction_unread(&self, variant: &str, reason: Unread) -> Counter {
+        self.counter(
+            "abproxy_prediction_unread_total",
+            &[("variant", variant), ("reason", reason.as_str())],
+        )
+    }
+
+    /// The canary guard's handles for the canary `variant`.
+    pub fn canary(&self, variant: &str) -> CanaryMetrics {
+        CanaryMetrics {
+            registry: self.clone(),
+            variant: variant.into(),
+            weight: self.gauge("abproxy_canary_weight_percent", &[("variant", variant)]),
+            rollbacks: self.counter("abproxy_canary_rollbacks_total", &[("variant", variant)]),
         }
     }
 
@@ -232,11 +297,15 @@ pub struct VariantMetrics {
     duration: Histogram,
     upstream_errors: [Counter; 4],
     weight: Gauge,
+    window: Option<Arc<ArmWindow>>,
 }
 
 impl VariantMetrics {
     /// Counts one answered request.
-    pub fn record(&self, status: StatusCode, elapsed: Duration) {
+    pub fn record(&self, status: StatusCode, elapsed: Duration, unit: route::Unit) {
+        if let Some(window) = &self.window {
+            window.record(status, elapsed, unit);
+        }
         let slot = usize::from(status.as_u16())
             .saturating_sub(100)
             .min(STATUS_CODES - 1);
@@ -278,6 +347,42 @@ impl UpstreamErrorKind {
             Self::Timeout => "timeout",
             Self::Reset => "reset",
             Self::Protocol => "protocol",
+        }
+    }
+}
+
+/// The canary guard's handles; the guard is not on the request path, so check outcomes are
+/// registered as they occur.
+pub struct CanaryMetrics {
+    registry: Metrics,
+    variant: String,
+    pub weight: Gauge,
+    pub rollbacks: Counter,
+}
+
+impl CanaryMetrics {
+    pub fn check(&self, check: &str, outcome: &str) {
+        self.registry
+            .counter(
+                "abproxy_canary_checks_total",
+                &[
+                    ("variant", &self.variant),
+                    ("check", check),
+                    ("outcome", outcome),
+                ],
+            )
+            .increment(1);
+    }
+
+    /// Sets `abproxy_canary_state` to 1 for `current` (None: no canary) and 0 for the others.
+    pub fn state(&self, states: &[&str], current: Option<&str>) {
+        for state in states {
+            self.registry
+                .gauge(
+                    "abproxy_canary_state",
+                    &[("variant", &self.variant), ("state", state)],
+                )
+                .set(if Some(*state) == current { 1.0 } else { 0.0 });
         }
     }
 }

@@ -13,7 +13,8 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError, ConfigFile};
+use crate::canary::Guard;
+use crate::config::{Config, ConfigError, ConfigFile, Loaded};
 use crate::metrics::{Metrics, ProcessMetrics};
 use crate::route::Generation;
 use crate::shadow::Background;
@@ -31,6 +32,7 @@ pub struct Reloader {
     current: Arc<ArcSwap<Generation>>,
     metrics: Metrics,
     background: Background,
+    guard: Arc<Guard>,
     process: ProcessMetrics,
     status: Mutex<ReloadStatus>,
     /// Reloads from the watcher and SIGHUP run one at a time.
@@ -63,25 +65,54 @@ pub enum Outcome {
 }
 
 impl Reloader {
-    /// Loads `path` as generation 1. A bad file here is fatal: there is no last good config.
-    pub fn load(
+    /// Serves `loaded`, read from `path`, as generation 1.
+    pub fn new(
         path: &Path,
+        mut loaded: Loaded,
         metrics: &Metrics,
         background: &Background,
-    ) -> Result<Reloader, ConfigError> {
-        let loaded = Config::load(path)?;
-        let generation = Generation::build(1, loaded, None, metrics, background);
+        guard: Arc<Guard>,
+    ) -> Reloader {
+        guard.adopt(&mut loaded.config);
+        let generation = Generation::build(1, loaded, None, metrics, background, &guard);
         let process = metrics.process();
         process.generation.set(1.0);
-        Ok(Reloader {
+        Reloader {
             path: path.to_path_buf(),
             current: Arc::new(ArcSwap::from_pointee(generation)),
             metrics: metrics.clone(),
             background: background.clone(),
+            guard,
             process,
             status: Mutex::new(ReloadStatus::default()),
             serial: tokio::sync::Mutex::new(()),
-        })
+        }
+    }
+
+    /// Builds the next generation from the serving config with the canary guard's current
+    /// weight: how a ramp, a rollback or an operator's command takes effect.
+    pub async fn rebuild(&self) -> u64 {
+        let _serial = self.serial.lock().await;
+        let old = self.current.load_full();
+        let mut config = old.config.clone();
+        self.guard.apply(&mut config);
+        let loaded = Loaded {
+            config,
+            sha256: old.sha256.clone(),
+        };
+        let number = old.number + 1;
+        let generation = Generation::build(
+            number,
+            loaded,
+            Some(&old),
+            &self.metrics,
+            &self.background,
+            &self.guard,
+        );
+        tracing::info!(generation = number, weights = %weights(&generation), "canary weight applied");
+        self.current.store(Arc::new(generation));
+        self.process.generation.set(number as f64);
+        number
     }
 
     /// The cell the request path loads from.
@@ -170,9 +201,16 @@ impl Reloader {
         // Listeners stay bound where they are; keep the running values so /status is truthful.
         next.config.server.listen = old.config.server.listen;
         next.config.server.admin = old.config.server.admin;
+        self.guard.adopt(&mut next.config);
         let number = old.number + 1;
-        let generation =
-            Generation::build(number, next, Some(&old), &self.metrics, &self.background);
+        let generation = Generation::build(
+            number,
+            next,
+            Some(&old),
+            &self.metrics,
+            &self.background,
+            &self.guard,
+        );
         tracing::info!(
             generation = number,
             old = %weights(&old), new = %weights(&generation),
@@ -310,6 +348,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
             "server.listen {} -> {}",
             old.server.listen, new.server.listen
         ));
+    }
+    if old.metrics.prediction_buckets != new.metrics.prediction_buckets {
+        changes.push("metrics.prediction_buckets".to_owned());
     }
     if old.server.admin != new.server.admin {
         changes.push(format!(

@@ -9,9 +9,11 @@ use std::sync::Arc;
 use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
 
-use crate::assign::{bucket, OnMissing, Split};
+use crate::assign::{hash, OnMissing, Split};
+use crate::canary::Guard;
 use crate::config::{Config, Loaded};
 use crate::metrics::{Metrics, VariantMetrics};
+use crate::prediction::Predictions;
 use crate::proxy::upstream::Upstream;
 use crate::shadow::{Background, ShadowTarget};
 
@@ -36,6 +38,8 @@ pub struct Route {
     pub header_value: HeaderValue,
     pub upstream: Arc<Upstream>,
     pub metrics: VariantMetrics,
+    /// Reads predictions out of successful answers, when `[metrics] prediction` is set.
+    pub predictions: Option<Arc<Predictions>>,
 }
 
 /// The outcome of assignment for one request.
@@ -46,6 +50,19 @@ pub struct Assignment<'a> {
     pub user_id: Option<Cow<'a, str>>,
     /// The user's bucket, when the variant was chosen by hash.
     pub bucket: Option<u32>,
+    pub unit: Unit,
+}
+
+/// What the canary guard's sample-ratio check counts a request as: the split randomises
+/// users, so a user is one unit however many requests they send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// A user, by a 64-bit hash of their ID.
+    User(u64),
+    /// No user ID, and a random bucket: every such request is a draw of its own.
+    Anonymous,
+    /// Not assigned at random (forced by the override header, or `on_missing = "first"`).
+    Fixed,
 }
 
 /// Why a request cannot be assigned; both are the client's doing, so both are 4xx.
@@ -66,9 +83,10 @@ impl Generation {
         previous: Option<&Generation>,
         metrics: &Metrics,
         background: &Background,
+        guard: &Guard,
     ) -> Generation {
         let Loaded { config, sha256 } = loaded;
-        let routes = build_routes(&config, previous, metrics);
+        let routes = build_routes(&config, previous, metrics, guard);
         let shadows = build_shadows(&config, previous, metrics, background);
         Generation {
             number,
@@ -114,14 +132,17 @@ impl Generation {
                 route: forced,
                 user_id,
                 bucket: None,
+                unit: Unit::Fixed,
             });
         }
         let Some(user_id) = user_id else {
-            let route = match assignment.on_missing {
-                OnMissing::Random => self
-                    .split
-                    .variant_of(fastrand::u32(0..self.split.buckets())),
-                OnMissing::First => 0,
+            let (route, unit) = match assignment.on_missing {
+                OnMissing::Random => (
+                    self.split
+                        .variant_of(fastrand::u32(0..self.split.buckets())),
+                    Unit::Anonymous,
+                ),
+                OnMissing::First => (0, Unit::Fixed),
                 OnMissing::Reject => {
                     return Err(AssignError::MissingUserId(self.describe_sources()))
                 }
@@ -130,13 +151,15 @@ impl Generation {
                 route,
                 user_id: None,
                 bucket: None,
+                unit,
             });
         };
-        let bucket = bucket(&assignment.salt, &user_id, assignment.buckets);
+        let (bucket, fingerprint) = hash(&assignment.salt, &user_id, assignment.buckets);
         Ok(Assignment {
             route: self.split.variant_of(bucket),
             user_id: Some(user_id),
             bucket: Some(bucket),
+            unit: Unit::User(fingerprint),
         })
     }
 
@@ -173,7 +196,12 @@ impl Generation {
 
 /// One route per variant; an upstream client is shared by variants (and kept from the
 /// previous generation) when its URL and limits are the same.
-fn build_routes(config: &Config, previous: Option<&Generation>, metrics: &Metrics) -> Box<[Route]> {
+fn build_routes(
+    config: &Config,
+    previous: Option<&Generation>,
+    metrics: &Metrics,
+    guard: &Guard,
+) -> Box<[Route]> {
     let mut upstreams: Vec<Arc<Upstream>> = previous
         .map(|previous| {
             previous
@@ -198,7 +226,16 @@ fn build_routes(config: &Config, previous: Option<&Generation>, metrics: &Metric
                     created
                 }
             };
-            let metrics = metrics.variant(&variant.name);
+            let window = guard.window(config, &variant.name);
+            let predictions = (!config.metrics.prediction.is_empty()).then(|| {
+                Arc::new(Predictions::new(
+                    &config.metrics,
+                    &variant.name,
+                    metrics,
+                    window.clone(),
+                ))
+            });
+            let metrics = metrics.variant(&variant.name, window);
             metrics.set_weight(variant.weight);
             Route {
                 header_value: HeaderValue::from_str(&variant.name)
@@ -206,6 +243,7 @@ fn build_routes(config: &Config, previous: Option<&Generation>, metrics: &Metric
                 name: variant.name.clone(),
                 upstream,
                 metrics,
+                predictions,
             }
         })
         .collect();

@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{Admin, Health};
-use crate::config::ConfigError;
+use crate::canary::Guard;
+use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy};
 use crate::reload::Reloader;
@@ -47,14 +48,26 @@ pub struct Server {
     health: Arc<Health>,
     /// Shadow workers and log writers, stopped after client traffic has drained.
     shadows: Background,
+    guard: Arc<Guard>,
+    /// Stops the canary guard and its webhook with the other background tasks.
+    background: CancellationToken,
 }
 
 impl Server {
     /// Loads the config at `path` and binds its `listen` and `admin` addresses.
     pub async fn bind(path: &Path) -> Result<Server, StartError> {
-        let metrics = Metrics::new();
+        let loaded = Config::load(path)?;
+        let metrics = Metrics::with_prediction_buckets(&loaded.config.metrics.prediction_buckets);
         let shadows = Background::default();
-        let reloader = Arc::new(Reloader::load(path, &metrics, &shadows)?);
+        let background = CancellationToken::new();
+        let guard = Arc::new(Guard::new(&metrics, background.clone()));
+        let reloader = Arc::new(Reloader::new(
+            path,
+            loaded,
+            &metrics,
+            &shadows,
+            guard.clone(),
+        ));
         let server = reloader.current().load().config.server.clone();
         let bind = |what, addr| async move {
             TcpListener::bind(addr)
@@ -70,6 +83,8 @@ impl Server {
             metrics,
             health: Arc::new(Health::default()),
             shadows,
+            guard,
+            background,
         })
     }
 
@@ -90,7 +105,7 @@ impl Server {
     /// closes, in-flight requests get the grace period, and background tasks stop last.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
         let (listen, admin_addr) = (self.proxy_addr(), self.admin_addr());
-        let background = CancellationToken::new();
+        let background = self.background.clone();
         let tasks = TaskTracker::new();
 
         let watcher = self.reloader.clone().watch(background.clone())?;
@@ -100,8 +115,10 @@ impl Server {
             admin: admin_addr,
             metrics: self.metrics.clone(),
             health: self.health.clone(),
+            guard: self.guard.clone(),
         });
         tasks.spawn(admin.serve(self.admin_listener, background.clone()));
+        tasks.spawn(self.guard.clone().run(self.reloader.clone()));
         tasks.spawn(upkeep(self.metrics.clone(), background.clone()));
         tasks.spawn(watcher);
 

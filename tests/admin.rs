@@ -84,6 +84,47 @@ async fn promtool_accepts_the_metrics() {
     ] {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
+    promtool_check(&text);
+}
+
+#[tokio::test]
+async fn promtool_accepts_the_prediction_and_canary_metrics() {
+    let control = Backend::start("control").await;
+    let treatment =
+        Backend::raw("treatment", "{\"prediction\": \"cat\"}", "application/json").await;
+    let config = format!(
+        "[metrics]\nprediction = \"/prediction\"\n\n{}\
+         [canary]\nvariant = \"treatment\"\nbaseline = \"control\"\ninterval = \"100ms\"\n\
+         [canary.checks]\nmax_error_rate = 0.01\n",
+        variants(&[("control", &control, 50.0), ("treatment", &treatment, 50.0)])
+    );
+    let proxy = Proxy::start(&config).await;
+    for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+        proxy.client.get("/").user(user).send().await;
+    }
+    support::proxy::eventually(std::time::Duration::from_secs(10), || async {
+        proxy
+            .metric("abproxy_canary_checks_total", &[("check", "traffic")])
+            .await
+            >= 1.0
+    })
+    .await;
+    let text = proxy.metrics().await;
+    for name in [
+        "abproxy_prediction_bucket",
+        "abproxy_prediction_class_total",
+        "abproxy_canary_weight_percent",
+        "abproxy_canary_state",
+        "abproxy_canary_checks_total",
+        "abproxy_canary_rollbacks_total",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+    promtool_check(&text);
+}
+
+/// Fails the test unless `promtool check metrics` accepts `text`.
+fn promtool_check(text: &str) {
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

@@ -156,9 +156,21 @@ fn assign_prints_the_spec_rule_for_each_user() {
 fn help_explains_every_subcommand() {
     let output = abproxy(&["--help"]);
     let help = String::from_utf8_lossy(&output.stdout);
-    for word in ["run", "check", "assign", "demo", "--log-format"] {
+    for word in ["run", "check", "assign", "demo", "canary", "--log-format"] {
         assert!(help.contains(word), "--help lacks {word}: {help}");
     }
+}
+
+#[test]
+fn canary_names_an_admin_port_where_nothing_listens() {
+    let output = abproxy(&["canary", "status", "--admin", "http://127.0.0.1:1"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach the admin port at http://127.0.0.1:1: "),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

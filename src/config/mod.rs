@@ -29,6 +29,8 @@ pub struct Config {
     /// In file order, which is bucket order.
     pub variants: Vec<Variant>,
     pub shadows: Vec<Shadow>,
+    pub metrics: Metrics,
+    pub canary: Option<Canary>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +41,9 @@ pub struct Server {
     pub variant_header: HeaderName,
     /// Forward the client's `Host` header; when false, upstreams see their own authority.
     pub preserve_host: bool,
+    /// Bearer token for state-changing admin calls, read from this file at each call so a
+    /// rotated secret needs no restart; without it, those calls are taken from loopback only.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -96,6 +101,60 @@ pub struct Shadow {
     pub log_keep: usize,
 }
 
+/// For scores in [0, 1], the usual output of a classifier's probability or a ranking model.
+pub const DEFAULT_PREDICTION_BUCKETS: &[f64] =
+    &[0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0];
+
+/// `[metrics]`: what abproxy reads out of the models' answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metrics {
+    /// Tried in order on each successful answer; the first that names a value is the
+    /// prediction. Empty: answers are not inspected.
+    pub prediction: Vec<JsonPointer>,
+    /// Upper bounds of the `abproxy_prediction` histogram.
+    pub prediction_buckets: Vec<f64>,
+    /// Bytes of an answer held for reading its prediction; longer answers are not read.
+    pub prediction_max_bytes: usize,
+    /// Distinct class labels with a series of their own; later ones count as `other`.
+    pub prediction_classes: usize,
+}
+
+/// `[canary]`: the guard that judges the canary against its baseline, ramps and rolls back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Canary {
+    pub variant: String,
+    pub baseline: String,
+    pub interval: Duration,
+    /// Requests per arm per interval below which nothing is judged.
+    pub min_requests: u64,
+    pub failures_to_rollback: u32,
+    /// Canary weights in percent, in order; empty: the file's weight, watched but not ramped.
+    pub steps: Vec<f64>,
+    pub analyses_per_step: u32,
+    pub state_file: Option<PathBuf>,
+    pub webhook: Option<http::Uri>,
+    pub checks: Checks,
+}
+
+/// `[canary.checks]`; a check left out is not made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checks {
+    pub max_error_rate: Option<f64>,
+    pub max_error_rate_increase: Option<f64>,
+    /// 1 − the false-rollback rate the statistical checks allow.
+    pub confidence: f64,
+    pub max_p99: Option<Duration>,
+    pub max_p99_ratio: Option<f64>,
+    /// A baseline p99 below this is read as this in the ratio, so that two fast arms a
+    /// millisecond apart are not a "2×" regression.
+    pub p99_floor: Duration,
+    pub max_prediction_psi: Option<f64>,
+    /// Predictions per arm per interval below which drift is not judged.
+    pub min_predictions: u64,
+    /// Sample-ratio mismatch alarm level; `None` turns the check off.
+    pub srm_p_value: Option<f64>,
+}
+
 /// An upstream base URL: `http://host:port` with an optional path prefix.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Upstream {
@@ -144,6 +203,32 @@ impl Config {
     pub fn variant(&self, name: &str) -> Option<&Variant> {
         self.variants.iter().find(|variant| variant.name == name)
     }
+
+    /// Gives the canary `percent` of the buckets, taking them from or giving them back to
+    /// its baseline, its neighbour in bucket order: no other variant's users move, and users
+    /// in the canary stay there while it grows. Validation guarantees the two are adjacent
+    /// and that `percent` is a whole number of buckets within their combined weight.
+    pub fn set_canary_weight(&mut self, percent: f64) {
+        let Some(canary) = &self.canary else { return };
+        let position = |name: &str| self.variants.iter().position(|v| v.name == name);
+        let (Some(c), Some(b)) = (position(&canary.variant), position(&canary.baseline)) else {
+            return;
+        };
+        let buckets = self.assignment.buckets;
+        let pool = self.variants[c].buckets + self.variants[b].buckets;
+        let wanted = percent_to_buckets(percent, buckets).min(pool);
+        self.variants[c].buckets = wanted;
+        self.variants[b].buckets = pool - wanted;
+        for index in [c, b] {
+            let variant = &mut self.variants[index];
+            variant.weight = f64::from(variant.buckets) * 100.0 / f64::from(buckets);
+        }
+    }
+}
+
+/// The number of buckets `percent` stands for (validated to be whole).
+pub(crate) fn percent_to_buckets(percent: f64, buckets: u32) -> u32 {
+    (percent * f64::from(buckets) / 100.0).round() as u32
 }
 
 /// A config file's bytes, read but not yet parsed, so a reload can skip unchanged files and

@@ -18,6 +18,9 @@ pub(super) struct File {
     pub variants: Vec<Spanned<Variant>>,
     #[serde(default, rename = "shadow")]
     pub shadows: Vec<Spanned<Shadow>>,
+    #[serde(default)]
+    pub metrics: Metrics,
+    pub canary: Option<Spanned<Canary>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -27,6 +30,7 @@ pub(super) struct Server {
     pub admin: Option<Spanned<String>>,
     pub variant_header: Option<Spanned<String>>,
     pub preserve_host: Option<bool>,
+    pub admin_token_file: Option<Spanned<String>>,
     /// Named in the spec for a later release; rejected with a clear message until then.
     pub tls: Option<Spanned<toml::Value>>,
 }
@@ -76,6 +80,55 @@ pub(super) struct Shadow {
     pub log_body_bytes: Option<Spanned<Size>>,
     pub log_max_size: Option<Spanned<Size>>,
     pub log_keep: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Metrics {
+    pub prediction: Option<Spanned<Pointers>>,
+    pub prediction_buckets: Option<Spanned<Vec<f64>>>,
+    pub prediction_max_bytes: Option<Spanned<Size>>,
+    pub prediction_classes: Option<Spanned<i64>>,
+}
+
+/// One JSON pointer or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum Pointers {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Canary {
+    pub variant: Spanned<String>,
+    pub baseline: Spanned<String>,
+    pub interval: Option<Spanned<String>>,
+    pub min_requests: Option<Spanned<i64>>,
+    pub failures_to_rollback: Option<Spanned<i64>>,
+    pub steps: Option<Spanned<Vec<f64>>>,
+    pub analyses_per_step: Option<Spanned<i64>>,
+    pub state_file: Option<String>,
+    pub webhook: Option<Spanned<String>>,
+    pub source: Option<Spanned<String>>,
+    pub prometheus_url: Option<Spanned<String>>,
+    #[serde(default)]
+    pub checks: Checks,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Checks {
+    pub max_error_rate: Option<Spanned<f64>>,
+    pub max_error_rate_increase: Option<Spanned<f64>>,
+    pub confidence: Option<Spanned<f64>>,
+    pub max_p99: Option<Spanned<String>>,
+    pub max_p99_ratio: Option<Spanned<f64>>,
+    pub p99_floor: Option<Spanned<String>>,
+    pub max_prediction_psi: Option<Spanned<f64>>,
+    pub min_predictions: Option<Spanned<i64>>,
+    pub srm_p_value: Option<Spanned<f64>>,
 }
 
 /// A byte size: an integer count of bytes or a string such as `"1MiB"`.

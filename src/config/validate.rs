@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::header::HeaderName;
@@ -11,7 +11,10 @@ use http::Uri;
 use toml::Spanned;
 
 use super::raw::{self, Size};
-use super::{Assignment, Config, ConfigError, Limits, Location, Server, Shadow, Upstream, Variant};
+use super::{
+    percent_to_buckets, Assignment, Canary, Checks, Config, ConfigError, Limits, Location, Metrics,
+    Server, Shadow, Upstream, Variant, DEFAULT_PREDICTION_BUCKETS,
+};
 use crate::assign::{OnMissing, UserIdSource};
 use crate::json_pointer::JsonPointer;
 
@@ -51,12 +54,18 @@ impl Validator<'_> {
                 format!("at most {MAX_SHADOWS} [[shadow]] entries are supported"),
             ));
         }
+        let canary = file
+            .canary
+            .map(|canary| self.canary(canary, &variants, assignment.buckets))
+            .transpose()?;
         Ok(Config {
             server: self.server(file.server)?,
+            metrics: self.metrics(file.metrics)?,
             limits,
             assignment,
             variants,
             shadows,
+            canary,
         })
     }
 
@@ -72,6 +81,255 @@ impl Validator<'_> {
             admin: self.socket_addr(server.admin, SocketAddr::from(([127, 0, 0, 1], 9090)))?,
             variant_header: self.variant_header(server.variant_header)?,
             preserve_host: server.preserve_host.unwrap_or(true),
+            admin_token_file: server
+                .admin_token_file
+                .map(|path| self.token_file(&path))
+                .transpose()?,
+        })
+    }
+
+    /// The token file must hold a token now, so that a typo is caught at `check`, not when an
+    /// operator needs to roll back.
+    fn token_file(&self, path: &Spanned<String>) -> Result<PathBuf> {
+        match std::fs::read_to_string(path.get_ref()) {
+            Ok(token) if !token.trim().is_empty() => Ok(PathBuf::from(path.get_ref())),
+            Ok(_) => Err(self.error(
+                path.span(),
+                format!("admin_token_file {:?} is empty", path.get_ref()),
+            )),
+            Err(err) => Err(self.error(
+                path.span(),
+                format!("cannot read admin_token_file {:?}: {err}", path.get_ref()),
+            )),
+        }
+    }
+
+    fn metrics(&self, metrics: raw::Metrics) -> Result<Metrics> {
+        let prediction = match metrics.prediction {
+            None => Vec::new(),
+            Some(spanned) => {
+                let span = spanned.span();
+                let texts = match spanned.into_inner() {
+                    raw::Pointers::One(text) => vec![text],
+                    raw::Pointers::Many(texts) => texts,
+                };
+                texts
+                    .iter()
+                    .map(|text| {
+                        JsonPointer::new(text).filter(|_| !text.is_empty()).ok_or_else(|| {
+                            self.error(
+                                span.clone(),
+                                format!("prediction must be a JSON pointer such as \"/prediction\", not {text:?}"),
+                            )
+                        })
+                    })
+                    .collect::<Result<_>>()?
+            }
+        };
+        let prediction_buckets = match metrics.prediction_buckets {
+            None => DEFAULT_PREDICTION_BUCKETS.to_vec(),
+            Some(buckets) => {
+                let list = buckets.get_ref();
+                let ascending = list.windows(2).all(|pair| pair[0] < pair[1]);
+                if list.is_empty() || !ascending || list.iter().any(|b| !b.is_finite()) {
+                    return Err(self.error(
+                        buckets.span(),
+                        "prediction_buckets must be a non-empty list of finite numbers in ascending order",
+                    ));
+                }
+                list.clone()
+            }
+        };
+        Ok(Metrics {
+            prediction,
+            prediction_buckets,
+            prediction_max_bytes: self.size(metrics.prediction_max_bytes, 64 * 1024)? as usize,
+            prediction_classes: self.count(metrics.prediction_classes, 20, "prediction_classes")?,
+        })
+    }
+
+    fn canary(
+        &self,
+        canary: Spanned<raw::Canary>,
+        variants: &[Variant],
+        buckets: u32,
+    ) -> Result<Canary> {
+        let canary = canary.into_inner();
+        let position = |name: &Spanned<String>| {
+            variants
+                .iter()
+                .position(|variant| &variant.name == name.get_ref())
+                .ok_or_else(|| {
+                    self.error(
+                        name.span(),
+                        format!(
+                            "[canary] names {:?}, which is not a [[variant]]",
+                            name.get_ref()
+                        ),
+                    )
+                })
+        };
+        let (c, b) = (position(&canary.variant)?, position(&canary.baseline)?);
+        if c == b {
+            return Err(self.error(
+                canary.baseline.span(),
+                "the canary's baseline must be another variant",
+            ));
+        }
+        // The canary grows by taking buckets from the baseline's edge: only neighbours in
+        // bucket order can trade buckets without moving anyone else's users.
+        if c.abs_diff(b) != 1 {
+            return Err(self.error(
+                canary.variant.span(),
+                format!(
+                    "the canary {:?} and its baseline {:?} must be next to each other in the file: \
+                     a ramp or rollback trades buckets between them, and with another variant \
+                     between them its users would move",
+                    canary.variant.get_ref(),
+                    canary.baseline.get_ref()
+                ),
+            ));
+        }
+        let pool = variants[c].weight + variants[b].weight;
+        let steps = match &canary.steps {
+            None => Vec::new(),
+            Some(steps) => self.steps(steps, pool, buckets)?,
+        };
+        if let Some(source) = &canary.source {
+            match source.get_ref().as_str() {
+                "local" => {}
+                "prometheus" => {
+                    return Err(self.error(
+                        source.span(),
+                        "source = \"prometheus\" (fleet-wide decisions) is not supported yet; \
+                         use \"local\"",
+                    ))
+                }
+                other => {
+                    return Err(self.error(
+                        source.span(),
+                        format!("source must be \"local\" or \"prometheus\", not {other:?}"),
+                    ))
+                }
+            }
+        }
+        if let Some(url) = &canary.prometheus_url {
+            return Err(self.error(url.span(), "prometheus_url needs source = \"prometheus\""));
+        }
+        let webhook = canary
+            .webhook
+            .map(|url| {
+                let uri: http::Uri = url.get_ref().parse().map_err(|_| {
+                    self.error(
+                        url.span(),
+                        format!("webhook {:?} is not a valid URL", url.get_ref()),
+                    )
+                })?;
+                if uri.scheme() != Some(&http::uri::Scheme::HTTP) || uri.authority().is_none() {
+                    return Err(self.error(
+                        url.span(),
+                        format!("webhook {:?} must be an http:// URL", url.get_ref()),
+                    ));
+                }
+                Ok(uri)
+            })
+            .transpose()?;
+        let min_requests = self.count(canary.min_requests, 100, "min_requests")? as u64;
+        Ok(Canary {
+            variant: canary.variant.into_inner(),
+            baseline: canary.baseline.into_inner(),
+            interval: self.duration(canary.interval, Duration::from_secs(60))?,
+            min_requests,
+            failures_to_rollback: self.count(
+                canary.failures_to_rollback,
+                3,
+                "failures_to_rollback",
+            )? as u32,
+            steps,
+            analyses_per_step: self.count(canary.analyses_per_step, 5, "analyses_per_step")? as u32,
+            state_file: canary.state_file.map(PathBuf::from),
+            webhook,
+            checks: self.checks(canary.checks, min_requests)?,
+        })
+    }
+
+    /// Ramp steps: increasing, whole buckets, and within what the canary and its baseline
+    /// hold together.
+    fn steps(&self, steps: &Spanned<Vec<f64>>, pool: f64, buckets: u32) -> Result<Vec<f64>> {
+        let list = steps.get_ref();
+        let invalid = |message: String| Err(self.error(steps.span(), message));
+        if list.is_empty() {
+            return invalid("steps must list at least one weight".into());
+        }
+        if !list.windows(2).all(|pair| pair[0] < pair[1]) {
+            return invalid(
+                "steps must increase: a ramp that shrinks would move users out of the canary"
+                    .into(),
+            );
+        }
+        for &step in list {
+            if !(step > 0.0 && step <= pool) {
+                return invalid(format!(
+                    "step {step} is outside 0 < step <= {pool} (the canary's and baseline's weights together)"
+                ));
+            }
+            let exact = step * f64::from(buckets) / 100.0;
+            if (exact - f64::from(percent_to_buckets(step, buckets))).abs() > 1e-6 {
+                return invalid(format!(
+                    "step {step} is not a whole number of buckets ({exact} of {buckets}); raise [assignment] buckets"
+                ));
+            }
+        }
+        Ok(list.clone())
+    }
+
+    fn checks(&self, checks: raw::Checks, min_requests: u64) -> Result<Checks> {
+        let rate =
+            |value: Option<Spanned<f64>>, what: &str, range: std::ops::RangeInclusive<f64>| {
+                value
+                    .map(|value| {
+                        let number = *value.get_ref();
+                        if range.contains(&number) {
+                            Ok(number)
+                        } else {
+                            Err(self.error(
+                                value.span(),
+                                format!(
+                                    "{what} must be from {} to {}, not {number}",
+                                    range.start(),
+                                    range.end()
+                                ),
+                            ))
+                        }
+                    })
+                    .transpose()
+            };
+        let optional_duration = |text: Option<Spanned<String>>| {
+            text.map(|text| self.duration(Some(text), Duration::ZERO))
+                .transpose()
+        };
+        Ok(Checks {
+            max_error_rate: rate(checks.max_error_rate, "max_error_rate", 0.0..=1.0)?,
+            max_error_rate_increase: rate(
+                checks.max_error_rate_increase,
+                "max_error_rate_increase",
+                0.0..=1.0,
+            )?,
+            confidence: rate(checks.confidence, "confidence", 0.5..=0.999_999)?.unwrap_or(0.99),
+            max_p99: optional_duration(checks.max_p99)?,
+            max_p99_ratio: rate(checks.max_p99_ratio, "max_p99_ratio", 1.0..=1000.0)?,
+            p99_floor: self.duration(checks.p99_floor, Duration::from_millis(5))?,
+            max_prediction_psi: rate(checks.max_prediction_psi, "max_prediction_psi", 0.0..=10.0)?,
+            min_predictions: self.count(
+                checks.min_predictions,
+                min_requests as usize,
+                "min_predictions",
+            )? as u64,
+            srm_p_value: match rate(checks.srm_p_value, "srm_p_value", 0.0..=0.5)? {
+                None => Some(0.001),
+                Some(0.0) => None,
+                Some(p) => Some(p),
+            },
         })
     }
 

@@ -13,6 +13,8 @@ use hyper::body::Incoming;
 use tokio::sync::watch;
 
 use super::upstream::Lease;
+use crate::prediction::{Inspection, Predictions};
+use std::sync::Arc;
 
 pin_project_lite::pin_project! {
     /// An enum rather than a boxed body: no allocation per response.
@@ -27,6 +29,7 @@ pin_project_lite::pin_project! {
             stall: Option<tokio::time::Sleep>,
             idle_timeout: Duration,
             capture: Option<Capture>,
+            inspection: Option<Inspection>,
             // The upstream connection is busy until this body is done: it goes back to the
             // pool when the body ends, and its place in the connection limit with it.
             lease: Lease,
@@ -48,8 +51,23 @@ impl ResponseBody {
             stall: None,
             idle_timeout,
             capture: None,
+            inspection: None,
             lease,
         }
+    }
+
+    /// Reads the answer's prediction once the whole body has gone to the client; an empty
+    /// body has none.
+    pub fn inspect(mut self, predictions: Arc<Predictions>) -> ResponseBody {
+        if let ResponseBody::Upstream {
+            body, inspection, ..
+        } = &mut self
+        {
+            if !body.is_end_stream() {
+                *inspection = Some(Inspection::new(predictions));
+            }
+        }
+        self
     }
 
     pub fn full(bytes: Bytes) -> ResponseBody {
@@ -67,6 +85,7 @@ impl ResponseBody {
                 stall,
                 idle_timeout,
                 capture: None,
+                inspection,
                 lease,
             } => {
                 let (sender, receiver) = watch::channel(None);
@@ -80,6 +99,7 @@ impl ResponseBody {
                     stall,
                     idle_timeout,
                     capture,
+                    inspection,
                     lease,
                 };
                 (body, Some(receiver))
@@ -130,6 +150,7 @@ impl Body for ResponseBody {
                 mut stall,
                 idle_timeout,
                 capture,
+                inspection,
                 lease,
             } => {
                 let frame = match body.as_mut().poll_frame(cx) {
@@ -158,6 +179,16 @@ impl Body for ResponseBody {
                 };
                 if ended {
                     lease.release();
+                }
+                if let Some(inspection) = inspection {
+                    if let Some(Ok(frame)) = &frame {
+                        if let Some(data) = frame.data_ref() {
+                            inspection.push(data);
+                        }
+                    }
+                    if ended {
+                        inspection.complete();
+                    }
                 }
                 if let Some(capture) = capture {
                     match &frame {

@@ -30,7 +30,7 @@ pub use listener::serve;
 
 use crate::config::Config;
 use crate::metrics::{Metrics, VariantMetrics};
-use crate::route::{Generation, Route};
+use crate::route::{Generation, Route, Unit};
 use mirror::Mirrors;
 use upstream::{Lease, SendError, UpstreamBody};
 
@@ -85,7 +85,7 @@ impl Proxy {
             Err(err) => return refuse(err.into(), tally),
         };
         let route = &generation.routes[assignment.route];
-        tally.assign(&route.metrics);
+        tally.assign(&route.metrics, assignment.unit);
 
         // 3. Choose the shadows that mirror this user; they need the body in memory.
         let mirrors = Mirrors::select(&generation.shadows, assignment.user_id.as_deref());
@@ -96,6 +96,7 @@ impl Proxy {
         }
 
         // 4. Forward to the variant's upstream, keeping a copy for the shadows.
+        let method = parts.method.clone();
         let mirror = mirrors.source(&parts, body.shared_bytes(), assignment.user_id);
         let request = forward::upstream_request(
             parts,
@@ -111,15 +112,19 @@ impl Proxy {
             Err(err) => Err(ProxyError::BadTarget(err)),
         };
 
-        // 5. Build the client's response.
+        // 5. Build the client's response; a successful answer's prediction is read as it
+        //    passes.
         let mut response = match response {
             Ok((upstream_response, lease)) => {
                 let (mut parts, body) = upstream_response.into_parts();
                 forward::client_response_headers(&mut parts.headers);
-                Response::from_parts(
-                    parts,
-                    ResponseBody::upstream(body, config.limits.request_timeout, lease),
-                )
+                let mut body = ResponseBody::upstream(body, config.limits.request_timeout, lease);
+                if let Some(predictions) = &route.predictions {
+                    if parts.status.is_success() && method != http::Method::HEAD {
+                        body = body.inspect(predictions.clone());
+                    }
+                }
+                Response::from_parts(parts, body)
             }
             Err(err) => err.into_response(),
         };
@@ -175,6 +180,7 @@ fn answered(
 /// cut when the shutdown grace period ends count as 499 too, as the process exits.)
 struct Tally<'a> {
     metrics: &'a VariantMetrics,
+    unit: Unit,
     started: Instant,
     counted: bool,
 }
@@ -183,17 +189,20 @@ impl<'a> Tally<'a> {
     fn new(unassigned: &'a VariantMetrics, started: Instant) -> Self {
         Tally {
             metrics: unassigned,
+            unit: Unit::Fixed,
             started,
             counted: false,
         }
     }
 
-    fn assign(&mut self, variant: &'a VariantMetrics) {
+    fn assign(&mut self, variant: &'a VariantMetrics, unit: Unit) {
         self.metrics = variant;
+        self.unit = unit;
     }
 
     fn answered(mut self, status: StatusCode) {
-        self.metrics.record(status, self.started.elapsed());
+        self.metrics
+            .record(status, self.started.elapsed(), self.unit);
         self.counted = true;
     }
 }
@@ -202,7 +211,7 @@ impl Drop for Tally<'_> {
     fn drop(&mut self) {
         if !self.counted {
             self.metrics
-                .record(CLIENT_CLOSED_REQUEST, self.started.elapsed());
+                .record(CLIENT_CLOSED_REQUEST, self.started.elapsed(), self.unit);
         }
     }
 }

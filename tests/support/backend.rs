@@ -42,6 +42,56 @@ enum Behaviour {
     StallMidBody,
     /// Answer one request as if keeping the connection alive, then close it.
     CloseAfterAnswer,
+    /// A model with the faults a canary can have.
+    Model(Model),
+}
+
+/// A model whose answers are counted: every `fail_every`-th is a 500, each takes `delay`, and
+/// predictions are spread evenly over [0, 1) (a golden-ratio sequence) plus `shift`.
+#[derive(Clone, Default)]
+pub struct Model {
+    pub fail_every: u64,
+    pub delay: Duration,
+    pub shift: f64,
+    answered: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Model {
+    pub fn healthy() -> Model {
+        Model::default()
+    }
+
+    pub fn failing_one_in(fail_every: u64) -> Model {
+        Model {
+            fail_every,
+            ..Model::default()
+        }
+    }
+
+    pub fn delayed(delay: Duration) -> Model {
+        Model {
+            delay,
+            ..Model::default()
+        }
+    }
+
+    pub fn shifted(shift: f64) -> Model {
+        Model {
+            shift,
+            ..Model::default()
+        }
+    }
+
+    fn answer(&self) -> (StatusCode, f64) {
+        let n = self.answered.fetch_add(1, Ordering::SeqCst) + 1;
+        let status = if self.fail_every > 0 && n % self.fail_every == 0 {
+            StatusCode::INTERNAL_SERVER_ERROR
+        } else {
+            StatusCode::OK
+        };
+        let spread = (n as f64 * 0.618_033_988_749_895).fract();
+        (status, spread + self.shift)
+    }
 }
 
 pub struct Backend {
@@ -92,6 +142,10 @@ impl Backend {
             },
         )
         .await
+    }
+
+    pub async fn model(name: &str, model: Model) -> Backend {
+        Self::spawn(name, Behaviour::Model(model)).await
     }
 
     pub async fn raw(name: &str, body: &'static str, content_type: &'static str) -> Backend {
@@ -258,7 +312,17 @@ async fn answer(
         headers: parts.headers,
         body,
     });
+    let mut status = StatusCode::OK;
     let (body, content_type) = match behaviour {
+        Behaviour::Model(model) => {
+            tokio::time::sleep(model.delay).await;
+            let (answered, prediction) = model.answer();
+            status = answered;
+            (
+                serde_json::json!({ "model": name, "prediction": prediction }).to_string(),
+                "application/json",
+            )
+        }
         Behaviour::Answer { prediction, delay } => {
             tokio::time::sleep(delay).await;
             (
@@ -275,7 +339,7 @@ async fn answer(
         }
     };
     Response::builder()
-        .status(StatusCode::OK)
+        .status(status)
         .header("content-type", content_type)
         .header("connection", "keep-alive, x-upstream-hop")
         .header("x-upstream-hop", "must not reach the client")

@@ -11,7 +11,7 @@ pub mod config_file;
 pub mod process;
 pub mod proxy;
 
-pub use backend::{Backend, Received};
+pub use backend::{Backend, Model, Received};
 pub use client::{Client, Reply};
 pub use config_file::{ConfigFile, Edit};
 pub use proxy::Proxy;

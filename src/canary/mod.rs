@@ -1,0 +1,390 @@
+//! The canary guard: every interval it judges the canary against its baseline from what the
+//! request path recorded, ramps the canary while it is healthy, and rolls it back when it is
+//! not, by changing the weights of the live config generation.
+//!
+//! The request path only adds to per-arm windows (`window`); everything else happens here,
+//! on the guard's own task, once an interval. The guard's decision is an overlay on the
+//! file's weights, applied whenever a generation is built, so it survives config reloads,
+//! and it is written to `state_file`, so it survives restarts.
+
+pub mod judge;
+pub mod run;
+pub mod stats;
+pub mod webhook;
+pub mod window;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Config};
+use crate::metrics::{CanaryMetrics, Metrics};
+use crate::reload::Reloader;
+use judge::{Analysis, Interval};
+use run::{Command, Event, Phase, Run};
+use webhook::Webhook;
+use window::ArmWindow;
+
+/// Analyses kept for `/canary`.
+const HISTORY: usize = 20;
+/// How often the guard looks for a `[canary]` section added by a reload.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// The guard's state, shared by its task, the reloader and the admin port.
+pub struct Guard {
+    metrics: Metrics,
+    /// One window per variant name, kept across generations so a reload loses no samples.
+    windows: Mutex<HashMap<String, Arc<ArmWindow>>>,
+    live: Mutex<Option<Live>>,
+    stop: CancellationToken,
+}
+
+/// A configured canary and its run.
+struct Live {
+    config: config::Canary,
+    run: Run,
+    /// The canary's weight in the config file, before the guard's overlay.
+    file_weight: f64,
+    history: VecDeque<Record>,
+    metrics: CanaryMetrics,
+    webhook: Option<(http::Uri, Webhook)>,
+}
+
+/// One analysis as `/canary` lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Record {
+    at: String,
+    #[serde(flatten)]
+    analysis: Analysis,
+}
+
+/// Why an operator's command was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("no [canary] section is configured")]
+    NoCanary,
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl Guard {
+    pub fn new(metrics: &Metrics, stop: CancellationToken) -> Guard {
+        Guard {
+            metrics: metrics.clone(),
+            windows: Mutex::default(),
+            live: Mutex::default(),
+            stop,
+        }
+    }
+
+    /// The window the request path records `variant`'s answers in, when the guard judges it.
+    pub fn window(&self, config: &Config, variant: &str) -> Option<Arc<ArmWindow>> {
+        let canary = config.canary.as_ref()?;
+        if variant != canary.variant && variant != canary.baseline {
+            return None;
+        }
+        let mut windows = lock(&self.windows);
+        Some(windows.entry(variant.to_owned()).or_default().clone())
+    }
+
+    /// Takes a config read from the file: continues the run it belongs to (from memory or
+    /// the state file) or starts a new one, and gives the canary the run's weight.
+    pub fn adopt(&self, config: &mut Config) {
+        let mut live = lock(&self.live);
+        let Some(canary) = config.canary.clone() else {
+            if let Some(old) = live.take() {
+                old.metrics.state(&states(), None);
+                old.metrics.weight.set(0.0);
+            }
+            return;
+        };
+        let file_weight = config.variant(&canary.variant).map_or(0.0, |v| v.weight);
+        let fingerprint = fingerprint(config, &canary);
+        let continued = match live.take() {
+            Some(old)
+                if old.run.fingerprint == fingerprint && old.config.variant == canary.variant =>
+            {
+                Some(old)
+            }
+            Some(old) => {
+                old.metrics.state(&states(), None);
+                None
+            }
+            None => None,
+        };
+        let mut next = match continued {
+            Some(mut old) => {
+                old.config = canary;
+                old.file_weight = file_weight;
+                old
+            }
+            None => {
+                let saved = canary.state_file.as_deref().and_then(Run::load);
+                let resumed = saved.filter(|run| run.fingerprint == fingerprint);
+                let started = resumed.is_none();
+                let run = resumed.unwrap_or_else(|| Run::new(fingerprint));
+                let mut fresh = Live {
+                    metrics: self.metrics.canary(&canary.variant),
+                    config: canary,
+                    run,
+                    file_weight,
+                    history: VecDeque::new(),
+                    webhook: None,
+                };
+                if started {
+                    // A new canary, or a new version of it: what the windows hold is about the old one.
+                    for window in lock(&self.windows).values() {
+                        window.take();
+                    }
+                    fresh.run.reason = Some("a new run started".into());
+                    self.changed(&mut fresh, Event::Started);
+                } else {
+                    tracing::info!(variant = %fresh.config.variant, state = fresh.run.phase.as_str(), "canary run resumed from the state file");
+                }
+                fresh
+            }
+        };
+        self.connect_webhook(&mut next);
+        let weight = next.run.weight(&next.config, next.file_weight);
+        config.set_canary_weight(weight);
+        next.metrics.weight.set(weight);
+        next.metrics.state(&states(), Some(next.run.phase.as_str()));
+        *live = Some(next);
+    }
+
+    /// Gives a copy of the live config the weight the run calls for now.
+    pub fn apply(&self, config: &mut Config) {
+        if let Some(live) = lock(&self.live).as_ref() {
+            config.set_canary_weight(live.run.weight(&live.config, live.file_weight));
+        }
+    }
+
+    /// Judges the canary every interval until shutdown.
+    pub async fn run(self: Arc<Self>, reloader: Arc<Reloader>) {
+        loop {
+            let interval = lock(&self.live)
+                .as_ref()
+                .map_or(IDLE_POLL, |live| live.config.interval);
+            let before = weights(&reloader.current().load().config);
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = self.stop.cancelled() => return,
+            }
+            let generation = reloader.current().load_full();
+            let Some(canary) = &generation.config.canary else {
+                continue;
+            };
+            let arm = |name: &str| self.window(&generation.config, name).map(|w| w.take());
+            let (Some(ours), Some(theirs)) = (arm(&canary.variant), arm(&canary.baseline)) else {
+                continue;
+            };
+            let now = weights(&generation.config);
+            let analysis = if now != before || now.is_none() {
+                None
+            } else {
+                now
+            }
+            .map(|(canary_weight, baseline_weight)| Interval {
+                canary: &ours,
+                baseline: &theirs,
+                canary_share: canary_weight / (canary_weight + baseline_weight),
+            });
+            let weight_changed = self.judge(analysis.as_ref());
+            if weight_changed {
+                reloader.rebuild().await;
+            }
+        }
+    }
+
+    /// Takes one interval (`None`: the weights changed during it, so it is not judged).
+    /// Returns whether the canary's weight changed.
+    fn judge(&self, interval: Option<&Interval<'_>>) -> bool {
+        let mut guard = lock(&self.live);
+        let Some(live) = guard.as_mut() else {
+            return false;
+        };
+        if live.run.phase != Phase::Running {
+            return false;
+        }
+        let Some(interval) = interval else {
+            tracing::info!(variant = %live.config.variant, "canary interval not judged: the weights changed during it");
+            return false;
+        };
+        let totals = &mut live.run.totals;
+        totals.canary_requests += interval.canary.requests;
+        totals.canary_failures += interval.canary.failures;
+        totals.baseline_requests += interval.baseline.requests;
+        totals.baseline_failures += interval.baseline.failures;
+        let analysis = judge::analyse(&live.config, interval, totals.proportions());
+        for check in &analysis.checks {
+            live.metrics.check(check.check, check.outcome.as_str());
+        }
+        tracing::info!(
+            variant = %live.config.variant,
+            verdict = ?analysis.verdict,
+            summary = %analysis.summary,
+            "canary analysis"
+        );
+        let before = live.run.weight(&live.config, live.file_weight);
+        let event = live.run.take(&analysis, &live.config);
+        if live.history.len() == HISTORY {
+            live.history.pop_front();
+        }
+        live.history.push_back(Record {
+            at: now_rfc3339(),
+            analysis,
+        });
+        match event {
+            Some(event) => self.changed(live, event),
+            None => save(live),
+        }
+        before != live.run.weight(&live.config, live.file_weight)
+    }
+
+    /// Carries out an operator's command; the caller rebuilds the generation if the weight
+    /// changed (the returned bool).
+    pub fn command(&self, command: Command) -> Result<bool, CommandError> {
+        let mut guard = lock(&self.live);
+        let live = guard.as_mut().ok_or(CommandError::NoCanary)?;
+        let before = live.run.weight(&live.config, live.file_weight);
+        let event = live
+            .run
+            .command(command, &live.config)
+            .map_err(CommandError::Refused)?;
+        self.changed(live, event);
+        Ok(before != live.run.weight(&live.config, live.file_weight))
+    }
+
+    /// Publishes a change of the run: metrics, log, state file, webhook.
+    fn changed(&self, live: &mut Live, event: Event) {
+        let weight = live.run.weight(&live.config, live.file_weight);
+        let reason = live.run.reason.clone().unwrap_or_default();
+        live.metrics.weight.set(weight);
+        live.metrics.state(&states(), Some(live.run.phase.as_str()));
+        if event == Event::RolledBack {
+            live.metrics.rollbacks.increment(1);
+            tracing::warn!(variant = %live.config.variant, baseline = %live.config.baseline, %reason, "canary rolled back");
+        } else {
+            tracing::info!(variant = %live.config.variant, event = event.as_str(), weight, %reason, "canary");
+        }
+        save(live);
+        if let Some((_, webhook)) = &live.webhook {
+            webhook.notify(json!({
+                "event": event.as_str(),
+                "variant": live.config.variant,
+                "baseline": live.config.baseline,
+                "state": live.run.phase.as_str(),
+                "weight": weight,
+                "reason": reason,
+                "at": now_rfc3339(),
+                "run_started": live.run.started,
+            }));
+        }
+    }
+
+    fn connect_webhook(&self, live: &mut Live) {
+        let wanted = live.config.webhook.clone();
+        let current = live.webhook.as_ref().map(|(url, _)| url.clone());
+        if wanted != current {
+            live.webhook = wanted.map(|url| (url.clone(), Webhook::start(url, self.stop.clone())));
+        }
+    }
+
+    /// What `GET /canary` answers.
+    pub fn status(&self) -> Value {
+        let guard = lock(&self.live);
+        let Some(live) = guard.as_ref() else {
+            return json!({ "enabled": false });
+        };
+        let config = &live.config;
+        let run = &live.run;
+        let step = (!config.steps.is_empty()).then(|| {
+            json!({
+                "index": run.step + 1,
+                "of": config.steps.len(),
+                "weight": config.steps[run.step.min(config.steps.len() - 1)],
+                "passed": run.passed,
+                "needed": config.analyses_per_step,
+            })
+        });
+        let history: Vec<&Record> = live.history.iter().rev().collect();
+        json!({
+            "enabled": true,
+            "variant": config.variant,
+            "baseline": config.baseline,
+            "state": run.phase.as_str(),
+            "reason": run.reason,
+            "weight": run.weight(config, live.file_weight),
+            "file_weight": live.file_weight,
+            "step": step,
+            "consecutive_failures": run.consecutive_failures,
+            "failures_to_rollback": config.failures_to_rollback,
+            "interval": humantime::format_duration(config.interval).to_string(),
+            "run_started": run.started,
+            "totals": run.totals,
+            "last_checks": history,
+        })
+    }
+
+    /// One line for `/status`.
+    pub fn summary(&self) -> Value {
+        let guard = lock(&self.live);
+        match guard.as_ref() {
+            None => Value::Null,
+            Some(live) => json!({
+                "variant": live.config.variant,
+                "state": live.run.phase.as_str(),
+                "weight": live.run.weight(&live.config, live.file_weight),
+                "reason": live.run.reason,
+            }),
+        }
+    }
+}
+
+fn save(live: &Live) {
+    let Some(path) = &live.config.state_file else {
+        return;
+    };
+    if let Err(err) = live.run.save(path) {
+        tracing::error!(path = %path.display(), error = %err, "cannot write the canary state file; a restart would forget this run");
+    }
+}
+
+/// A run belongs to one canary: its upstream and its `[canary]` section. Editing either
+/// starts a new run; editing weights or anything else does not.
+fn fingerprint(config: &Config, canary: &config::Canary) -> String {
+    let upstream = config
+        .variant(&canary.variant)
+        .map(|variant| variant.upstream.to_string())
+        .unwrap_or_default();
+    let digest = Sha256::new()
+        .chain_update(upstream.as_bytes())
+        .chain_update(format!("{canary:?}").as_bytes())
+        .finalize();
+    config::hex(&digest[..8])
+}
+
+/// The canary's and baseline's weights in a config.
+fn weights(config: &Config) -> Option<(f64, f64)> {
+    let canary = config.canary.as_ref()?;
+    Some((
+        config.variant(&canary.variant)?.weight,
+        config.variant(&canary.baseline)?.weight,
+    ))
+}
+
+fn states() -> [&'static str; 4] {
+    Phase::ALL.map(Phase::as_str)
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
