@@ -79,6 +79,14 @@ fn every_example_config_passes_check() {
     }
 }
 
+/// Control and treatment at 50 % each, on lines 1 to 8.
+macro_rules! two_variants {
+    () => {
+        "[[variant]]\nname = \"control\"\nupstream = \"http://127.0.0.1:1\"\nweight = 50\n\
+         [[variant]]\nname = \"treatment\"\nupstream = \"http://127.0.0.1:2\"\nweight = 50\n"
+    };
+}
+
 /// Each class of broken config, the line it breaks, and words the error must contain.
 const BROKEN: &[(&str, &str, usize, &str)] = &[
     ("bad TOML", "[assignment\n", 1, "expected"),
@@ -95,6 +103,19 @@ const BROKEN: &[(&str, &str, usize, &str)] = &[
     ("bad listen address", "[server]\nlisten = \"localhost\"\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 2, "IP:port"),
     ("TLS not yet supported", "[server]\n[server.tls]\ncert = \"a.pem\"\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 2, "not supported yet"),
     ("reserved variant header", "[server]\nvariant_header = \"content-length\"\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 2, "standard HTTP header"),
+    ("canary not a variant", concat!(two_variants!(), "[canary]\nvariant = \"treatmnt\"\nbaseline = \"control\"\n"), 10, "not a [[variant]]"),
+    ("canary its own baseline", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"treatment\"\n"), 11, "another variant"),
+    ("canary not next to its baseline", "[[variant]]\nname = \"control\"\nupstream = \"http://127.0.0.1:1\"\nweight = 50\n[[variant]]\nname = \"other\"\nupstream = \"http://127.0.0.1:3\"\nweight = 25\n[[variant]]\nname = \"treatment\"\nupstream = \"http://127.0.0.1:2\"\nweight = 25\n[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\n", 14, "next to each other"),
+    ("ramp that shrinks", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\nsteps = [10, 5]\n"), 12, "must increase"),
+    ("ramp beyond the pool", "[[variant]]\nname = \"other\"\nupstream = \"http://127.0.0.1:3\"\nweight = 60\n[[variant]]\nname = \"control\"\nupstream = \"http://127.0.0.1:1\"\nweight = 30\n[[variant]]\nname = \"treatment\"\nupstream = \"http://127.0.0.1:2\"\nweight = 10\n[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\nsteps = [10, 50]\n", 16, "outside 0 < step <= 40"),
+    ("ramp step not whole in buckets", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\nsteps = [0.5, 5]\n"), 12, "whole number of buckets"),
+    ("fleet source not yet supported", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\nsource = \"prometheus\"\n"), 12, "not supported yet"),
+    ("error rate over 1", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\n[canary.checks]\nmax_error_rate = 5\n"), 13, "from 0 to 1"),
+    ("typo in a check", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\n[canary.checks]\nmax_p99_ration = 1.5\n"), 13, "unknown field"),
+    ("webhook not http", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\nwebhook = \"ftp://x\"\n"), 12, "http://"),
+    ("prediction not a pointer", concat!("[metrics]\nprediction = \"prediction\"\n", two_variants!()), 2, "JSON pointer"),
+    ("prediction buckets out of order", concat!("[metrics]\nprediction_buckets = [1, 0.5]\n", two_variants!()), 2, "ascending"),
+    ("missing admin token file", concat!("[server]\nadmin_token_file = \"/nonexistent/token\"\n", two_variants!()), 2, "admin_token_file"),
     ("absurd queue size", "[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n[[shadow]]\nname = \"s\"\nupstream = \"http://127.0.0.1:2\"\nmax_queue = 9223372036854775807\n", 8, "from 1 to 65536"),
 ];
 

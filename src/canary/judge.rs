@@ -264,11 +264,11 @@ fn sample_ratio(interval: &Interval<'_>, alarm: f64) -> Check {
         check: "srm",
         outcome: pass_if(p >= alarm),
         detail: format!(
-            "{}sample ratio: canary has {} of users, {} configured (p = {})",
+            "{}: canary has {} of users, {} configured (p = {})",
             if p >= alarm {
-                ""
+                "sample ratio"
             } else {
-                "sample-ratio mismatch: "
+                "sample-ratio mismatch"
             },
             percent(observed),
             percent(interval.canary_share),
@@ -387,4 +387,332 @@ fn p_text(p: f64) -> String {
 
 fn millis(duration: Duration) -> String {
     format!("{:.1} ms", duration.as_secs_f64() * 1000.0)
+}
+
+/// The guard as a whole (these checks and `Run`'s consecutive-failure rule) on generated
+/// intervals: how often it rolls back a healthy canary, and how fast it catches a bad one.
+#[cfg(test)]
+mod simulation {
+    use super::*;
+    use crate::canary::run::{Phase, Run};
+    use crate::canary::stats::Estimate;
+    use crate::canary::window::{latency_bucket, LATENCY_BUCKETS};
+    use crate::config::Config;
+
+    /// What one arm does: its error rate, its typical latency and a shift of its predictions.
+    #[derive(Clone, Copy)]
+    struct Behaviour {
+        error_rate: f64,
+        latency_ms: f64,
+        shift: f64,
+    }
+
+    const PREDICTIONS_KEPT: u64 = 400;
+
+    const HEALTHY: Behaviour = Behaviour {
+        error_rate: 0.01,
+        latency_ms: 20.0,
+        shift: 0.0,
+    };
+
+    fn canary_config(keys: &str) -> Canary {
+        let text = format!(
+            "[[variant]]\nname = \"control\"\nupstream = \"http://127.0.0.1:1\"\nweight = 50\n\
+             [[variant]]\nname = \"treatment\"\nupstream = \"http://127.0.0.1:2\"\nweight = 50\n\
+             [canary]\nvariant = \"treatment\"\nbaseline = \"control\"\n{keys}"
+        );
+        Config::parse(&text, std::path::Path::new("simulated.toml"))
+            .expect("valid config")
+            .canary
+            .expect("a canary")
+    }
+
+    /// Failures among `n` requests, by geometric skips: O(failures), not O(n).
+    fn binomial(rng: &mut fastrand::Rng, n: u64, p: f64) -> u64 {
+        if p <= 0.0 {
+            return 0;
+        }
+        let (mut position, mut failures) = (0.0, 0);
+        loop {
+            position += ((1.0 - rng.f64()).ln() / (1.0 - p).ln()).floor() + 1.0;
+            if position > n as f64 {
+                return failures;
+            }
+            failures += 1;
+        }
+    }
+
+    fn normal(rng: &mut fastrand::Rng) -> f64 {
+        let (u, v) = (1.0 - rng.f64(), rng.f64());
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+
+    /// Log-normal latency factors, σ = 0.4 (a p99 about 2.5 × the median), drawn once: the
+    /// simulations draw millions.
+    fn latency_factors() -> &'static [f64] {
+        static FACTORS: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
+        FACTORS.get_or_init(|| {
+            let mut rng = fastrand::Rng::with_seed(1);
+            (0..4096).map(|_| (0.4 * normal(&mut rng)).exp()).collect()
+        })
+    }
+
+    /// One arm's interval: `requests` from as many users, with `behaviour`.
+    fn arm(rng: &mut fastrand::Rng, requests: u64, behaviour: Behaviour) -> ArmSample {
+        let mut latency = vec![0; LATENCY_BUCKETS];
+        // A sample of the predictions, as the window's reservoir keeps (smaller, to keep
+        // the simulations quick).
+        let mut predictions = Vec::with_capacity(requests.min(PREDICTIONS_KEPT) as usize);
+        let factors = latency_factors();
+        for _ in 0..requests {
+            let millis = behaviour.latency_ms * factors[rng.usize(..factors.len())];
+            latency[latency_bucket(Duration::from_micros((millis * 1000.0) as u64))] += 1;
+            if predictions.len() < predictions.capacity() {
+                predictions.push(rng.f64() + behaviour.shift);
+            }
+        }
+        ArmSample {
+            requests,
+            failures: binomial(rng, requests, behaviour.error_rate),
+            latency,
+            predictions,
+            classes: Vec::new(),
+            units: Estimate {
+                value: requests as f64,
+                variance: 0.0,
+            },
+        }
+    }
+
+    /// How a simulated run ended.
+    struct Ending {
+        phase: Phase,
+        /// Conclusive intervals until the run ended (or the limit).
+        judged: usize,
+    }
+
+    /// One run of at most `limit` intervals of `total` requests each, split by the run's weight.
+    fn simulate(
+        rng: &mut fastrand::Rng,
+        config: &Canary,
+        canary: Behaviour,
+        total: u64,
+        limit: usize,
+    ) -> Ending {
+        let mut run = Run::new("simulated".into());
+        let mut totals = Proportions {
+            canary_failures: 0,
+            canary_total: 0,
+            baseline_failures: 0,
+            baseline_total: 0,
+        };
+        let mut judged = 0;
+        for _ in 0..limit {
+            if run.phase != Phase::Running {
+                break;
+            }
+            let share = run.weight(config, 50.0) / 100.0;
+            // Each request's user lands in the canary with the configured share.
+            let canary_requests = (total as f64 * share
+                + (total as f64 * share * (1.0 - share)).sqrt() * normal(rng))
+            .round()
+            .max(0.0) as u64;
+            let ours = arm(rng, canary_requests, canary);
+            let theirs = arm(rng, total - canary_requests.min(total), HEALTHY);
+            totals.canary_failures += ours.failures;
+            totals.canary_total += ours.requests;
+            totals.baseline_failures += theirs.failures;
+            totals.baseline_total += theirs.requests;
+            let interval = Interval {
+                canary: &ours,
+                baseline: &theirs,
+                canary_share: share,
+            };
+            let analysis = analyse(config, &interval, totals);
+            if analysis.verdict != Verdict::Inconclusive {
+                judged += 1;
+            }
+            run.take(&analysis, config);
+        }
+        Ending {
+            phase: run.phase,
+            judged,
+        }
+    }
+
+    const ALL_CHECKS: &str =
+        "min_requests = 20\nsteps = [1, 5, 10, 25, 50]\nanalyses_per_step = 5\n\
+         [canary.checks]\nmax_error_rate = 0.05\nmax_error_rate_increase = 0.005\n\
+         confidence = 0.99\nmax_p99_ratio = 1.5\nmax_prediction_psi = 0.1\nmin_predictions = 30\n";
+
+    #[test]
+    fn a_healthy_canary_is_rarely_rolled_back_and_ramps_to_the_end() {
+        let config = canary_config(ALL_CHECKS);
+        let mut rng = fastrand::Rng::with_seed(11);
+        let runs = 200;
+        let mut rolled_back = 0;
+        let mut promoted = 0;
+        for _ in 0..runs {
+            match simulate(&mut rng, &config, HEALTHY, 3000, 60).phase {
+                Phase::RolledBack => rolled_back += 1,
+                Phase::Promoted => promoted += 1,
+                _ => {}
+            }
+        }
+        let alpha = 1.0 - config.checks.confidence;
+        let rate = f64::from(rolled_back) / f64::from(runs);
+        let margin = 3.0 * (alpha * (1.0 - alpha) / f64::from(runs)).sqrt();
+        println!("healthy: {rolled_back} of {runs} rolled back, {promoted} promoted");
+        assert!(rate <= alpha + margin, "false rollbacks: {rate}");
+        assert!(
+            promoted >= runs * 95 / 100,
+            "promoted: {promoted} of {runs}"
+        );
+    }
+
+    #[test]
+    fn a_canary_failing_five_percent_is_rolled_back_at_its_third_judged_interval() {
+        let config = canary_config(
+            "min_requests = 100\n[canary.checks]\nmax_error_rate = 0.02\nmax_error_rate_increase = 0.005\n",
+        );
+        let failing = Behaviour {
+            error_rate: 0.05,
+            ..HEALTHY
+        };
+        let mut rng = fastrand::Rng::with_seed(12);
+        let runs = 300;
+        let caught = (0..runs)
+            .map(|_| simulate(&mut rng, &config, failing, 600, 10))
+            .filter(|ending| ending.phase == Phase::RolledBack && ending.judged == 3)
+            .count();
+        assert!(
+            caught >= runs * 99 / 100,
+            "caught at the 3rd interval: {caught} of {runs}"
+        );
+    }
+
+    #[test]
+    fn the_sequential_test_alone_catches_a_real_increase_within_ten_intervals() {
+        let config =
+            canary_config("min_requests = 100\n[canary.checks]\nmax_error_rate_increase = 0.005\n");
+        let worse = Behaviour {
+            error_rate: 0.03,
+            ..HEALTHY
+        };
+        let mut rng = fastrand::Rng::with_seed(13);
+        let runs = 200;
+        let caught = (0..runs)
+            .map(|_| simulate(&mut rng, &config, worse, 1000, 10))
+            .filter(|ending| ending.phase == Phase::RolledBack)
+            .count();
+        assert!(
+            caught >= runs * 9 / 10,
+            "caught within 10 intervals: {caught} of {runs}"
+        );
+    }
+
+    #[test]
+    fn a_slow_or_drifting_canary_is_rolled_back() {
+        let mut rng = fastrand::Rng::with_seed(14);
+        let latency = canary_config("[canary.checks]\nmax_p99_ratio = 1.5\n");
+        let slow = Behaviour {
+            latency_ms: 60.0,
+            ..HEALTHY
+        };
+        let drift = canary_config("[canary.checks]\nmax_prediction_psi = 0.1\n");
+        let shifted = Behaviour {
+            shift: 0.3,
+            ..HEALTHY
+        };
+        for _ in 0..50 {
+            assert_eq!(
+                simulate(&mut rng, &latency, slow, 1000, 3).phase,
+                Phase::RolledBack
+            );
+            assert_eq!(
+                simulate(&mut rng, &drift, shifted, 1000, 3).phase,
+                Phase::RolledBack
+            );
+        }
+    }
+
+    #[test]
+    fn a_sample_ratio_mismatch_is_reported_and_nothing_else_is_judged() {
+        let config = canary_config("[canary.checks]\nmax_error_rate = 0.01\n");
+        let mut rng = fastrand::Rng::with_seed(15);
+        // Half the canary's 50 % share: 250 of 1000 users.
+        let ours = arm(
+            &mut rng,
+            250,
+            Behaviour {
+                error_rate: 0.5,
+                ..HEALTHY
+            },
+        );
+        let theirs = arm(&mut rng, 750, HEALTHY);
+        let interval = Interval {
+            canary: &ours,
+            baseline: &theirs,
+            canary_share: 0.5,
+        };
+        let analysis = analyse(
+            &config,
+            &interval,
+            Proportions {
+                canary_failures: 0,
+                canary_total: 0,
+                baseline_failures: 0,
+                baseline_total: 0,
+            },
+        );
+        assert_eq!(analysis.verdict, Verdict::Fail);
+        let outcomes: Vec<(&str, Outcome)> = analysis
+            .checks
+            .iter()
+            .map(|c| (c.check, c.outcome))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [("srm", Outcome::Fail), ("error_rate", Outcome::Skipped)]
+        );
+        assert!(
+            analysis.summary.starts_with(
+                "sample-ratio mismatch: canary has 25.0 % of users, 50.0 % configured"
+            ),
+            "{}",
+            analysis.summary
+        );
+    }
+
+    #[test]
+    fn too_little_traffic_is_inconclusive_whatever_the_figures() {
+        let config = canary_config("min_requests = 100\n[canary.checks]\nmax_error_rate = 0.01\n");
+        let mut rng = fastrand::Rng::with_seed(16);
+        let ours = arm(
+            &mut rng,
+            99,
+            Behaviour {
+                error_rate: 1.0,
+                ..HEALTHY
+            },
+        );
+        let theirs = arm(&mut rng, 5000, HEALTHY);
+        let interval = Interval {
+            canary: &ours,
+            baseline: &theirs,
+            canary_share: 0.5,
+        };
+        let zero = Proportions {
+            canary_failures: 0,
+            canary_total: 0,
+            baseline_failures: 0,
+            baseline_total: 0,
+        };
+        let analysis = analyse(&config, &interval, zero);
+        assert_eq!(analysis.verdict, Verdict::Inconclusive);
+        assert_eq!(
+            analysis.summary,
+            "too little traffic: treatment 99 and control 5000 requests, 100 each needed"
+        );
+    }
 }

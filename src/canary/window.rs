@@ -18,7 +18,7 @@ const EXACT_MICROS: u64 = 64;
 /// Buckets per power of two above that: a p99 read from them is within 1/32 (3 %).
 const SUB_BUCKETS: u64 = 32;
 const OCTAVES: u64 = 30;
-const LATENCY_BUCKETS: usize = (EXACT_MICROS + OCTAVES * SUB_BUCKETS) as usize;
+pub(crate) const LATENCY_BUCKETS: usize = (EXACT_MICROS + OCTAVES * SUB_BUCKETS) as usize;
 /// Predictions kept per arm per interval, as a uniform sample of all that were seen.
 const RESERVOIR: usize = 4096;
 /// Bits of the distinct-user sketch: below ~100,000 users an interval its counting error is
@@ -138,7 +138,7 @@ pub fn is_failure(status: StatusCode) -> bool {
     status.is_server_error() || status.as_u16() == 499
 }
 
-fn latency_bucket(elapsed: Duration) -> usize {
+pub(crate) fn latency_bucket(elapsed: Duration) -> usize {
     let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
     if micros < EXACT_MICROS {
         return micros as usize;
