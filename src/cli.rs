@@ -222,7 +222,71 @@ fn check(path: &Path) -> CliResult {
                 .unwrap_or_default()
         );
     }
+    if !config.metrics.prediction.is_empty() {
+        let pointers: Vec<&str> = config
+            .metrics
+            .prediction
+            .iter()
+            .map(|p| p.as_str())
+            .collect();
+        println!(
+            "predictions read at {} (answers up to {} bytes)",
+            pointers.join(" or "),
+            config.metrics.prediction_max_bytes
+        );
+    }
+    if let Some(canary) = &config.canary {
+        println!("{}", describe_canary(canary));
+    }
     Ok(())
+}
+
+/// The guard's plan in words, so a reviewer of the config sees what it will do.
+fn describe_canary(canary: &crate::config::Canary) -> String {
+    let ramp = if canary.steps.is_empty() {
+        "held at its weight".to_owned()
+    } else {
+        let steps: Vec<String> = canary.steps.iter().map(ToString::to_string).collect();
+        format!(
+            "ramped {} % after {} passing analyses a step",
+            steps.join(" -> "),
+            canary.analyses_per_step
+        )
+    };
+    let checks = &canary.checks;
+    let mut judged = Vec::new();
+    if let Some(p) = checks.srm_p_value {
+        judged.push(format!("sample ratio (p < {p})"));
+    }
+    if let Some(rate) = checks.max_error_rate {
+        judged.push(format!("error rate <= {rate}"));
+    }
+    if let Some(margin) = checks.max_error_rate_increase {
+        judged.push(format!(
+            "error rate at most {margin} over {}'s ({} confidence, sequential)",
+            canary.baseline, checks.confidence
+        ));
+    }
+    if let Some(p99) = checks.max_p99 {
+        judged.push(format!("p99 <= {}", humantime::format_duration(p99)));
+    }
+    if let Some(ratio) = checks.max_p99_ratio {
+        judged.push(format!("p99 <= {ratio} x {}'s", canary.baseline));
+    }
+    if let Some(psi) = checks.max_prediction_psi {
+        judged.push(format!("prediction PSI <= {psi}"));
+    }
+    format!(
+        "canary {} against {}: judged every {} from {} requests an arm; {}; rolled back after {} \
+         consecutive failures\n  checks: {}",
+        canary.variant,
+        canary.baseline,
+        humantime::format_duration(canary.interval),
+        canary.min_requests,
+        ramp,
+        canary.failures_to_rollback,
+        judged.join(", ")
+    )
 }
 
 fn assign(path: &Path, ids: &[String]) -> CliResult {

@@ -126,6 +126,9 @@ pub fn instructions(proxy: SocketAddr, admin: SocketAddr, config: &std::path::Pa
          curl -s -H 'x-force-variant: treatment' http://{proxy}/predict   # QA override\n\n\
          Shadow: every request is mirrored to the candidate model; see\n  \
          curl -s http://{admin}/metrics | grep abproxy_shadow_   and demo-shadow.jsonl\n\n\
+         Canary guard: the treatment is judged against control every 10 s; see\n  \
+         curl -s http://{admin}/canary   or   abproxy canary status --admin http://{admin}\n  \
+         roll it back by hand: abproxy canary rollback --admin http://{admin}\n\n\
          Metrics: http://{admin}/metrics   Status: http://{admin}/status\n\
          Edit {} to shift the weights while it runs; Ctrl-C stops.\n",
         config.display()

@@ -567,3 +567,33 @@ async fn without_a_canary_the_endpoints_say_so() {
     assert_eq!(reply.status, 404);
     assert!(reply.error().contains("no [canary]"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_hears_of_each_change_of_the_run() {
+    let control = Backend::model("control", Model::healthy()).await;
+    let treatment = Backend::model("treatment", Model::healthy()).await;
+    let deployer = Backend::start("deployer").await;
+    let proxy = Proxy::start(&canary_config(
+        &control,
+        &treatment,
+        &format!("webhook = \"{}/hooks/abproxy\"", deployer.url()),
+        "max_error_rate = 0.01",
+    ))
+    .await;
+    proxy.admin.post("/canary/rollback", "").send().await;
+
+    eventually(Duration::from_secs(10), || async { deployer.count() == 2 }).await;
+    let events: Vec<serde_json::Value> = deployer
+        .received()
+        .iter()
+        .map(|request| serde_json::from_slice(&request.body).expect("a JSON event"))
+        .collect();
+    assert_eq!(events[0]["event"], "started");
+    assert_eq!(events[1]["event"], "rolled_back");
+    assert_eq!(events[1]["state"], "rolled_back");
+    assert_eq!(events[1]["weight"], 0.0);
+    assert_eq!(events[1]["reason"], "rolled back by an operator");
+    let request = &deployer.received()[1];
+    assert_eq!(request.method, "POST");
+    assert_eq!(request.uri.path(), "/hooks/abproxy");
+}

@@ -135,6 +135,7 @@ impl Guard {
                     history: VecDeque::new(),
                     webhook: None,
                 };
+                self.connect_webhook(&mut fresh);
                 if started {
                     // A new canary, or a new version of it: what the windows hold is about the old one.
                     for window in lock(&self.windows).values() {
@@ -182,27 +183,26 @@ impl Guard {
             let (Some(ours), Some(theirs)) = (arm(&canary.variant), arm(&canary.baseline)) else {
                 continue;
             };
+            // An interval whose weights changed midway (a reload, an operator) mixes two
+            // splits: its sample ratio means nothing, so it is not judged.
             let now = weights(&generation.config);
-            let analysis = if now != before || now.is_none() {
-                None
-            } else {
-                now
-            }
-            .map(|(canary_weight, baseline_weight)| Interval {
-                canary: &ours,
-                baseline: &theirs,
-                canary_share: canary_weight / (canary_weight + baseline_weight),
-            });
-            let weight_changed = self.judge(analysis.as_ref());
+            let interval = now
+                .filter(|_| now == before)
+                .map(|(canary_weight, baseline_weight)| Interval {
+                    canary: &ours,
+                    baseline: &theirs,
+                    canary_share: canary_weight / (canary_weight + baseline_weight),
+                });
+            let weight_changed = self.conclude(interval.as_ref());
             if weight_changed {
                 reloader.rebuild().await;
             }
         }
     }
 
-    /// Takes one interval (`None`: the weights changed during it, so it is not judged).
+    /// Judges one interval (`None`: the weights changed during it) and moves the run on.
     /// Returns whether the canary's weight changed.
-    fn judge(&self, interval: Option<&Interval<'_>>) -> bool {
+    fn conclude(&self, interval: Option<&Interval<'_>>) -> bool {
         let mut guard = lock(&self.live);
         let Some(live) = guard.as_mut() else {
             return false;

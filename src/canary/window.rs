@@ -1,7 +1,7 @@
 //! What the guard learns about one arm during one interval, recorded by the request path
 //! without a lock and taken whole by the guard at the end of the interval.
 //!
-//! Every recording is a few relaxed atomic operations on memory of fixed size (about 30 KiB
+//! Every recording is a few relaxed atomic operations on memory of fixed size (about 75 KiB
 //! an arm, whatever the traffic). A sample that lands while the guard takes the window is
 //! counted in this interval or the next, never lost and never twice.
 
