@@ -15,6 +15,8 @@
 # What it does: builds the release binaries, starts three loadtest-backend processes
 # (control, treatment, candidate), then for each scenario
 #   split   80/20 split on the x-user-id header                 nginx, abproxy, direct
+#   predict the split + [metrics] prediction = "/prediction" and a [canary] guard of
+#           treatment against control (no steps: weights stay 80/20)       abproxy
 #   mirror  the split + every request mirrored to candidate     nginx, abproxy
 # and each proxy (nginx: 1 worker; abproxy: --threads 1) measures
 #   throughput  loadtest --mode max, 64 connections, --duration
@@ -23,9 +25,11 @@
 #               stime (kernel) part of it
 #   peak RSS    VmHWM of the proxy after a 1000-connection run
 # The proxy runs on CPU 0, backends and the load generator on CPU 1 (taskset). Proxies are
-# restarted for every repetition and the nginx/abproxy order alternates. Everything listens on
-# 127.0.0.1 only. A Markdown report goes to stdout, progress to stderr. With the defaults a
-# run takes about 7 minutes; --quick about 1.
+# restarted for every repetition and the nginx/abproxy order alternates. nginx has nothing like
+# predict: it runs within the split's repetitions, next to abproxy's split run (order alternating
+# too), and the report compares the two runs' CPU per request, as a ratio and in µs.
+# Everything listens on 127.0.0.1 only. A Markdown report goes to stdout, progress to stderr.
+# With the defaults a run takes about 10 minutes; --quick about 1.
 #
 # Needs: cargo, taskset, curl, jq or python3, nginx (Debian nginx-light; installed with
 # apt-get when missing and running as root).
@@ -196,6 +200,9 @@ BACKEND=$TARGET_DIR/release/loadtest-backend
 for bin in "$ABPROXY" "$LOADTEST" "$BACKEND"; do
     [[ -x $bin ]] || die "$bin is missing (drop --skip-build?)"
 done
+# The code measured is the one built now: others may commit while the runs go on.
+revision=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [[ -n $(git -C "$REPO" status --porcelain 2>/dev/null) ]]; then revision+=" (uncommitted changes)"; fi
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for port in "$PORT_CONTROL" "$PORT_TREATMENT" "$PORT_CANDIDATE" "$PORT_NGINX" "$PORT_ABPROXY" \
@@ -306,7 +313,7 @@ http {
 EOF
 }
 
-# $1 scenario (split | mirror)
+# $1 scenario (split | mirror | predict)
 write_abproxy_conf() {
     local file=$TMP/abproxy-$1.toml
     cat >"$file" <<EOF
@@ -347,13 +354,38 @@ max_queue = 4096
 max_concurrency = 64
 EOF
     fi
+    if [[ $1 == predict ]]; then
+        # Tables after the variants: TOML puts every key after a header into that table. The
+        # canary has no steps, so the guard judges every interval but never moves the weights
+        # (only three failed intervals in a row would roll it back, to 0 %; the report shows the
+        # guard's state after each run).
+        cat >>"$file" <<EOF
+
+[metrics]
+prediction = "/prediction"
+
+[canary]
+variant = "treatment"
+baseline = "control"
+interval = "10s"
+min_requests = 100
+
+[canary.checks]
+max_error_rate = 0.05
+max_error_rate_increase = 0.01
+max_p99_ratio = 2
+max_prediction_psi = 0.2
+EOF
+    fi
 }
 
-for scenario in split mirror; do
-    write_nginx_conf "$scenario"
+for scenario in split mirror predict; do
+    if [[ $scenario != predict ]]; then
+        write_nginx_conf "$scenario"
+        "$NGINX" -t -q -e "$TMP/nginx-$scenario/error.log" -c "$TMP/nginx-$scenario/nginx.conf" \
+            >&2 || die "nginx rejects its $scenario config"
+    fi
     write_abproxy_conf "$scenario"
-    "$NGINX" -t -q -e "$TMP/nginx-$scenario/error.log" -c "$TMP/nginx-$scenario/nginx.conf" \
-        >&2 || die "nginx rejects its $scenario config"
     RUST_LOG=warn "$ABPROXY" check --config "$TMP/abproxy-$scenario.toml" >/dev/null ||
         die "abproxy rejects its $scenario config"
 done
@@ -447,6 +479,13 @@ abproxy_shadow_dropped() {
         awk '/^abproxy_shadow_requests_total\{.*result="dropped"/ { n += $NF } END { print n + 0 }'
 }
 
+# Predictions abproxy has read so far (answers counted in its abproxy_prediction histogram;
+# rendering /metrics folds the pending samples in first).
+abproxy_predictions() {
+    curl -sf --max-time 5 "http://127.0.0.1:$PORT_ADMIN/metrics" |
+        awk '/^abproxy_prediction_count\{/ { n += $NF } END { print n + 0 }'
+}
+
 # ---------------------------------------------------------------------------------------------
 # The load generator, on CPU 1, always bounded.
 
@@ -504,9 +543,10 @@ check_errors() {
 measure_proxy() {
     local scenario=$1 proxy=$2 rep=$3 key=$1/$2 out=$TMP/$1-$2-$3
     local user_before system_before user_after system_after system_ticks ticks
-    local opens_before line tput p99 answers elapsed control_pct dropped=0
-    local mirroring=0
+    local opens_before line tput p99 answers elapsed control_pct dropped=0 predictions=0
+    local mirroring=0 predicting=0
     [[ $proxy == abproxy && $scenario == mirror ]] && mirroring=1
+    [[ $scenario == predict ]] && predicting=1
     log "$scenario / $proxy (repetition $rep of $REPEATS)"
     start_proxy "$proxy" "$scenario"
 
@@ -514,6 +554,7 @@ measure_proxy() {
     load "$out-warmup.json" "$PROXY_URL" --duration "$WARMUP" --connections "$CONNECTIONS"
 
     ((mirroring)) && dropped=$(abproxy_shadow_dropped)
+    ((predicting)) && predictions=$(abproxy_predictions)
     opens_before=$(tcp_active_opens)
     read -r user_before system_before < <(proxy_cpu_ticks)
     load "$out-max.json" "$PROXY_URL" --mode max --duration "$DURATION" \
@@ -529,6 +570,7 @@ measure_proxy() {
     record "$key/cpu_us" "$(us_per_answer "$ticks" "$answers")"
     # The kernel's share: TCP on loopback, charged to the proxy whichever proxy it is.
     record "$key/sys_us" "$(us_per_answer "$system_ticks" "$answers")"
+    record "$key/user_us" "$(us_per_answer $((ticks - system_ticks)) "$answers")"
     record "$key/busy" "$(awk -v t="$ticks" -v hz="$CLK_TCK" -v s="$elapsed" \
         'BEGIN { printf "%.2f", (s > 0 ? t / hz / s : 0) }')"
     record "$key/control_pct" "$control_pct"
@@ -542,6 +584,13 @@ measure_proxy() {
         record "$key/drop_max_pct" "$(awk -v d="$dropped" -v n="$answers" \
             'BEGIN { printf "%.1f", (n > 0 ? d * 100 / n : 0) }')"
         log "  max:  $dropped shadow requests dropped"
+    fi
+    if ((predicting)); then
+        # Every answer is JSON with a prediction, so this is 100 % unless reading is skipped.
+        predictions=$(($(abproxy_predictions) - predictions))
+        record "$key/read_pct" "$(awk -v p="$predictions" -v n="$answers" \
+            'BEGIN { printf "%.1f", (n > 0 ? p * 100 / n : 0) }')"
+        log "  max:  $predictions predictions read"
     fi
 
     # Lets a mirror backlog from the max run drain before latency is measured.
@@ -576,6 +625,26 @@ measure_proxy() {
     if ((mirroring)); then
         curl -sf --max-time 5 "http://127.0.0.1:$PORT_ADMIN/metrics" |
             grep '^abproxy_shadow' >"$out-shadow-metrics.txt" || true
+    fi
+    if ((predicting)); then
+        # The guard's state at the end of the run: it must still hold treatment at 20 %.
+        local state weight failed
+        curl -sf --max-time 5 "http://127.0.0.1:$PORT_ADMIN/metrics" |
+            grep -E '^abproxy_(canary|prediction_unread)' >"$out-canary-metrics.txt" || true
+        state=$(sed -n 's/^abproxy_canary_state{.*state="\([a-z_]*\)"} 1$/\1/p' \
+            "$out-canary-metrics.txt" | head -n 1)
+        weight=$(awk '/^abproxy_canary_weight_percent/ { print $NF; exit }' "$out-canary-metrics.txt")
+        failed=$(awk '/^abproxy_canary_checks_total\{.*outcome="fail"/ { n += $NF } END { print n + 0 }' \
+            "$out-canary-metrics.txt")
+        record "$key/guard" "${state:-unknown}@${weight:-nan}%"
+        record "$key/checks" "$(awk '/^abproxy_canary_checks_total/ { n += $NF } END { print n + 0 }' \
+            "$out-canary-metrics.txt")"
+        record "$key/failed" "$failed"
+        if [[ $state != running || $weight != 20 ]] || ((failed > 0)); then
+            note "$key" "run $rep: canary guard ${state:-unknown} at ${weight:-?} %, $failed failed checks"
+            log "  warning: canary guard ${state:-unknown} at ${weight:-?} %, $failed failed checks"
+        fi
+        log "  guard: ${state:-unknown} at ${weight:-?} %, $failed failed checks"
     fi
     if [[ $proxy == nginx ]]; then
         local master_kib
@@ -617,9 +686,17 @@ measure_direct() {
 STARTED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 for scenario in split mirror; do
     for ((rep = 1; rep <= REPEATS; rep++)); do
-        if ((rep % 2)); then order=(nginx abproxy); else order=(abproxy nginx); fi
-        for proxy in "${order[@]}"; do
-            measure_proxy "$scenario" "$proxy" "$rep"
+        # "scenario/proxy" runs: nginx next to abproxy, and in the split's repetitions abproxy's
+        # predict run next to its split run; every other repetition in reverse order.
+        runs=("$scenario/nginx" "$scenario/abproxy")
+        [[ $scenario == split ]] && runs+=(predict/abproxy)
+        if ((rep % 2 == 0)); then
+            order=()
+            for ((i = ${#runs[@]} - 1; i >= 0; i--)); do order+=("${runs[i]}"); done
+            runs=("${order[@]}")
+        fi
+        for run in "${runs[@]}"; do
+            measure_proxy "${run%/*}" "${run#*/}" "$rep"
         done
         [[ $scenario == split ]] && measure_direct "$rep"
     done
@@ -645,8 +722,6 @@ ratio() {
 }
 
 cpu_model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
-revision=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ -n $(git -C "$REPO" status --porcelain 2>/dev/null) ]]; then revision+=" (uncommitted changes)"; fi
 nginx_version=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')
 
 echo "## abproxy vs nginx"
@@ -665,9 +740,12 @@ echo "- command: \`$COMMAND_LINE\`"
 echo
 echo "| scenario | proxy | throughput (req/s) | p99 at $RATE req/s (µs) | proxy CPU at max (µs/req) | of which kernel (µs/req) | proxy CPU at $RATE req/s (µs/req) | proxy CPU busy (cores) | peak RSS (MiB) |"
 echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-for scenario in split mirror; do
-    proxies=(nginx abproxy)
-    [[ $scenario == split ]] && proxies+=(direct)
+for scenario in split mirror predict; do
+    case $scenario in
+        split) proxies=(nginx abproxy direct) ;;
+        mirror) proxies=(nginx abproxy) ;;
+        predict) proxies=(abproxy) ;;
+    esac
     for proxy in "${proxies[@]}"; do
         key=$scenario/$proxy
         rss=$(med "$key/rss_kib")
@@ -678,13 +756,16 @@ for scenario in split mirror; do
             "$(fmt '%.1f' "$(med "$key/rate_cpu_us")")" \
             "$(fmt '%.2f' "$(med "$key/busy")")" "$(fmt '%.1f' "$rss")"
     done
-    printf '| %s | **abproxy / nginx** | %s | %s | %s | %s | %s | | %s |\n' "$scenario" \
-        "$(ratio "$(med "$scenario/abproxy/tput")" "$(med "$scenario/nginx/tput")")" \
-        "$(ratio "$(med "$scenario/abproxy/p99")" "$(med "$scenario/nginx/p99")")" \
-        "$(ratio "$(med "$scenario/abproxy/cpu_us")" "$(med "$scenario/nginx/cpu_us")")" \
-        "$(ratio "$(med "$scenario/abproxy/sys_us")" "$(med "$scenario/nginx/sys_us")")" \
-        "$(ratio "$(med "$scenario/abproxy/rate_cpu_us")" "$(med "$scenario/nginx/rate_cpu_us")")" \
-        "$(ratio "$(med "$scenario/abproxy/rss_kib")" "$(med "$scenario/nginx/rss_kib")")"
+    # abproxy against nginx; predict, which nginx has no equivalent of, against abproxy's split.
+    over=$scenario/abproxy under=$scenario/nginx label="abproxy / nginx"
+    [[ $scenario == predict ]] && under=split/abproxy label="predict / split (abproxy)"
+    printf '| %s | **%s** | %s | %s | %s | %s | %s | | %s |\n' "$scenario" "$label" \
+        "$(ratio "$(med "$over/tput")" "$(med "$under/tput")")" \
+        "$(ratio "$(med "$over/p99")" "$(med "$under/p99")")" \
+        "$(ratio "$(med "$over/cpu_us")" "$(med "$under/cpu_us")")" \
+        "$(ratio "$(med "$over/sys_us")" "$(med "$under/sys_us")")" \
+        "$(ratio "$(med "$over/rate_cpu_us")" "$(med "$under/rate_cpu_us")")" \
+        "$(ratio "$(med "$over/rss_kib")" "$(med "$under/rss_kib")")"
 done
 # Ratios of the two runs of each repetition, which ran minutes apart at most: this machine's
 # speed drifts over minutes, and a ratio of neighbours shows how far that moves the figure.
@@ -700,6 +781,75 @@ for scenario in split mirror; do
     echo "$scenario: throughput $(pair_ratios "$scenario" tput); CPU at max $(pair_ratios \
         "$scenario" cpu_us); p99 $(pair_ratios "$scenario" p99)."
 done
+
+# predict against split, both abproxy: per repetition (the two runs next to each other), then
+# the medians of the runs and of the per-repetition ratios and differences.
+nth() { # $1 key, $2 repetition from 1: that repetition's value, or nan
+    local values
+    read -ra values <<<"${RESULTS[$1]:-}"
+    echo "${values[$2 - 1]:-nan}"
+}
+quotient() { # $1 / $2 to 4 places, or nan
+    awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan" || b == "nan" || a == "" || b + 0 == 0)
+        print "nan"; else printf "%.4f\n", a / b }'
+}
+difference() { # $1 - $2 with a sign, or nan
+    awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan" || b == "nan" || a == "" || b == "")
+        print "nan"; else printf "%+.2f\n", a - b }'
+}
+commas() { # the space-separated values $1 as "a, b, c", or — when there are none
+    local values
+    read -ra values <<<"${1:-}"
+    if ((${#values[@]} == 0)); then printf '—'; else printf '%s, ' "${values[@]}" | sed 's/, $//'; fi
+}
+span() { # the smallest and largest of the space-separated numbers $1: "a to b", or "a"
+    # shellcheck disable=SC2086 # word splitting of the space-separated values is intended
+    printf '%s\n' $1 | awk 'NF && $1 != "nan"' | sort -g | sed -n '1p;$p' | uniq | paste -sd ' ' |
+        sed 's/ / to /'
+}
+declare -A PAIRED=()  # metric/ratio and metric/diff -> space-separated values, one per repetition
+echo
+echo "predict against split, abproxy (the two runs of each repetition next to each other): CPU per"
+echo "request at max load, in all and in user space (the kernel's part is the rest), and at $RATE req/s:"
+echo
+echo "| repetition | throughput split / predict (req/s) | CPU split / predict (µs/req) | predict / split | predict − split (µs/req) | user CPU split / predict (µs/req) | predict / split | predict − split (µs/req) | at $RATE req/s: predict − split (µs/req) |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+for ((rep = 1; rep <= REPEATS; rep++)); do
+    row=()
+    for metric in cpu_us user_us rate_cpu_us; do
+        a=$(nth "predict/abproxy/$metric" "$rep") b=$(nth "split/abproxy/$metric" "$rep")
+        q=$(quotient "$a" "$b") d=$(difference "$a" "$b")
+        PAIRED[$metric/ratio]="${PAIRED[$metric/ratio]:-} $q"
+        PAIRED[$metric/diff]="${PAIRED[$metric/diff]:-} $d"
+        row+=("$(fmt '%.2f' "$b") / $(fmt '%.2f' "$a")" "$(fmt '%.3f×' "$q")" "$(fmt '%+.2f' "$d")")
+    done
+    printf '| %s | %s / %s | %s | %s | %s | %s | %s | %s | %s |\n' "$rep" \
+        "$(fmt '%.0f' "$(nth split/abproxy/tput "$rep")")" \
+        "$(fmt '%.0f' "$(nth predict/abproxy/tput "$rep")")" "${row[@]:0:6}" "${row[8]}"
+done
+printf '| median | %s / %s | %s / %s | %s | %s | %s / %s | %s | %s | %s |\n' \
+    "$(fmt '%.0f' "$(med split/abproxy/tput)")" "$(fmt '%.0f' "$(med predict/abproxy/tput)")" \
+    "$(fmt '%.2f' "$(med split/abproxy/cpu_us)")" "$(fmt '%.2f' "$(med predict/abproxy/cpu_us)")" \
+    "$(fmt '%.3f×' "$(median "${PAIRED[cpu_us/ratio]}")")" \
+    "$(fmt '%+.2f' "$(median "${PAIRED[cpu_us/diff]}")")" \
+    "$(fmt '%.2f' "$(med split/abproxy/user_us)")" "$(fmt '%.2f' "$(med predict/abproxy/user_us)")" \
+    "$(fmt '%.3f×' "$(median "${PAIRED[user_us/ratio]}")")" \
+    "$(fmt '%+.2f' "$(median "${PAIRED[user_us/diff]}")")" \
+    "$(fmt '%+.2f' "$(median "${PAIRED[rate_cpu_us/diff]}")")"
+echo
+echo "The median row: medians of the runs, then of the per-repetition ratios and differences."
+cpu_diff=$(median "${PAIRED[cpu_us/diff]}")
+user_diff=$(median "${PAIRED[user_us/diff]}")
+verdict=$(awk -v d="$cpu_diff" 'BEGIN { if (d == "nan") print "not measured";
+    else if (d < 1) print "met"; else print "not met" }')
+echo "Aim of issue 11, predict under 1 µs of CPU per request more than split: median difference" \
+    "$(fmt '%+.2f' "$cpu_diff") µs (user space $(fmt '%+.2f' "$user_diff") µs; repetitions" \
+    "$(span "${PAIRED[cpu_us/diff]}") µs): $verdict."
+echo "Share of answers whose prediction abproxy read, predict max runs:" \
+    "$(commas "${RESULTS[predict/abproxy/read_pct]:-}") %. The canary guard after each predict run" \
+    "(state@weight): $(commas "${RESULTS[predict/abproxy/guard]:-}"); checks judged:" \
+    "$(commas "${RESULTS[predict/abproxy/checks]:-}"), of which failed:" \
+    "$(commas "${RESULTS[predict/abproxy/failed]:-}")."
 echo
 echo "Throughput: higher is better; p99, CPU and RSS: lower is better. \"CPU busy\" is the proxy's"
 echo "CPU time over the max run's wall time: near 1.00 the proxy was the bottleneck, well below it"
@@ -708,13 +858,14 @@ echo "the worker's (master: $(fmt '%.1f' "$(awk -v k="$(med split/nginx/master_k
     'BEGIN { if (k == "nan") print "nan"; else print k / 1024 }')") MiB more)."
 echo "nginx splits with \`split_clients\` (MurmurHash2), abproxy with SHA-256 buckets: same 80/20"
 echo "shares, different users per variant. Control share of requests seen in the max runs:"
-echo "nginx $(fmt '%.1f' "$(med split/nginx/control_pct)") %, abproxy $(fmt '%.1f' "$(med split/abproxy/control_pct)") %."
+echo "nginx $(fmt '%.1f' "$(med split/nginx/control_pct)") %, abproxy $(fmt '%.1f' "$(med split/abproxy/control_pct)") %," \
+    "abproxy predict $(fmt '%.1f' "$(med predict/abproxy/control_pct)") %."
 echo "In the rate runs the achieved rate was: $(for key in split/nginx split/abproxy split/direct \
-    mirror/nginx mirror/abproxy; do printf '%s %s, ' "$key" "$(fmt '%.0f' "$(med "$key/rate_tput")")"; done |
+    mirror/nginx mirror/abproxy predict/abproxy; do printf '%s %s, ' "$key" "$(fmt '%.0f' "$(med "$key/rate_tput")")"; done |
     sed 's/, $//') req/s."
 echo "TCP connections opened per 1000 requests during the max runs (system-wide ActiveOpens, so"
 echo "the load generator's $CONNECTIONS count too; near 0 means upstream keep-alive works):" \
-    "$(for key in split/nginx split/abproxy mirror/nginx mirror/abproxy; do
+    "$(for key in split/nginx split/abproxy mirror/nginx mirror/abproxy predict/abproxy; do
         printf '%s %s, ' "$key" "$(fmt '%.1f' "$(med "$key/opens_per_k")")"
     done | sed 's/, $//')."
 echo "Mirroring: nginx mirrors every request (the next request on a client connection waits for"
@@ -723,7 +874,7 @@ echo "max_concurrency 64) and counts it. abproxy's share of requests not mirrore
     "$(fmt '%.1f' "$(med mirror/abproxy/drop_max_pct)") % in the max runs," \
     "$(fmt '%.1f' "$(med mirror/abproxy/drop_rate_pct)") % at $RATE req/s."
 remarks=0
-for key in split/nginx split/abproxy split/direct mirror/nginx mirror/abproxy; do
+for key in split/nginx split/abproxy split/direct mirror/nginx mirror/abproxy predict/abproxy; do
     if [[ -n ${NOTES[$key]:-} ]]; then
         ((remarks++)) || { echo; echo "Remarks:"; echo; }
         while IFS= read -r line; do

@@ -597,3 +597,43 @@ async fn the_webhook_hears_of_each_change_of_the_run() {
     assert_eq!(request.method, "POST");
     assert_eq!(request.uri.path(), "/hooks/abproxy");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_shows_the_canary_and_rolls_it_back() {
+    let control = Backend::model("control", Model::healthy()).await;
+    let treatment = Backend::model("treatment", Model::healthy()).await;
+    let proxy = Proxy::start(&canary_config(
+        &control,
+        &treatment,
+        "",
+        "max_error_rate = 0.01",
+    ))
+    .await;
+    let admin = format!("http://{}", proxy.admin_addr);
+    let abproxy = |action: &'static str| {
+        let admin = admin.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_abproxy"))
+                .args(["canary", action, "--admin", &admin])
+                .output()
+                .expect("abproxy runs")
+        })
+    };
+
+    let status = abproxy("status").await.expect("joined");
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{table}");
+    assert!(table.contains("treatment (baseline control)"), "{table}");
+    assert!(table.contains("running"), "{table}");
+
+    let rollback = abproxy("rollback").await.expect("joined");
+    assert!(
+        rollback.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rollback.stderr)
+    );
+    assert_eq!(canary(&proxy).await["state"], "rolled_back");
+    let again = abproxy("rollback").await.expect("joined");
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already rolled back"));
+}

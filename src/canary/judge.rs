@@ -195,15 +195,22 @@ pub fn analyse(config: &Canary, interval: &Interval<'_>, cumulative: Proportions
     if let Some(limit) = checks.max_p99_ratio {
         analysis.checks.push(match (p99(canary), p99(baseline)) {
             (Some(ours), Some(theirs)) => {
-                let ratio = ours.as_secs_f64() / theirs.max(checks.p99_floor).as_secs_f64();
+                let floored = theirs < checks.p99_floor;
+                let reference = theirs.max(checks.p99_floor);
+                let ratio = ours.as_secs_f64() / reference.as_secs_f64();
                 Check {
                     check: "p99_ratio",
                     outcome: pass_if(ratio <= limit),
                     detail: format!(
-                        "p99 {} vs {} {} ({ratio:.2}× {} {limit}×)",
+                        "p99 {} vs {} {}{} ({ratio:.2}× {} {limit}×)",
                         millis(ours),
                         config.baseline,
                         millis(theirs),
+                        if floored {
+                            format!(", read as the {} floor", millis(reference))
+                        } else {
+                            String::new()
+                        },
                         if ratio <= limit { "<=" } else { ">" },
                     ),
                     p_value: None,
