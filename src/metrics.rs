@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use crate::canary::window::ArmWindow;
 use crate::prediction::{ClassTable, Unread};
 use crate::route;
+use crate::upstream::UpstreamErrorKind;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -326,28 +327,6 @@ impl VariantMetrics {
 
     pub fn set_weight(&self, percent: f64) {
         self.weight.set(percent);
-    }
-}
-
-/// Why an upstream exchange failed, as the `kind` label says it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamErrorKind {
-    Connect = 0,
-    Timeout = 1,
-    Reset = 2,
-    Protocol = 3,
-}
-
-impl UpstreamErrorKind {
-    const ALL: [UpstreamErrorKind; 4] = [Self::Connect, Self::Timeout, Self::Reset, Self::Protocol];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Connect => "connect",
-            Self::Timeout => "timeout",
-            Self::Reset => "reset",
-            Self::Protocol => "protocol",
-        }
     }
 }
 

@@ -14,8 +14,8 @@ use crate::canary::Guard;
 use crate::config::{Config, Loaded};
 use crate::metrics::{Metrics, VariantMetrics};
 use crate::prediction::Predictions;
-use crate::proxy::upstream::Upstream;
 use crate::shadow::{Background, ShadowTarget};
+use crate::upstream::Upstream;
 
 /// One config, ready to serve.
 pub struct Generation {

@@ -12,8 +12,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::sync::watch;
 
-use super::upstream::Lease;
 use crate::prediction::{Inspection, Predictions};
+use crate::upstream::Lease;
 use std::sync::Arc;
 
 pin_project_lite::pin_project! {

@@ -5,9 +5,8 @@ use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Response, StatusCode};
 
 use super::body::ResponseBody;
-use super::upstream::UpstreamError;
-use crate::metrics::UpstreamErrorKind;
 use crate::route::AssignError;
+use crate::upstream::{UpstreamError, UpstreamErrorKind};
 
 /// nginx's "client closed request": no standard code exists for an answer nobody waited for.
 pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
@@ -72,31 +71,4 @@ impl ProxyError {
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         response
     }
-}
-
-/// Whether a client body error means the client's connection closed under it (a 499), rather
-/// than a body that was malformed (a 400).
-pub(super) fn client_went_away(err: &(dyn std::error::Error + 'static)) -> bool {
-    let Some(err) = err.downcast_ref::<hyper::Error>() else {
-        return false;
-    };
-    let cause = std::error::Error::source(err);
-    err.is_incomplete_message()
-        || err.is_closed()
-        || cause
-            .and_then(|cause| cause.downcast_ref::<std::io::Error>())
-            .is_some_and(connection_closed)
-        // An h2c client resets its stream, goes away, or drops the connection.
-        || cause
-            .and_then(|cause| cause.downcast_ref::<h2::Error>())
-            .is_some_and(|h2| (h2.is_remote() && (h2.is_reset() || h2.is_go_away())) || h2.is_io())
-}
-
-/// An I/O error that means the peer closed or reset the connection, whichever peer it was.
-pub(super) fn connection_closed(io: &std::io::Error) -> bool {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
-    matches!(
-        io.kind(),
-        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
-    )
 }

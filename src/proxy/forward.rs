@@ -9,7 +9,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Request, Version};
 
-use super::upstream::{Upstream, UpstreamBody};
+use crate::upstream::{Upstream, UpstreamBody};
 
 static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,

@@ -12,9 +12,9 @@ use http::{HeaderMap, Method, Request, Response};
 use http_body::Body as _;
 
 use super::body::ResponseBody;
-use super::detach;
-use super::upstream::UpstreamBody;
+use crate::detach;
 use crate::shadow::{self, Mirror, ShadowTarget};
+use crate::upstream::UpstreamBody;
 
 /// The shadows mirroring one request, as a bit set over `Generation::shadows` (config
 /// validation caps shadows at 64).

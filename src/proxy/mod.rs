@@ -1,13 +1,11 @@
 //! The request path: accept, assign, forward, respond.
 
 mod body;
-mod detach;
 mod error;
 mod forward;
 mod listener;
 mod mirror;
 mod stall;
-pub mod upstream;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,15 +22,16 @@ use metrics::Gauge;
 
 pub use body::ResponseBody;
 pub use error::ProxyError;
-use error::{client_went_away, CLIENT_CLOSED_REQUEST};
+use error::CLIENT_CLOSED_REQUEST;
 pub use forward::Peer;
 pub use listener::serve;
 
 use crate::config::Config;
+use crate::detach;
 use crate::metrics::{Metrics, VariantMetrics};
 use crate::route::{Generation, Route, Unit};
+use crate::upstream::{client_went_away, Lease, SendError, UpstreamBody};
 use mirror::Mirrors;
-use upstream::{Lease, SendError, UpstreamBody};
 
 /// State shared by every connection: the live generation and process-wide metrics.
 pub struct Proxy {

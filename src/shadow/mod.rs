@@ -29,8 +29,9 @@ pub use log::ShadowLog;
 
 use crate::assign::bucket;
 use crate::config::{self, hex};
-use crate::metrics::{Metrics, ShadowMetrics, UpstreamErrorKind};
-use crate::proxy::upstream::{SendError, Upstream};
+use crate::metrics::{Metrics, ShadowMetrics};
+use crate::upstream::UpstreamErrorKind;
+use crate::upstream::{SendError, Upstream};
 
 static SHADOW_MARKER: HeaderName = HeaderName::from_static("x-abproxy-shadow");
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -365,7 +366,7 @@ impl Worker {
     fn request(
         &self,
         mirror: &Mirror,
-    ) -> Result<Request<crate::proxy::upstream::UpstreamBody>, http::Error> {
+    ) -> Result<Request<crate::upstream::UpstreamBody>, http::Error> {
         let mut request = Request::new(Either::Right(Full::new(mirror.body.clone())));
         *request.method_mut() = mirror.method.clone();
         *request.uri_mut() = self.upstream.uri_for(mirror.path_and_query.as_ref())?;

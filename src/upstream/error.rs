@@ -1,0 +1,139 @@
+//! What an upstream's failures mean: for the metrics' `kind` label and the client's status.
+
+use std::error::Error as _;
+
+/// Why an exchange brought no response.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The client hung up mid-upload while its body streamed upstream: not the upstream's
+    /// failure, and not counted as one.
+    #[error("the client closed the connection during its upload: {0}")]
+    ClientGone(String),
+    /// The client's streamed body was malformed (bad chunked encoding, say).
+    #[error("the client's request body failed: {0}")]
+    ClientBody(String),
+}
+
+impl SendError {
+    pub(super) fn from_hyper(err: &hyper::Error) -> SendError {
+        // The request body is the client's `Incoming` or infallible `Full`, so a hyper error
+        // below hyper's own is the client connection's.
+        let mut source = err.source();
+        while let Some(cause) = source {
+            if cause.is::<hyper::Error>() {
+                return if client_went_away(cause) {
+                    SendError::ClientGone(cause.to_string())
+                } else {
+                    SendError::ClientBody(cause.to_string())
+                };
+            }
+            source = cause.source();
+        }
+        SendError::Upstream(UpstreamError::from_hyper(err))
+    }
+}
+
+/// A failed exchange with an upstream, classified for metrics and status codes.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: {detail}", kind.as_str())]
+pub struct UpstreamError {
+    pub kind: UpstreamErrorKind,
+    pub detail: String,
+}
+
+impl UpstreamError {
+    pub(super) fn from_hyper(err: &hyper::Error) -> UpstreamError {
+        let mut detail = err.to_string();
+        let mut source = err.source();
+        while let Some(cause) = source {
+            detail.push_str(": ");
+            detail.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        UpstreamError {
+            kind: classify(err),
+            detail,
+        }
+    }
+
+    pub(super) fn closed() -> UpstreamError {
+        UpstreamError {
+            kind: UpstreamErrorKind::Connect,
+            detail: "the upstream's connection pool is closed".into(),
+        }
+    }
+}
+
+fn classify(err: &hyper::Error) -> UpstreamErrorKind {
+    if err.is_incomplete_message() || err.is_canceled() || err.is_closed() {
+        return UpstreamErrorKind::Reset;
+    }
+    if err.is_timeout() {
+        return UpstreamErrorKind::Timeout;
+    }
+    let mut source = err.source();
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if connection_closed(io) {
+                return UpstreamErrorKind::Reset;
+            }
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return UpstreamErrorKind::Timeout;
+            }
+        }
+        source = cause.source();
+    }
+    UpstreamErrorKind::Protocol
+}
+
+/// Whether a client body error means the client's connection closed under it (a 499), rather
+/// than a body that was malformed (a 400).
+pub(crate) fn client_went_away(err: &(dyn std::error::Error + 'static)) -> bool {
+    let Some(err) = err.downcast_ref::<hyper::Error>() else {
+        return false;
+    };
+    let cause = std::error::Error::source(err);
+    err.is_incomplete_message()
+        || err.is_closed()
+        || cause
+            .and_then(|cause| cause.downcast_ref::<std::io::Error>())
+            .is_some_and(connection_closed)
+        // An h2c client resets its stream, goes away, or drops the connection.
+        || cause
+            .and_then(|cause| cause.downcast_ref::<h2::Error>())
+            .is_some_and(|h2| (h2.is_remote() && (h2.is_reset() || h2.is_go_away())) || h2.is_io())
+}
+
+/// An I/O error that means the peer closed or reset the connection, whichever peer it was.
+pub(crate) fn connection_closed(io: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    matches!(
+        io.kind(),
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+    )
+}
+
+/// Why an upstream exchange failed, as the `kind` label says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    Connect = 0,
+    Timeout = 1,
+    Reset = 2,
+    Protocol = 3,
+}
+
+impl UpstreamErrorKind {
+    pub const ALL: [UpstreamErrorKind; 4] =
+        [Self::Connect, Self::Timeout, Self::Reset, Self::Protocol];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Timeout => "timeout",
+            Self::Reset => "reset",
+            Self::Protocol => "protocol",
+        }
+    }
+}
