@@ -657,3 +657,108 @@ async fn connect_tunnels_are_refused_with_405() {
     assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
     assert_eq!(backend.count(), 0);
 }
+
+/// Reads what the proxy answered on a raw connection, up to the end of the head.
+async fn status_line(stream: &mut TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_stalled_upload_is_a_408_for_the_variant_not_an_upstream_timeout() {
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(&backend, "[limits]\nclient_body_timeout = \"300ms\"").await;
+    let mut stream = upload_under_way(
+        &proxy,
+        &backend,
+        b"POST /predict HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\ncontent-length: 100\r\n\r\n{\"inputs\":",
+    )
+    .await;
+    assert_eq!(
+        status_line(&mut stream).await,
+        "HTTP/1.1 408 Request Timeout"
+    );
+    proxy.wait_for_requests("control", "408", 1.0).await;
+    assert_eq!(
+        proxy.metric("abproxy_upstream_errors_total", &[]).await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn an_upload_still_under_way_when_the_answer_is_due_is_the_clients_delay() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(
+        &backend,
+        "[limits]\nrequest_timeout = \"500ms\"\nclient_body_timeout = \"10s\"",
+    )
+    .await;
+    let mut stream = upload_under_way(
+        &proxy,
+        &backend,
+        b"POST /predict HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\ncontent-length: 100\r\n\r\n{",
+    )
+    .await;
+    // A slow but steady client: never paused long enough for client_body_timeout.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = stream.write_all(b" ").await;
+    }
+    assert_eq!(
+        status_line(&mut stream).await,
+        "HTTP/1.1 408 Request Timeout"
+    );
+    proxy.wait_for_requests("control", "408", 1.0).await;
+    assert_eq!(
+        proxy.metric("abproxy_upstream_errors_total", &[]).await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_upload_read_for_a_json_source_is_a_408() {
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(
+        &backend,
+        "[limits]\nclient_body_timeout = \"300ms\"\n[assignment]\nsources = [\"json:/user_id\"]",
+    )
+    .await;
+    let mut stream = sending(
+        &proxy,
+        b"POST /predict HTTP/1.1\r\nhost: abproxy\r\ncontent-length: 100\r\n\r\n{\"user_id\":",
+    )
+    .await;
+    assert_eq!(
+        status_line(&mut stream).await,
+        "HTTP/1.1 408 Request Timeout"
+    );
+    proxy.wait_for_requests("none", "408", 1.0).await;
+    assert_eq!(backend.count(), 0);
+}
+
+#[tokio::test]
+async fn an_upstream_that_does_not_answer_a_whole_upload_is_still_its_timeout() {
+    let backend = Backend::blackhole("control").await;
+    let proxy = one_variant(&backend, "[limits]\nrequest_timeout = \"300ms\"").await;
+    let reply = proxy
+        .client
+        .post("/predict", "{\"inputs\": [1, 2, 3]}")
+        .user("alice")
+        .send()
+        .await;
+    assert_eq!(reply.status, 504);
+    assert_eq!(proxy.upstream_errors("control", "timeout").await, 1.0);
+}

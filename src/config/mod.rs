@@ -59,6 +59,8 @@ pub struct Limits {
     pub max_upstream_connections: usize,
     /// How long in-flight requests may run on after SIGTERM.
     pub shutdown_grace: Duration,
+    /// How long a client may pause while sending its request body before it gets a 408.
+    pub client_body_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -43,6 +43,7 @@ pub(super) struct Limits {
     pub connect_timeout: Option<Spanned<String>>,
     pub max_upstream_connections: Option<Spanned<i64>>,
     pub shutdown_grace: Option<Spanned<String>>,
+    pub client_body_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -344,6 +344,8 @@ impl Validator<'_> {
                 "max_upstream_connections",
             )?,
             shutdown_grace: self.duration(limits.shutdown_grace, Duration::from_secs(30))?,
+            client_body_timeout: self
+                .duration(limits.client_body_timeout, Duration::from_secs(30))?,
         })
     }
 

@@ -26,6 +26,11 @@ pub enum ProxyError {
     /// request is still counted, as nginx does, with 499.
     #[error("the client closed the connection before sending its whole request: {0}")]
     ClientGone(String),
+    /// The client stopped sending its request (`client_body_timeout`), or was still sending
+    /// it when the answer was due: its own delay, answered 408 and never counted against the
+    /// variant's upstream.
+    #[error("request timeout: {0}")]
+    ClientTimeout(String),
     #[error(transparent)]
     Assign(#[from] AssignError),
     #[error("cannot build upstream request: {0}")]
@@ -44,6 +49,7 @@ impl ProxyError {
             ProxyError::Connect => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientGone(_) => CLIENT_CLOSED_REQUEST,
+            ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BodyRead(_) | ProxyError::Assign(_) | ProxyError::BadTarget(_) => {
                 StatusCode::BAD_REQUEST
             }

@@ -26,11 +26,14 @@ use error::CLIENT_CLOSED_REQUEST;
 pub use forward::Peer;
 pub use listener::serve;
 
-use crate::config::Config;
+use crate::config::{Config, Limits};
 use crate::detach;
 use crate::metrics::{Metrics, VariantMetrics};
 use crate::route::{Generation, Route, Unit};
-use crate::upstream::{client_went_away, Lease, SendError, UpstreamBody};
+use crate::upstream::{
+    client_went_away, Lease, SendError, Upload, UploadError, UploadProgress, UpstreamBody,
+    UpstreamErrorKind,
+};
 use mirror::Mirrors;
 
 /// State shared by every connection: the live generation and process-wide metrics.
@@ -69,8 +72,9 @@ impl Proxy {
         }
 
         // 1. Read the body only when a `json:` source needs it; otherwise it streams through.
+        let limits = &config.limits;
         let mut body = if generation.needs_body(&parts) {
-            match read_body(&parts, body, config.limits.max_body).await {
+            match read_body(&parts, body, limits).await {
                 Ok(bytes) => RequestBody::Buffered(bytes),
                 Err(err) => return refuse(err, tally),
             }
@@ -89,7 +93,7 @@ impl Proxy {
         // 3. Choose the shadows that mirror this user; they need the body in memory.
         let mirrors = Mirrors::select(&generation.shadows, assignment.user_id.as_deref());
         if !mirrors.is_empty() {
-            if let Err(err) = body.buffer_for_mirror(&parts, config.limits.max_body).await {
+            if let Err(err) = body.buffer_for_mirror(&parts, limits).await {
                 return answered(route, err.into_response(), tally, config);
             }
         }
@@ -97,9 +101,10 @@ impl Proxy {
         // 4. Forward to the variant's upstream, keeping a copy for the shadows.
         let method = parts.method.clone();
         let mirror = mirrors.source(&parts, body.shared_bytes(), assignment.user_id);
+        let (upload, progress) = body.into_upstream(limits.client_body_timeout);
         let request = forward::upstream_request(
             parts,
-            body.into_upstream(),
+            upload,
             &route.upstream,
             client,
             config.server.preserve_host,
@@ -107,7 +112,7 @@ impl Proxy {
         let mirror =
             mirror.and_then(|source| source.copy(request.as_ref().ok(), &generation.shadows));
         let response = match request {
-            Ok(request) => send(route, request, config.limits.request_timeout).await,
+            Ok(request) => send(route, request, limits.request_timeout, progress).await,
             Err(err) => Err(ProxyError::BadTarget(err)),
         };
 
@@ -215,17 +220,29 @@ impl Drop for Tally<'_> {
     }
 }
 
-/// Sends the request to the route's upstream, counting a failure against the variant.
+/// Sends the request to the route's upstream, counting a failure against the variant
+/// unless it was the client's doing.
 async fn send(
     route: &Route,
     request: Request<UpstreamBody>,
     timeout: Duration,
+    upload: Option<UploadProgress>,
 ) -> Result<(Response<Incoming>, Lease), ProxyError> {
     route
         .upstream
         .send(request, timeout)
         .await
         .map_err(|err| match err {
+            // The answer was due while the upstream still waited for the client's body.
+            SendError::Upstream(source)
+                if source.kind == UpstreamErrorKind::Timeout
+                    && upload.as_ref().is_some_and(UploadProgress::waiting_on_client) =>
+            {
+                ProxyError::ClientTimeout(format!(
+                    "the client was still sending its request body after {}",
+                    humantime::format_duration(timeout)
+                ))
+            }
             SendError::Upstream(source) => {
                 route.metrics.upstream_error(source.kind);
                 tracing::debug!(variant = %route.name, upstream = %route.upstream.target(), error = %source, "upstream failed");
@@ -233,21 +250,30 @@ async fn send(
             }
             SendError::ClientGone(detail) => ProxyError::ClientGone(detail),
             SendError::ClientBody(detail) => ProxyError::BodyRead(detail),
+            SendError::ClientStalled(detail) => ProxyError::ClientTimeout(detail),
         })
 }
 
-/// Buffers a request body up to `limit` bytes; larger bodies are a 413, not a memory spike.
-async fn read_body(parts: &Parts, body: Incoming, limit: u64) -> Result<Bytes, ProxyError> {
+/// Buffers a request body up to `max_body` bytes; larger bodies are a 413, not a memory
+/// spike, and a client that stops sending for `client_body_timeout` gets a 408.
+async fn read_body(parts: &Parts, body: Incoming, limits: &Limits) -> Result<Bytes, ProxyError> {
+    let limit = limits.max_body;
     if declared_length(parts).is_some_and(|length| length > limit) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
-    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    let (upload, _) = Upload::new(body, limits.client_body_timeout);
+    let limited = Limited::new(upload, usize::try_from(limit).unwrap_or(usize::MAX));
     match limited.collect().await {
         // Copied when small: it may wait in a queue, and must not pin the read buffer then.
         Ok(collected) => Ok(detach::body(collected.to_bytes())),
         Err(err) if err.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
-        Err(err) if client_went_away(&*err) => Err(ProxyError::ClientGone(err.to_string())),
-        Err(err) => Err(ProxyError::BodyRead(err.to_string())),
+        Err(err) => Err(match err.downcast_ref::<UploadError>() {
+            Some(UploadError::Stalled(_)) => ProxyError::ClientTimeout(err.to_string()),
+            Some(UploadError::Read(read)) if client_went_away(read) => {
+                ProxyError::ClientGone(err.to_string())
+            }
+            _ => ProxyError::BodyRead(err.to_string()),
+        }),
     }
 }
 
@@ -277,17 +303,21 @@ impl RequestBody {
 
     /// Reads a streaming body into memory when its declared length fits `limit`; a body of
     /// unknown length (chunked) or over the limit keeps streaming and is not mirrored.
-    async fn buffer_for_mirror(&mut self, parts: &Parts, limit: u64) -> Result<(), ProxyError> {
+    async fn buffer_for_mirror(
+        &mut self,
+        parts: &Parts,
+        limits: &Limits,
+    ) -> Result<(), ProxyError> {
         let RequestBody::Streaming(incoming) = self else {
             return Ok(());
         };
         let fits = incoming.is_end_stream()
-            || declared_length(parts).is_some_and(|length| length <= limit);
+            || declared_length(parts).is_some_and(|length| length <= limits.max_body);
         if fits {
             if let RequestBody::Streaming(incoming) =
                 std::mem::replace(self, RequestBody::Buffered(Bytes::new()))
             {
-                *self = RequestBody::Buffered(read_body(parts, incoming, limit).await?);
+                *self = RequestBody::Buffered(read_body(parts, incoming, limits).await?);
             }
         }
         Ok(())
@@ -301,10 +331,14 @@ impl RequestBody {
         }
     }
 
-    fn into_upstream(self) -> UpstreamBody {
+    /// The body to send upstream and, for one still streaming, how its upload is going.
+    fn into_upstream(self, stall_limit: Duration) -> (UpstreamBody, Option<UploadProgress>) {
         match self {
-            RequestBody::Streaming(incoming) => Either::Left(incoming),
-            RequestBody::Buffered(bytes) => Either::Right(Full::new(bytes)),
+            RequestBody::Streaming(incoming) => {
+                let (upload, progress) = Upload::new(incoming, stall_limit);
+                (Either::Left(upload), Some(progress))
+            }
+            RequestBody::Buffered(bytes) => (Either::Right(Full::new(bytes)), None),
         }
     }
 }

@@ -341,7 +341,11 @@ impl Worker {
                 }
             }
             // The mirror's body is a buffered copy: it cannot fail, but say so if it did.
-            Err(err @ (SendError::ClientGone(_) | SendError::ClientBody(_))) => {
+            Err(
+                err @ (SendError::ClientGone(_)
+                | SendError::ClientBody(_)
+                | SendError::ClientStalled(_)),
+            ) => {
                 return Answer::Failed {
                     kind: UpstreamErrorKind::Protocol,
                     detail: err.to_string(),

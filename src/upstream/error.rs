@@ -2,6 +2,8 @@
 
 use std::error::Error as _;
 
+use super::upload::UploadError;
+
 /// Why an exchange brought no response.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -14,22 +16,27 @@ pub enum SendError {
     /// The client's streamed body was malformed (bad chunked encoding, say).
     #[error("the client's request body failed: {0}")]
     ClientBody(String),
+    /// The client stopped sending its body for longer than `client_body_timeout`.
+    #[error("{0}")]
+    ClientStalled(String),
 }
 
 impl SendError {
     pub(super) fn from_hyper(err: &hyper::Error) -> SendError {
-        // The request body is the client's `Incoming` or infallible `Full`, so a hyper error
-        // below hyper's own is the client connection's.
+        // The request body is the client's `Upload` or an infallible `Full`, so an upload
+        // error among the causes is the client's doing, not the upstream's.
         let mut source = err.source();
         while let Some(cause) = source {
-            if cause.is::<hyper::Error>() {
-                return if client_went_away(cause) {
-                    SendError::ClientGone(cause.to_string())
-                } else {
-                    SendError::ClientBody(cause.to_string())
-                };
+            match cause.downcast_ref::<UploadError>() {
+                Some(UploadError::Stalled(_)) => {
+                    return SendError::ClientStalled(cause.to_string())
+                }
+                Some(UploadError::Read(read)) if client_went_away(read) => {
+                    return SendError::ClientGone(cause.to_string())
+                }
+                Some(UploadError::Read(_)) => return SendError::ClientBody(cause.to_string()),
+                None => source = cause.source(),
             }
-            source = cause.source();
         }
         SendError::Upstream(UpstreamError::from_hyper(err))
     }

@@ -22,16 +22,18 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 mod connect;
 mod error;
+mod upload;
 
 pub(crate) use error::client_went_away;
 pub use error::{SendError, UpstreamError, UpstreamErrorKind};
+pub use upload::{Upload, UploadError, UploadProgress};
 
 use crate::config;
 use crate::detach;
 use connect::dial;
 
 /// What abproxy sends upstream: the client's body streamed through, or one it buffered.
-pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+pub type UpstreamBody = Either<Upload, Full<Bytes>>;
 
 /// How long an idle upstream connection stays in the pool.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
