@@ -176,7 +176,9 @@ impl Admin {
         match self.guard.command(command) {
             Ok(weight_changed) => {
                 if weight_changed {
-                    self.reloader.rebuild().await;
+                    // A task of its own: the weight changes even if this caller hangs up.
+                    let reloader = self.reloader.clone();
+                    let _ = tokio::spawn(async move { reloader.rebuild().await }).await;
                 }
                 json_response(StatusCode::OK, &self.guard.status())
             }
@@ -276,7 +278,7 @@ fn authorize(
     peer: SocketAddr,
 ) -> Result<(), Refusal> {
     let Some(token_file) = token_file else {
-        if peer.ip().is_loopback() {
+        if peer.ip().to_canonical().is_loopback() {
             return Ok(());
         }
         return Err(Refusal {
@@ -297,7 +299,10 @@ fn authorize(
     let presented = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
+        .and_then(|value| {
+            let (scheme, token) = value.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
+        })
         .map(str::trim);
     match presented {
         Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(()),

@@ -304,7 +304,9 @@ pub struct VariantMetrics {
 impl VariantMetrics {
     /// Counts one answered request.
     pub fn record(&self, status: StatusCode, elapsed: Duration, unit: route::Unit) {
-        if let Some(window) = &self.window {
+        // Forced and unrandomised requests are not the split's: a caller with the override
+        // header must not be able to aim failures at the canary.
+        if let (Some(window), false) = (&self.window, unit == route::Unit::Fixed) {
             window.record(status, elapsed, unit);
         }
         let slot = usize::from(status.as_u16())

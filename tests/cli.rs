@@ -115,6 +115,8 @@ const BROKEN: &[(&str, &str, usize, &str)] = &[
     ("webhook not http", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\nwebhook = \"ftp://x\"\n"), 12, "http://"),
     ("prediction not a pointer", concat!("[metrics]\nprediction = \"prediction\"\n", two_variants!()), 2, "JSON pointer"),
     ("prediction buckets out of order", concat!("[metrics]\nprediction_buckets = [1, 0.5]\n", two_variants!()), 2, "ascending"),
+    ("drift without a prediction pointer", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\n[canary.checks]\nmax_prediction_psi = 0.1\n"), 13, "needs [metrics] prediction"),
+    ("a canary judged on nothing", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\n[canary.checks]\nsrm_p_value = 0\n"), 9, "judges nothing"),
     ("missing admin token file", concat!("[server]\nadmin_token_file = \"/nonexistent/token\"\n", two_variants!()), 2, "admin_token_file"),
     ("absurd queue size", "[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n[[shadow]]\nname = \"s\"\nupstream = \"http://127.0.0.1:2\"\nmax_queue = 9223372036854775807\n", 8, "from 1 to 65536"),
 ];

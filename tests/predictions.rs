@@ -229,3 +229,21 @@ async fn failed_answers_are_not_read_as_predictions() {
         assert_eq!(unread(&proxy, reason).await, 0.0);
     }
 }
+
+#[tokio::test]
+async fn an_answer_cut_short_is_not_read() {
+    let model = Backend::stalling_mid_body("model").await;
+    let proxy = Proxy::start(&config(&model.url(), "").replace(
+        "[[variant]]",
+        "[limits]\nrequest_timeout = \"300ms\"\n\n[[variant]]",
+    ))
+    .await;
+    let cut = proxy.client.get("/").user("alice").try_send().await;
+    assert!(cut.is_err(), "the body was cut: {cut:?}");
+    proxy.wait_for_requests("model", "200", 1.0).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(predictions(&proxy, "model").await.0, 0.0);
+    for reason in ["over_cap", "not_json", "no_prediction"] {
+        assert_eq!(unread(&proxy, reason).await, 0.0, "{reason}");
+    }
+}

@@ -153,7 +153,8 @@ pub fn analyse(config: &Canary, interval: &Interval<'_>, cumulative: Proportions
     }
     if let Some(margin) = checks.max_error_rate_increase {
         let test = stats::error_rate_increase(cumulative, margin, stats::default_tau(margin));
-        let worse = test.p_value <= 1.0 - checks.confidence;
+        let alpha = sequential_alpha(config);
+        let worse = test.p_value <= alpha;
         let rate_of = |failures: u64, total: u64| failures as f64 / total.max(1) as f64;
         analysis.checks.push(Check {
             check: "error_rate_increase",
@@ -168,7 +169,7 @@ pub fn analyse(config: &Canary, interval: &Interval<'_>, cumulative: Proportions
                 )),
                 p_text(test.p_value),
                 percent(margin),
-                p_text(1.0 - checks.confidence),
+                p_text(alpha),
             ),
             p_value: Some(test.p_value),
             value: Some(test.difference),
@@ -256,10 +257,24 @@ impl Analysis {
     }
 }
 
+/// The sequential test's level at each step. Its counts start again at each step of a ramp
+/// (the canary's share changes, so a run-long rate would weigh the steps unequally); spending
+/// `1 − confidence` evenly over the steps keeps the whole run's false-rollback rate under it.
+fn sequential_alpha(config: &Canary) -> f64 {
+    (1.0 - config.checks.confidence) / config.steps.len().max(1) as f64
+}
+
 /// The units (users) of the two arms against the configured split: a two-arm chi-square
 /// test, done as the equivalent z-test so the user-count sketch's own error can be added in.
 fn sample_ratio(interval: &Interval<'_>, alarm: f64) -> Check {
     let (canary, baseline) = (interval.canary.units, interval.baseline.units);
+    let saturated = canary.variance.is_infinite() || baseline.variance.is_infinite();
+    if saturated || canary.value + baseline.value < 1.0 {
+        return inconclusive(
+            "srm",
+            "no count of users (none seen, or more than the sketch holds)",
+        );
+    }
     let p = stats::sample_ratio_mismatch(canary, baseline, interval.canary_share);
     let total = canary.value + baseline.value;
     let observed = if total > 0.0 {
@@ -287,12 +302,16 @@ fn sample_ratio(interval: &Interval<'_>, alarm: f64) -> Check {
 }
 
 /// Drift of the canary's predictions from the baseline's. PSI alone is biased upwards on
-/// small samples (by about bins/n), so a numeric PSI over the line fails only when the
-/// two-sample Kolmogorov–Smirnov test also finds the distributions different.
+/// small samples (by about bins/n), so a PSI over the line fails only when a test on the same
+/// samples also finds the distributions different: two-sample Kolmogorov–Smirnov for numbers,
+/// chi-square homogeneity for class labels.
 fn drift(config: &Canary, canary: &ArmSample, baseline: &ArmSample, limit: f64) -> Check {
     let needed = config.checks.min_predictions as usize;
     let alpha = 1.0 - config.checks.confidence;
-    let numeric = (canary.predictions.len(), baseline.predictions.len());
+    let numeric = (
+        canary.predictions_seen as usize,
+        baseline.predictions_seen as usize,
+    );
     if numeric.0 >= needed && numeric.1 >= needed {
         let psi = stats::psi(&baseline.predictions, &canary.predictions, PSI_BINS).unwrap_or(0.0);
         let ks = stats::kolmogorov_smirnov(&baseline.predictions, &canary.predictions);
@@ -316,14 +335,16 @@ fn drift(config: &Canary, canary: &ArmSample, baseline: &ArmSample, limit: f64) 
     );
     if classes.0 >= needed as u64 && classes.1 >= needed as u64 {
         let psi = stats::psi_counts(&baseline.classes, &canary.classes).unwrap_or(0.0);
+        let p = stats::homogeneity(&baseline.classes, &canary.classes).unwrap_or(1.0);
         return Check {
             check: "prediction_psi",
-            outcome: pass_if(psi <= limit),
+            outcome: pass_if(!(psi > limit && p <= alpha)),
             detail: format!(
-                "class PSI {psi:.3} {} {limit}",
-                if psi > limit { ">" } else { "<=" }
+                "class PSI {psi:.3} {} {limit} (chi-square p = {})",
+                if psi > limit { ">" } else { "<=" },
+                p_text(p)
             ),
-            p_value: None,
+            p_value: Some(p),
             value: Some(psi),
         };
     }
@@ -424,7 +445,8 @@ mod simulation {
 
     fn canary_config(keys: &str) -> Canary {
         let text = format!(
-            "[[variant]]\nname = \"control\"\nupstream = \"http://127.0.0.1:1\"\nweight = 50\n\
+            "[metrics]\nprediction = \"/prediction\"\n\
+             [[variant]]\nname = \"control\"\nupstream = \"http://127.0.0.1:1\"\nweight = 50\n\
              [[variant]]\nname = \"treatment\"\nupstream = \"http://127.0.0.1:2\"\nweight = 50\n\
              [canary]\nvariant = \"treatment\"\nbaseline = \"control\"\n{keys}"
         );
@@ -482,6 +504,7 @@ mod simulation {
             requests,
             failures: binomial(rng, requests, behaviour.error_rate),
             latency,
+            predictions_seen: requests,
             predictions,
             classes: Vec::new(),
             units: Estimate {

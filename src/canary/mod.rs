@@ -123,10 +123,18 @@ impl Guard {
                 old
             }
             None => {
-                let saved = canary.state_file.as_deref().and_then(Run::load);
-                let resumed = saved.filter(|run| run.fingerprint == fingerprint);
+                let saved = canary.state_file.as_deref().map(Run::load).transpose();
+                let resumed = match saved {
+                    Ok(saved) => saved.flatten().filter(|run| run.fingerprint == fingerprint),
+                    Err(why) => {
+                        tracing::error!(error = %why, "canary state unknown; keeping users off the canary");
+                        Some(Run::failed_closed(fingerprint.clone(), why))
+                    }
+                };
                 let started = resumed.is_none();
-                let run = resumed.unwrap_or_else(|| Run::new(fingerprint));
+                let mut run = resumed.unwrap_or_else(|| Run::new(fingerprint));
+                // A state file edited by hand, or written for a longer ramp.
+                run.step = run.step.min(canary.steps.len().saturating_sub(1));
                 let mut fresh = Live {
                     metrics: self.metrics.canary(&canary.variant),
                     config: canary,
@@ -157,6 +165,15 @@ impl Guard {
         *live = Some(next);
     }
 
+    /// The canary weight the run calls for, when the served config gives it another.
+    fn weight_due(&self, config: &Config) -> Option<f64> {
+        let live = lock(&self.live);
+        let live = live.as_ref()?;
+        let due = live.run.weight(&live.config, live.file_weight);
+        let served = config.variant(&live.config.variant)?.weight;
+        ((due - served).abs() > 1e-9).then_some(due)
+    }
+
     /// Gives a copy of the live config the weight the run calls for now.
     pub fn apply(&self, config: &mut Config) {
         if let Some(live) = lock(&self.live).as_ref() {
@@ -179,6 +196,12 @@ impl Guard {
             let Some(canary) = &generation.config.canary else {
                 continue;
             };
+            // A decision whose rebuild was cut short (an admin call whose client left) is
+            // applied now: what is served always catches up with the run.
+            if self.weight_due(&generation.config).is_some() {
+                reloader.rebuild().await;
+                continue;
+            }
             let arm = |name: &str| self.window(&generation.config, name).map(|w| w.take());
             let (Some(ours), Some(theirs)) = (arm(&canary.variant), arm(&canary.baseline)) else {
                 continue;
@@ -354,17 +377,35 @@ fn save(live: &Live) {
     }
 }
 
-/// A run belongs to one canary: its upstream and its `[canary]` section. Editing either
-/// starts a new run; editing weights or anything else does not.
+/// A run belongs to one canary: its upstream, which variants it compares, its ramp and what
+/// it is judged on. Editing any of these starts a new run; editing weights, the interval, the
+/// webhook or the state file does not, so a rolled-back canary stays rolled back.
 fn fingerprint(config: &Config, canary: &config::Canary) -> String {
     let upstream = config
         .variant(&canary.variant)
         .map(|variant| variant.upstream.to_string())
         .unwrap_or_default();
-    let digest = Sha256::new()
-        .chain_update(upstream.as_bytes())
-        .chain_update(format!("{canary:?}").as_bytes())
-        .finalize();
+    let checks = &canary.checks;
+    // Spelled out rather than a `Debug` of the section, which may change between releases.
+    let judged = serde_json::json!({
+        "upstream": upstream,
+        "variant": canary.variant,
+        "baseline": canary.baseline,
+        "steps": canary.steps,
+        "analyses_per_step": canary.analyses_per_step,
+        "failures_to_rollback": canary.failures_to_rollback,
+        "min_requests": canary.min_requests,
+        "max_error_rate": checks.max_error_rate,
+        "max_error_rate_increase": checks.max_error_rate_increase,
+        "confidence": checks.confidence,
+        "max_p99_ms": checks.max_p99.map(|d| d.as_secs_f64() * 1000.0),
+        "max_p99_ratio": checks.max_p99_ratio,
+        "p99_floor_ms": checks.p99_floor.as_secs_f64() * 1000.0,
+        "max_prediction_psi": checks.max_prediction_psi,
+        "min_predictions": checks.min_predictions,
+        "srm_p_value": checks.srm_p_value,
+    });
+    let digest = Sha256::digest(judged.to_string().as_bytes());
     config::hex(&digest[..8])
 }
 

@@ -152,6 +152,18 @@ impl Run {
         }
     }
 
+    /// A run that stands for a rolled-back canary, for when the state file cannot say what
+    /// the last run decided: better to keep users off a canary that may have been rolled back.
+    pub fn failed_closed(fingerprint: String, why: String) -> Run {
+        Run {
+            phase: Phase::RolledBack,
+            reason: Some(format!(
+                "rolled back to be safe: {why}; promote it or start a new run (edit the canary) to serve it again"
+            )),
+            ..Run::new(fingerprint)
+        }
+    }
+
     /// Takes one interval's analysis. Inconclusive intervals change nothing: they neither
     /// advance the ramp nor extend or break a run of failures.
     pub fn take(&mut self, analysis: &Analysis, config: &Canary) -> Option<Event> {
@@ -184,6 +196,8 @@ impl Run {
                 self.passed = 0;
                 if self.step + 1 < config.steps.len() {
                     self.step += 1;
+                    // A new share: the sequential test starts again (see `judge`).
+                    self.totals = Totals::default();
                     self.reason = Some(format!(
                         "ramped to {} % after {} passing analyses",
                         config.steps[self.step], config.analyses_per_step
@@ -236,21 +250,22 @@ impl Run {
         }
     }
 
-    /// The run saved in `path`, if there is one and it can be read.
-    pub fn load(path: &Path) -> Option<Run> {
+    /// The run saved in `path`: `Ok(None)` when there is none yet, `Err` when one is there
+    /// but cannot be read.
+    pub fn load(path: &Path) -> Result<Option<Run>, String> {
         let text = match std::fs::read(path) {
             Ok(text) => text,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(err) => {
-                tracing::warn!(path = %path.display(), error = %err, "cannot read the canary state file; starting a new run");
-                return None;
+                return Err(format!(
+                    "cannot read the state file {}: {err}",
+                    path.display()
+                ))
             }
         };
         serde_json::from_slice(&text)
-            .map_err(|err| {
-                tracing::warn!(path = %path.display(), error = %err, "canary state file is not valid; starting a new run");
-            })
-            .ok()
+            .map(Some)
+            .map_err(|err| format!("the state file {} is not valid: {err}", path.display()))
     }
 
     /// Writes the run to `path` whole or not at all: a temporary file beside it, renamed over it.
@@ -405,13 +420,13 @@ mod tests {
     fn the_state_file_round_trips_and_is_replaced_whole() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("canary-state.json");
-        assert_eq!(Run::load(&path), None);
+        assert_eq!(Run::load(&path), Ok(None));
         let mut run = Run::new("abc".into());
         run.phase = Phase::RolledBack;
         run.save(&path).expect("saved");
-        assert_eq!(Run::load(&path), Some(run));
+        assert_eq!(Run::load(&path), Ok(Some(run)));
         std::fs::write(&path, "{ not json").expect("written");
-        assert_eq!(Run::load(&path), None);
+        assert!(Run::load(&path).is_err());
         assert_eq!(
             std::fs::read_dir(dir.path()).expect("dir").count(),
             1,

@@ -261,6 +261,124 @@ fn shares(counts: &[u64]) -> Option<Vec<f64>> {
     (total > 0.0).then(|| counts.iter().map(|&c| c as f64 / total).collect())
 }
 
+/// Expected counts below this are pooled: the chi-square approximation needs about five per
+/// cell (Cochran 1954), and rare classes would otherwise dominate the statistic.
+const MIN_EXPECTED: f64 = 5.0;
+
+/// Chi-square test of homogeneity (Pearson 1900) of two class distributions given as counts in
+/// the same class order: the p-value that both come from one distribution. Classes whose
+/// expected count is under five in either arm are pooled into one. `None` when either arm is
+/// empty or fewer than two classes remain.
+pub fn homogeneity(baseline: &[u64], canary: &[u64]) -> Option<f64> {
+    let classes = baseline.len().max(canary.len());
+    let count = |counts: &[u64], class: usize| counts.get(class).copied().unwrap_or(0) as f64;
+    let (n_b, n_c) = (
+        baseline.iter().sum::<u64>() as f64,
+        canary.iter().sum::<u64>() as f64,
+    );
+    if n_b == 0.0 || n_c == 0.0 {
+        return None;
+    }
+    let smaller = n_b.min(n_c) / (n_b + n_c);
+    let mut cells: Vec<(f64, f64)> = Vec::new();
+    let mut pooled = (0.0, 0.0);
+    for class in 0..classes {
+        let (b, c) = (count(baseline, class), count(canary, class));
+        if (b + c) * smaller < MIN_EXPECTED {
+            pooled = (pooled.0 + b, pooled.1 + c);
+        } else {
+            cells.push((b, c));
+        }
+    }
+    if pooled.0 + pooled.1 > 0.0 {
+        cells.push(pooled);
+    }
+    if cells.len() < 2 {
+        return None;
+    }
+    let total = n_b + n_c;
+    let statistic: f64 = cells
+        .iter()
+        .map(|&(b, c)| {
+            let (e_b, e_c) = ((b + c) * n_b / total, (b + c) * n_c / total);
+            (b - e_b).powi(2) / e_b + (c - e_c).powi(2) / e_c
+        })
+        .sum();
+    Some(chi_square_survival(statistic, (cells.len() - 1) as f64))
+}
+
+/// P(X ≥ x) for X ~ χ²(df): the regularized upper incomplete gamma Q(df/2, x/2), by its series
+/// below a + 1 and Lentz's continued fraction above (Numerical Recipes §6.2).
+pub fn chi_square_survival(x: f64, df: f64) -> f64 {
+    let (a, x) = (df / 2.0, x / 2.0);
+    if x <= 0.0 {
+        return 1.0;
+    }
+    let log_prefix = a * x.ln() - x - ln_gamma(a);
+    if x < a + 1.0 {
+        let (mut term, mut sum, mut n) = (1.0 / a, 1.0 / a, a);
+        for _ in 0..500 {
+            n += 1.0;
+            term *= x / n;
+            sum += term;
+            if term.abs() < sum.abs() * 1e-15 {
+                break;
+            }
+        }
+        (1.0 - sum * log_prefix.exp()).clamp(0.0, 1.0)
+    } else {
+        let tiny = 1e-300;
+        let mut b = x + 1.0 - a;
+        let mut c = 1.0 / tiny;
+        let mut d = 1.0 / b;
+        let mut h = d;
+        for i in 1..500 {
+            let an = -(i as f64) * (i as f64 - a);
+            b += 2.0;
+            d = an * d + b;
+            d = if d.abs() < tiny { tiny } else { d };
+            c = b + an / c;
+            c = if c.abs() < tiny { tiny } else { c };
+            d = 1.0 / d;
+            let step = d * c;
+            h *= step;
+            if (step - 1.0).abs() < 1e-15 {
+                break;
+            }
+        }
+        (log_prefix.exp() * h).clamp(0.0, 1.0)
+    }
+}
+
+/// ln Γ(z) for z > 0 (Lanczos, g = 7, n = 9; relative error ~1e-15).
+fn ln_gamma(z: f64) -> f64 {
+    const COEFFICIENTS: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if z < 0.5 {
+        // Reflection: Γ(z)Γ(1−z) = π / sin(πz).
+        let pi = std::f64::consts::PI;
+        return (pi / (pi * z).sin()).ln() - ln_gamma(1.0 - z);
+    }
+    let z = z - 1.0;
+    let t = z + 7.5;
+    let series = COEFFICIENTS[1..]
+        .iter()
+        .enumerate()
+        .fold(COEFFICIENTS[0], |sum, (i, c)| {
+            sum + c / (z + i as f64 + 1.0)
+        });
+    0.5 * (2.0 * std::f64::consts::PI).ln() + (z + 0.5) * t.ln() - t + series.ln()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct KolmogorovSmirnov {
     pub statistic: f64,
@@ -725,5 +843,68 @@ mod tests {
         let detected = share_below(&shifted, 1e-6);
         println!("KS, 200 vs 200 shifted by 0.3: p<1e-6 in {detected:.3} of runs");
         assert!(detected >= 0.9);
+    }
+
+    #[test]
+    fn chi_square_survival_matches_tables() {
+        // Critical values: P(χ²(1) ≥ 3.841) = 0.05, P(χ²(5) ≥ 15.086) = 0.01, P(χ²(10) ≥ 29.588) = 0.001.
+        for (x, df, p) in [
+            (3.841, 1.0, 0.05),
+            (15.086, 5.0, 0.01),
+            (29.588, 10.0, 0.001),
+            (2.0, 2.0, (-1.0f64).exp()),
+        ] {
+            let got = chi_square_survival(x, df);
+            assert!((got - p).abs() / p < 2e-3, "χ²({df}) ≥ {x}: {got}, not {p}");
+        }
+        assert_eq!(chi_square_survival(0.0, 3.0), 1.0);
+    }
+
+    #[test]
+    fn homogeneity_holds_its_level_and_finds_a_changed_class_mix() {
+        let mut rng = fastrand::Rng::with_seed(21);
+        let draw = |rng: &mut fastrand::Rng, shares: &[f64], n: usize| {
+            let mut counts = vec![0u64; shares.len()];
+            for _ in 0..n {
+                let mut u = rng.f64();
+                let class = shares
+                    .iter()
+                    .position(|&share| {
+                        u -= share;
+                        u < 0.0
+                    })
+                    .unwrap_or(shares.len() - 1);
+                counts[class] += 1;
+            }
+            counts
+        };
+        // Ten equally likely classes, 100 answers an arm: PSI alone is over 0.1 most of the time.
+        let even = [0.1; 10];
+        let runs = 2000;
+        let rejected = (0..runs)
+            .filter(|_| {
+                let (b, c) = (draw(&mut rng, &even, 100), draw(&mut rng, &even, 100));
+                homogeneity(&b, &c).is_some_and(|p| p <= 0.01)
+            })
+            .count();
+        let rate = rejected as f64 / runs as f64;
+        assert!(
+            rate <= 0.01 + 3.0 * (0.01f64 * 0.99 / runs as f64).sqrt(),
+            "null rate {rate}"
+        );
+        let shifted = [0.3, 0.1, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05];
+        let found = (0..200)
+            .filter(|_| {
+                let (b, c) = (draw(&mut rng, &even, 500), draw(&mut rng, &shifted, 500));
+                homogeneity(&b, &c).is_some_and(|p| p <= 0.01)
+            })
+            .count();
+        assert!(found >= 190, "found {found} of 200");
+        assert_eq!(homogeneity(&[10, 0], &[]), None);
+        assert_eq!(
+            homogeneity(&[1, 1, 1], &[1, 1, 1]),
+            None,
+            "all pooled: nothing to test"
+        );
     }
 }

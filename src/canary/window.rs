@@ -48,7 +48,10 @@ pub struct ArmSample {
     pub failures: u64,
     /// Counts per latency bucket.
     pub latency: Vec<u64>,
+    /// A uniform sample of the interval's numeric predictions (at most `RESERVOIR`).
     pub predictions: Vec<f64>,
+    /// How many numeric predictions the interval had in all.
+    pub predictions_seen: u64,
     pub classes: Vec<u64>,
     /// Distinct randomised units (users, plus anonymous requests) that reached the arm.
     pub units: Estimate,
@@ -121,11 +124,15 @@ impl ArmWindow {
         let zero_bits: u64 = users.iter().map(|word| u64::from(word.count_zeros())).sum();
         let mut units = linear_counting(zero_bits, SKETCH_BITS as u64);
         units.value += self.anonymous.swap(0, Relaxed) as f64;
+        // Failures first: a request is counted before its failure, so this order never
+        // shows more failures than requests.
+        let failures = self.failures.swap(0, Relaxed);
         ArmSample {
             requests: self.requests.swap(0, Relaxed),
-            failures: self.failures.swap(0, Relaxed),
+            failures,
             latency: take_all(&self.latency),
             predictions,
+            predictions_seen: seen,
             classes: take_all(&self.classes),
             units,
         }

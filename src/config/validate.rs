@@ -54,13 +54,14 @@ impl Validator<'_> {
                 format!("at most {MAX_SHADOWS} [[shadow]] entries are supported"),
             ));
         }
+        let metrics = self.metrics(file.metrics)?;
         let canary = file
             .canary
-            .map(|canary| self.canary(canary, &variants, assignment.buckets))
+            .map(|canary| self.canary(canary, &variants, assignment.buckets, &metrics))
             .transpose()?;
         Ok(Config {
             server: self.server(file.server)?,
-            metrics: self.metrics(file.metrics)?,
+            metrics,
             limits,
             assignment,
             variants,
@@ -153,8 +154,18 @@ impl Validator<'_> {
         canary: Spanned<raw::Canary>,
         variants: &[Variant],
         buckets: u32,
+        metrics: &Metrics,
     ) -> Result<Canary> {
+        let section = canary.span();
         let canary = canary.into_inner();
+        if let Some(psi) = &canary.checks.max_prediction_psi {
+            if metrics.prediction.is_empty() {
+                return Err(self.error(
+                    psi.span(),
+                    "max_prediction_psi needs [metrics] prediction: the pointer to the prediction in each answer",
+                ));
+            }
+        }
         let position = |name: &Spanned<String>| {
             variants
                 .iter()
@@ -235,6 +246,19 @@ impl Validator<'_> {
             })
             .transpose()?;
         let min_requests = self.count(canary.min_requests, 100, "min_requests")? as u64;
+        let checks = self.checks(canary.checks, min_requests)?;
+        let judges_something = checks.srm_p_value.is_some()
+            || checks.max_error_rate.is_some()
+            || checks.max_error_rate_increase.is_some()
+            || checks.max_p99.is_some()
+            || checks.max_p99_ratio.is_some()
+            || checks.max_prediction_psi.is_some();
+        if !judges_something {
+            return Err(self.error(
+                section,
+                "[canary] judges nothing: set at least one check in [canary.checks] (e.g. max_error_rate)",
+            ));
+        }
         Ok(Canary {
             variant: canary.variant.into_inner(),
             baseline: canary.baseline.into_inner(),
@@ -249,7 +273,7 @@ impl Validator<'_> {
             analyses_per_step: self.count(canary.analyses_per_step, 5, "analyses_per_step")? as u32,
             state_file: canary.state_file.map(PathBuf::from),
             webhook,
-            checks: self.checks(canary.checks, min_requests)?,
+            checks,
         })
     }
 
