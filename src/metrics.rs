@@ -83,7 +83,7 @@ impl Metrics {
     fn describe(&self) {
         let counters = [
             ("abproxy_requests_total", "Requests answered, by variant and HTTP status returned to the client (499: the client hung up first)."),
-            ("abproxy_upstream_errors_total", "Failed upstream exchanges, by variant and kind (connect, timeout, reset, protocol)."),
+            ("abproxy_upstream_errors_total", "Failed upstream exchanges, by variant and kind (connect, timeout, reset, protocol, tls)."),
             ("abproxy_shadow_requests_total", "Mirrored requests, by shadow and result (ok, error, timeout, dropped)."),
             ("abproxy_shadow_comparisons_total", "Comparisons of primary and shadow answers, by outcome."),
             ("abproxy_config_reloads_total", "Config reload attempts, by result."),
@@ -296,7 +296,7 @@ pub struct VariantMetrics {
     /// the codes actually returned; after that a slot read is one atomic load.
     requests: Box<[OnceLock<Counter>]>,
     duration: Histogram,
-    upstream_errors: [Counter; 4],
+    upstream_errors: [Counter; 5],
     weight: Gauge,
     window: Option<Arc<ArmWindow>>,
 }

@@ -19,6 +19,7 @@ pub use error::{ConfigError, Location};
 
 use crate::assign::{OnMissing, UserIdSource};
 use crate::json_pointer::JsonPointer;
+use crate::upstream::ClientTls;
 
 /// One validated config file.
 #[derive(Debug, Clone)]
@@ -157,13 +158,24 @@ pub struct Checks {
     pub srm_p_value: Option<f64>,
 }
 
-/// An upstream base URL: `http://host:port` with an optional path prefix.
+/// An upstream base URL: `http://host:port` or `https://host:port` with an optional path
+/// prefix, and for `https://` the TLS client that reaches it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Upstream {
     pub scheme: Scheme,
     pub authority: Authority,
     /// Prepended to the client's path; empty or without a trailing slash.
     pub path_prefix: String,
+    pub tls: Option<ClientTls>,
+}
+
+impl Upstream {
+    /// The port to connect to: the URL's, or its scheme's.
+    pub fn port(&self) -> u16 {
+        self.authority
+            .port_u16()
+            .unwrap_or(if self.tls.is_some() { 443 } else { 80 })
+    }
 }
 
 impl std::fmt::Display for Upstream {

@@ -62,6 +62,40 @@ pub(super) struct Variant {
     pub name: Spanned<String>,
     pub upstream: Spanned<String>,
     pub weight: Spanned<f64>,
+    pub ca: Option<Spanned<String>>,
+    pub server_name: Option<Spanned<String>>,
+    pub client_cert: Option<Spanned<String>>,
+    pub client_key: Option<Spanned<String>>,
+}
+
+/// TLS to an `https://` upstream, as written beside `upstream` on a variant or shadow.
+pub(super) struct UpstreamTls<'a> {
+    pub ca: &'a Option<Spanned<String>>,
+    pub server_name: &'a Option<Spanned<String>>,
+    pub client_cert: &'a Option<Spanned<String>>,
+    pub client_key: &'a Option<Spanned<String>>,
+}
+
+impl Variant {
+    pub fn tls(&self) -> UpstreamTls<'_> {
+        UpstreamTls {
+            ca: &self.ca,
+            server_name: &self.server_name,
+            client_cert: &self.client_cert,
+            client_key: &self.client_key,
+        }
+    }
+}
+
+impl Shadow {
+    pub fn tls(&self) -> UpstreamTls<'_> {
+        UpstreamTls {
+            ca: &self.ca,
+            server_name: &self.server_name,
+            client_cert: &self.client_cert,
+            client_key: &self.client_key,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +103,10 @@ pub(super) struct Variant {
 pub(super) struct Shadow {
     pub name: Spanned<String>,
     pub upstream: Spanned<String>,
+    pub ca: Option<Spanned<String>>,
+    pub server_name: Option<Spanned<String>>,
+    pub client_cert: Option<Spanned<String>>,
+    pub client_key: Option<Spanned<String>>,
     pub percent: Option<Spanned<f64>>,
     pub timeout: Option<Spanned<String>>,
     pub max_queue: Option<Spanned<i64>>,

@@ -17,6 +17,7 @@ use super::{
 };
 use crate::assign::{OnMissing, UserIdSource};
 use crate::json_pointer::JsonPointer;
+use crate::upstream::{ClientTls, TlsError, TlsSettings};
 
 const MIB: u64 = 1024 * 1024;
 /// The request path tracks the shadows of a request in a 64-bit set.
@@ -448,7 +449,7 @@ impl Validator<'_> {
             }
             total += exact.round() as u64;
             validated.push(Variant {
-                upstream: self.upstream(&variant.upstream)?,
+                upstream: self.upstream(&variant.upstream, variant.tls())?,
                 weight,
                 buckets: exact.round() as u32,
                 name,
@@ -467,6 +468,7 @@ impl Validator<'_> {
     fn shadow(&self, shadow: Spanned<raw::Shadow>, limits: &Limits) -> Result<Shadow> {
         let shadow = shadow.into_inner();
         let name = self.name(&shadow.name, "shadow")?;
+        let upstream = self.upstream(&shadow.upstream, shadow.tls())?;
         let percent = match shadow.percent {
             None => 100.0,
             Some(percent) if (0.0..=100.0).contains(percent.get_ref()) => *percent.get_ref(),
@@ -494,7 +496,7 @@ impl Validator<'_> {
             }
         };
         Ok(Shadow {
-            upstream: self.upstream(&shadow.upstream)?,
+            upstream,
             percent,
             timeout: self.duration(shadow.timeout, limits.request_timeout)?,
             max_queue: self.count(shadow.max_queue, 1024, "max_queue")?,
@@ -545,7 +547,7 @@ impl Validator<'_> {
         }
     }
 
-    fn upstream(&self, url: &Spanned<String>) -> Result<Upstream> {
+    fn upstream(&self, url: &Spanned<String>, tls: raw::UpstreamTls<'_>) -> Result<Upstream> {
         let invalid =
             |why: &str| self.error(url.span(), format!("upstream {:?} {why}", url.get_ref()));
         let uri: Uri = url
@@ -557,10 +559,9 @@ impl Validator<'_> {
                 "must be an absolute URL such as http://127.0.0.1:9101",
             ));
         };
-        if scheme != &http::uri::Scheme::HTTP {
-            return Err(invalid(
-                "must use http:// (TLS to upstreams is not supported yet)",
-            ));
+        let https = scheme == &http::uri::Scheme::HTTPS;
+        if !https && scheme != &http::uri::Scheme::HTTP {
+            return Err(invalid("must use http:// or https://"));
         }
         if uri.query().is_some() {
             return Err(invalid("must not have a query string"));
@@ -568,10 +569,61 @@ impl Validator<'_> {
         if authority.as_str().contains('@') {
             return Err(invalid("must not carry credentials"));
         }
+        let tls = if https {
+            Some(self.client_tls(&tls, authority.host())?)
+        } else {
+            let keys = [tls.ca, tls.server_name, tls.client_cert, tls.client_key];
+            if let Some(key) = keys.into_iter().flatten().next() {
+                return Err(self.error(
+                    key.span(),
+                    "ca, server_name, client_cert and client_key apply to https:// upstreams only",
+                ));
+            }
+            None
+        };
         Ok(Upstream {
             scheme: scheme.clone(),
             authority: authority.clone(),
             path_prefix: uri.path().trim_end_matches('/').to_owned(),
+            tls,
+        })
+    }
+
+    /// Loads an https upstream's TLS files now, so that `check` catches a bad one and the
+    /// request path never meets one.
+    fn client_tls(&self, tls: &raw::UpstreamTls<'_>, host: &str) -> Result<ClientTls> {
+        let path = |key: &Option<Spanned<String>>| key.as_ref().map(|k| PathBuf::from(k.get_ref()));
+        let settings = TlsSettings {
+            ca: path(tls.ca),
+            server_name: tls.server_name.as_ref().map(|name| name.get_ref().clone()),
+            client_cert: path(tls.client_cert),
+            client_key: path(tls.client_key),
+        };
+        // IPv6 literals keep their brackets in the URL, not in a certificate's names.
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        ClientTls::load(&settings, host).map_err(|err| {
+            let blamed = match &err {
+                TlsError::ServerName(_) => tls.server_name,
+                TlsError::Read { path, .. }
+                | TlsError::NoCertificate(path)
+                | TlsError::NoKey(path)
+                | TlsError::Invalid { path, .. } => [tls.ca, tls.client_cert, tls.client_key]
+                    .into_iter()
+                    .find(|key| key.as_ref().is_some_and(|k| Path::new(k.get_ref()) == path))
+                    .unwrap_or(tls.client_key),
+                TlsError::HalfIdentity => {
+                    if tls.client_cert.is_some() {
+                        tls.client_cert
+                    } else {
+                        tls.client_key
+                    }
+                }
+                TlsError::NoSystemRoots => &None,
+            };
+            match blamed {
+                Some(key) => self.error(key.span(), err.to_string()),
+                None => ConfigError::invalid(Location::file(self.path), err.to_string()),
+            }
         })
     }
 

@@ -57,7 +57,8 @@ impl ProxyError {
                 UpstreamErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 UpstreamErrorKind::Connect
                 | UpstreamErrorKind::Reset
-                | UpstreamErrorKind::Protocol => StatusCode::BAD_GATEWAY,
+                | UpstreamErrorKind::Protocol
+                | UpstreamErrorKind::Tls => StatusCode::BAD_GATEWAY,
             },
         }
     }

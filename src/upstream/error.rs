@@ -83,6 +83,9 @@ fn classify(err: &hyper::Error) -> UpstreamErrorKind {
     let mut source = err.source();
     while let Some(cause) = source {
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if super::tls::is_tls_failure(io) {
+                return UpstreamErrorKind::Tls;
+            }
             if connection_closed(io) {
                 return UpstreamErrorKind::Reset;
             }
@@ -129,11 +132,18 @@ pub enum UpstreamErrorKind {
     Timeout = 1,
     Reset = 2,
     Protocol = 3,
+    /// The TLS handshake or session failed: a certificate refused either way, an alert.
+    Tls = 4,
 }
 
 impl UpstreamErrorKind {
-    pub const ALL: [UpstreamErrorKind; 4] =
-        [Self::Connect, Self::Timeout, Self::Reset, Self::Protocol];
+    pub const ALL: [UpstreamErrorKind; 5] = [
+        Self::Connect,
+        Self::Timeout,
+        Self::Reset,
+        Self::Protocol,
+        Self::Tls,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -141,6 +151,7 @@ impl UpstreamErrorKind {
             Self::Timeout => "timeout",
             Self::Reset => "reset",
             Self::Protocol => "protocol",
+            Self::Tls => "tls",
         }
     }
 }

@@ -22,10 +22,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 mod connect;
 mod error;
+mod tls;
 mod upload;
 
 pub(crate) use error::client_went_away;
 pub use error::{SendError, UpstreamError, UpstreamErrorKind};
+pub use tls::{ClientTls, TlsError, TlsSettings};
 pub use upload::{Upload, UploadError, UploadProgress};
 
 use crate::config;
@@ -68,8 +70,9 @@ impl std::fmt::Debug for Upstream {
 impl Upstream {
     pub fn new(target: config::Upstream, limits: &config::Limits) -> Upstream {
         let authority = &target.authority;
+        let default_port = if target.tls.is_some() { 443 } else { 80 };
         let host = match authority.port_u16() {
-            Some(80) => HeaderValue::from_str(authority.host()),
+            Some(port) if port == default_port => HeaderValue::from_str(authority.host()),
             _ => HeaderValue::from_str(authority.as_str()),
         }
         // An authority is always a valid header value; this only satisfies the types.
@@ -185,14 +188,48 @@ impl Upstream {
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']');
-        let port = authority.port_u16().unwrap_or(80);
-        let stream = dial(host, port, self.connect_timeout)
+        let started = tokio::time::Instant::now();
+        let stream = dial(host, self.target.port(), self.connect_timeout)
             .await
             .map_err(|detail| UpstreamError {
                 kind: UpstreamErrorKind::Connect,
                 detail: format!("connect to {authority}: {detail}"),
             })?;
         let _ = stream.set_nodelay(true);
+        match &self.target.tls {
+            None => self.handshake(stream).await,
+            Some(tls) => {
+                // The TLS handshake shares `connect_timeout` with the TCP connect.
+                let left = self.connect_timeout.saturating_sub(started.elapsed());
+                let stream = match tokio::time::timeout(left, tls.connect(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(err)) => {
+                        return Err(UpstreamError {
+                            kind: UpstreamErrorKind::Tls,
+                            detail: format!("TLS with {authority}: {err}"),
+                        })
+                    }
+                    Err(_) => {
+                        return Err(UpstreamError {
+                            kind: UpstreamErrorKind::Connect,
+                            detail: format!(
+                                "TLS with {authority}: no handshake within {}",
+                                humantime::format_duration(self.connect_timeout)
+                            ),
+                        })
+                    }
+                };
+                self.handshake(stream).await
+            }
+        }
+    }
+
+    /// Starts HTTP/1.1 on a connected stream, plain or TLS, and drives it on a task of its own.
+    async fn handshake<T>(&self, stream: T) -> Result<SendRequest<UpstreamBody>, UpstreamError>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let authority = &self.target.authority;
         let (connection, driver) =
             self.http1
                 .handshake(TokioIo::new(stream))

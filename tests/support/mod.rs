@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod client;
 pub mod config_file;
+pub mod pki;
 pub mod process;
 pub mod proxy;
 
