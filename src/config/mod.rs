@@ -264,8 +264,12 @@ impl ConfigFile {
     }
 
     pub fn parse(self, path: &Path) -> Result<Loaded, ConfigError> {
-        let text = std::str::from_utf8(&self.bytes)
-            .map_err(|_| ConfigError::invalid(Location::file(path), "config is not valid UTF-8"))?;
+        let text = std::str::from_utf8(&self.bytes).map_err(|err| {
+            // Placed at the first byte that is not UTF-8, like every error with a place.
+            let valid = String::from_utf8_lossy(&self.bytes[..err.valid_up_to()]);
+            let location = Location::at(path, &valid, valid.len());
+            ConfigError::invalid(location, "config is not valid UTF-8")
+        })?;
         let config = Config::parse(text, path)?;
         Ok(Loaded {
             config,
@@ -282,4 +286,21 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
             let _ = write!(out, "{byte:02x}");
             out
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by tests/fuzz.rs (`config_files_of_any_bytes_load_or_fail_with_file_line_and_column`):
+    /// this error alone named the file but no line.
+    #[test]
+    fn a_config_that_is_not_utf8_points_at_the_first_bad_byte() {
+        let file = ConfigFile {
+            bytes: b"[server]\nlisten = \"\xff\"\n".to_vec(),
+            sha256: String::new(),
+        };
+        let err = file.parse(Path::new("test.toml")).expect_err("not UTF-8");
+        assert_eq!(err.to_string(), "test.toml:2:11: config is not valid UTF-8");
+    }
 }

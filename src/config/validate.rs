@@ -40,6 +40,13 @@ impl Validator<'_> {
         let limits = self.limits(file.limits)?;
         let assignment = self.assignment(file.assignment)?;
         let variants = self.variants(file.variants, assignment.buckets)?;
+        // Pointing at the first shadow too many, like every error that has a place in the file.
+        if let Some(extra) = file.shadows.get(MAX_SHADOWS) {
+            return Err(self.error(
+                extra.span(),
+                format!("at most {MAX_SHADOWS} [[shadow]] entries are supported"),
+            ));
+        }
         let mut names = HashSet::new();
         let shadows = file
             .shadows
@@ -49,12 +56,6 @@ impl Validator<'_> {
                 self.shadow(shadow, &limits)
             })
             .collect::<Result<Vec<_>>>()?;
-        if shadows.len() > MAX_SHADOWS {
-            return Err(ConfigError::invalid(
-                Location::file(self.path),
-                format!("at most {MAX_SHADOWS} [[shadow]] entries are supported"),
-            ));
-        }
         let metrics = self.metrics(file.metrics)?;
         let canary = file
             .canary
@@ -754,7 +755,32 @@ fn parse_size(text: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::parse_size;
+    use crate::config::Config;
+
+    /// Found by tests/fuzz.rs (`mutated_examples_load_or_fail_with_file_line_and_column`):
+    /// this error alone named the file but no line.
+    #[test]
+    fn too_many_shadows_point_at_the_first_shadow_too_many() {
+        let mut text = String::from(
+            "[[variant]]\nname = \"control\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n",
+        );
+        for n in 0..65 {
+            text.push_str(&format!(
+                "[[shadow]]\nname = \"s{n}\"\nupstream = \"http://127.0.0.1:2\"\n"
+            ));
+        }
+        let err = Config::parse(&text, Path::new("test.toml")).expect_err("65 shadows");
+        // Four lines of variant, then three lines a shadow: the 65th starts on line 197.
+        assert_eq!(
+            err.to_string(),
+            "test.toml:197:1: at most 64 [[shadow]] entries are supported"
+        );
+        text.truncate(text.rfind("[[shadow]]").expect("a shadow"));
+        Config::parse(&text, Path::new("test.toml")).expect("64 shadows are fine");
+    }
 
     #[test]
     fn sizes_accept_binary_and_decimal_units() {
