@@ -9,7 +9,7 @@
 //!   arbitrary requests, and find what a well-formed request carries; `bucket` against the
 //!   spec's rule written independently.
 //!
-//! PEM loading joins these once abproxy reads certificates (it does not yet).
+//! - `pem`: an https upstream's CA and client key files, damaged, load or fail naming the file.
 //!
 //! Case counts are fixed and modest, so that this file takes seconds of `cargo test` in a
 //! debug build. For a longer hunt, set `ABPROXY_FUZZ_CASES` to the number of cases for every
@@ -1148,5 +1148,90 @@ mod user_id {
         ) {
             prop_assert_eq!(bucket(&salt, &id, buckets), spec_bucket(&salt, &id, buckets));
         }
+    }
+}
+
+mod pem {
+    use std::sync::OnceLock;
+
+    use abproxy::upstream::{ClientTls, TlsSettings};
+    use proptest::prelude::*;
+
+    use super::{fuzz_config, Shown};
+
+    /// A real CA certificate and a real key, made once, for mutations to start from.
+    fn real() -> &'static (Vec<u8>, Vec<u8>) {
+        static REAL: OnceLock<(Vec<u8>, Vec<u8>)> = OnceLock::new();
+        REAL.get_or_init(|| {
+            let key = rcgen::KeyPair::generate().expect("key");
+            let mut params =
+                rcgen::CertificateParams::new(vec!["model.test".into()]).expect("params");
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let cert = params.self_signed(&key).expect("certificate");
+            (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+        })
+    }
+
+    /// PEM text damaged the ways files get damaged: bytes changed, cut short, doubled, or
+    /// wrapped in other text.
+    fn damaged(original: &'static [u8]) -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..600),
+            (0..original.len(), any::<u8>()).prop_map(move |(at, byte)| {
+                let mut bytes = original.to_vec();
+                bytes[at] = byte;
+                bytes
+            }),
+            (0..original.len()).prop_map(move |at| original[..at].to_vec()),
+            Just([original, original].concat()),
+            ".{0,40}".prop_map(move |text| [text.as_bytes(), original, text.as_bytes()].concat()),
+        ]
+    }
+
+    /// Loads `ca` (and optionally a client key) as an https upstream would.
+    fn load(dir: &std::path::Path, ca: &[u8], key: Option<&[u8]>) -> Result<(), String> {
+        let ca_path = dir.join("ca.pem");
+        std::fs::write(&ca_path, ca).expect("written");
+        let mut settings = TlsSettings {
+            ca: Some(ca_path.clone()),
+            ..TlsSettings::default()
+        };
+        if let Some(key) = key {
+            let (cert, key_path) = (dir.join("client.pem"), dir.join("client.key"));
+            std::fs::write(&cert, &real().0).expect("written");
+            std::fs::write(&key_path, key).expect("written");
+            settings.client_cert = Some(cert);
+            settings.client_key = Some(key_path);
+        }
+        ClientTls::load(&settings, "model.test")
+            .map(|_| ())
+            .map_err(|err| err.to_string())
+    }
+
+    proptest! {
+        #![proptest_config(fuzz_config(300))]
+
+        #[test]
+        fn damaged_certificates_load_or_fail_naming_the_file(ca in damaged(&real().0).prop_map(Shown)) {
+            let dir = tempfile::tempdir().expect("temp dir");
+            if let Err(err) = load(dir.path(), &ca.0, None) {
+                prop_assert!(err.contains("ca.pem"), "{err}");
+            }
+        }
+
+        #[test]
+        fn damaged_keys_load_or_fail_naming_the_file(key in damaged(&real().1).prop_map(Shown)) {
+            let dir = tempfile::tempdir().expect("temp dir");
+            if let Err(err) = load(dir.path(), &real().0, Some(&key.0)) {
+                prop_assert!(err.contains("client.key"), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_real_files_load() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        assert_eq!(load(dir.path(), &real().0, None), Ok(()));
+        assert_eq!(load(dir.path(), &real().0, Some(&real().1)), Ok(()));
     }
 }
