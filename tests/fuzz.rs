@@ -8,7 +8,6 @@
 //! - `user_id`: the header, cookie and query sources never panic or yield an empty ID on
 //!   arbitrary requests, and find what a well-formed request carries; `bucket` against the
 //!   spec's rule written independently.
-//!
 //! - `pem`: an https upstream's CA and client key files, damaged, load or fail naming the file.
 //!
 //! Case counts are fixed and modest, so that this file takes seconds of `cargo test` in a
