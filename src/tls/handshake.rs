@@ -79,7 +79,10 @@ impl HandshakeFailure {
             Error::NoCertificatesPresented => HandshakeFailure::NoCertificate,
             Error::InvalidCertificate(_) => HandshakeFailure::BadCertificate,
             Error::PeerIncompatible(incompatible) => match incompatible {
-                PeerIncompatible::Tls12NotOffered
+                // TLS 1.0 and 1.1 clients send no signature_algorithms (it came with 1.2),
+                // and rustls asks for it before it looks at the version.
+                PeerIncompatible::SignatureAlgorithmsExtensionRequired
+                | PeerIncompatible::Tls12NotOffered
                 | PeerIncompatible::Tls12NotOfferedOrEnabled
                 | PeerIncompatible::SupportedVersionsExtensionRequired => {
                     HandshakeFailure::ProtocolVersion

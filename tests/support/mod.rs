@@ -10,6 +10,7 @@ pub mod client;
 pub mod config_file;
 pub mod process;
 pub mod proxy;
+pub mod tls;
 
 pub use backend::{Backend, Model, Received};
 pub use client::{Client, Reply};
