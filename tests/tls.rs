@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use support::proxy::eventually;
 use support::tls::{tls_section, Issued, Pki, SecretVolume, TlsClient};
-use support::{variants, Backend, Client, Edit, Proxy};
+use support::{promtool_check, variants, Backend, Client, Edit, Proxy};
 
 /// Control and treatment at 50 % each, so users land on both.
 async fn split() -> (Backend, Backend, String) {
@@ -552,11 +552,13 @@ async fn bytes_that_are_not_a_tls_handshake_are_closed_within_the_timeout_and_co
             && handshake_failures(&proxy, "closed").await == 1.0
     })
     .await;
+    let metrics = proxy.metrics().await;
     assert_eq!(
-        proxy.metric("abproxy_requests_total", &[]).await,
+        support::proxy::sample(&metrics, "abproxy_requests_total", &[]),
         0.0,
         "a failed handshake is no request"
     );
+    promtool_check(&metrics);
     let (reply, _) = TlsClient::new(&pki)
         .get_once(proxy.addr, "localhost", "alice")
         .await
