@@ -505,6 +505,30 @@ async fn a_config_reload_naming_other_certificate_files_loads_them() {
 }
 
 #[tokio::test]
+async fn turning_tls_off_by_reload_takes_a_restart_and_tls_keeps_serving() {
+    let (control, treatment, config) = split().await;
+    let pki = Pki::new();
+    let proxy = tls_proxy(&pki, &pki.server(&["localhost"]), "", &config).await;
+    let shifted = variants(&[("control", &control, 10.0), ("treatment", &treatment, 90.0)]);
+    proxy.edit_config(&shifted, Edit::Rename);
+    proxy.wait_for_generation(2).await;
+    let status = proxy.status().await;
+    assert!(
+        status["restart_required"]
+            .to_string()
+            .contains("server.tls on -> off"),
+        "{status}"
+    );
+    assert!(status["tls"]["certificates"].is_array());
+    let (reply, _) = TlsClient::new(&pki)
+        .get_once(proxy.addr, "localhost", "alice")
+        .await
+        .expect("TLS still served");
+    assert_eq!(reply.status, 200);
+    assert_eq!(proxy.weight("treatment").await, 90.0, "the rest applied");
+}
+
+#[tokio::test]
 async fn bytes_that_are_not_a_tls_handshake_are_closed_within_the_timeout_and_counted() {
     let (_control, _treatment, config) = split().await;
     let pki = Pki::new();

@@ -106,7 +106,8 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 pub(super) struct Files {
     pairs: Vec<Pair>,
     client_ca: Option<ClientCa>,
-    /// SHA-256 over all of them: equal digests, same certificates.
+    /// SHA-256 over their paths and bytes: equal digests, same certificates from the same
+    /// files.
     pub digest: String,
 }
 
@@ -136,15 +137,21 @@ impl Files {
             .map(|auth| ClientCa::read(&auth.ca, auth.required))
             .transpose()?;
         let mut digest = Sha256::new();
+        let mut add = |bytes: &[u8]| {
+            digest.update((bytes.len() as u64).to_be_bytes());
+            digest.update(bytes);
+        };
         for pair in &pairs {
-            for bytes in [&pair.cert, &pair.key] {
-                digest.update((bytes.len() as u64).to_be_bytes());
-                digest.update(bytes);
+            add(pair.server_name.as_deref().unwrap_or_default().as_bytes());
+            for (path, bytes) in [(&pair.files.cert, &pair.cert), (&pair.files.key, &pair.key)] {
+                add(path.as_os_str().as_encoded_bytes());
+                add(bytes);
             }
         }
         if let Some(ca) = &client_ca {
-            digest.update([u8::from(ca.required)]);
-            digest.update(&ca.pem);
+            add(&[u8::from(ca.required)]);
+            add(ca.path.as_os_str().as_encoded_bytes());
+            add(&ca.pem);
         }
         Ok(Files {
             pairs,

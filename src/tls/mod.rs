@@ -43,7 +43,7 @@ pub struct Terminator {
 /// What is serving, and what went wrong last.
 struct State {
     settings: config::Tls,
-    /// Of every file's bytes: an event that changed nothing is not a reload.
+    /// Of every file's path and bytes: an event that changed nothing is not a reload.
     digest: String,
     /// `required` and the CA file's digest, when client certificates are asked for.
     client_auth: Option<(bool, String)>,
@@ -139,8 +139,10 @@ impl Terminator {
         let files = Files::read(settings).map_err(|err| (err, None))?;
         {
             let mut state = self.state();
-            if files.digest == state.digest && *settings == state.settings {
-                // Back to what is serving: an earlier failure no longer applies.
+            if files.digest == state.digest {
+                // What is serving (perhaps with another handshake_timeout, which the listener
+                // reads from the live config): an earlier failure no longer applies.
+                state.settings = settings.clone();
                 state.status.last_reload_error = None;
                 state.rejected = None;
                 return Ok(Reloaded::Unchanged);
