@@ -154,7 +154,9 @@ async fn serve_with(
         tasks.spawn(async move {
             match transport {
                 Transport::Plain => connection.plain(stream, &shutdown).await,
-                Transport::Tls(tls) => connection.tls(stream, &tls, &shutdown).await,
+                // Boxed, as h2 below: a TLS session is large, and plain connections'
+                // tasks would otherwise reserve room for one.
+                Transport::Tls(tls) => Box::pin(connection.tls(stream, &tls, &shutdown)).await,
             }
         });
     }
