@@ -366,9 +366,13 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
         ));
     }
     if old.server.listen_plain != new.server.listen_plain {
+        let shown = |addr: Option<std::net::SocketAddr>| {
+            addr.map_or_else(|| "none".to_owned(), |addr| addr.to_string())
+        };
         changes.push(format!(
-            "server.listen_plain {:?} -> {:?}",
-            old.server.listen_plain, new.server.listen_plain
+            "server.listen_plain {} -> {}",
+            shown(old.server.listen_plain),
+            shown(new.server.listen_plain)
         ));
     }
     if old.server.tls.is_some() != new.server.tls.is_some() {

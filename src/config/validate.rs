@@ -101,12 +101,8 @@ impl Validator<'_> {
     fn tls(&self, tls: Spanned<raw::Tls>, limits: &Limits) -> Result<Tls> {
         let table = tls.span();
         let tls = tls.into_inner();
-        let default = self.certificate_files(
-            tls.cert.as_ref(),
-            tls.key.as_ref(),
-            table.clone(),
-            "[server.tls]",
-        )?;
+        let default =
+            self.certificate_files(tls.cert.as_ref(), tls.key.as_ref(), table, "[server.tls]")?;
         let mut names = HashSet::new();
         let sni = tls
             .sni

@@ -96,14 +96,15 @@ enum Transport {
     Tls(Arc<Terminator>),
 }
 
-/// Serves plain HTTP/1.1 and h2c on `listener`; see [`serve_tls`] for the rest.
+/// Serves HTTP/1.1 and h2c on `listener` until `shutdown` fires, then closes it so new
+/// connections are refused, and gives open connections up to the configured grace period to
+/// finish their requests.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: CancellationToken) {
     serve_with(listener, Transport::Plain, proxy, shutdown).await;
 }
 
-/// Serves TLS on `listener` until `shutdown` fires, then closes it so new connections are
-/// refused, and gives open connections up to the configured grace period to finish their
-/// requests.
+/// Like [`serve`], for TLS: each connection's handshake must finish within
+/// `handshake_timeout`, and then ALPN chooses h2 or HTTP/1.1.
 pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<Terminator>,
