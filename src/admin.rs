@@ -64,7 +64,10 @@ pub struct Admin {
     pub reloader: Arc<Reloader>,
     /// Where the listeners are actually bound (the file may say port 0).
     pub listen: SocketAddr,
+    pub listen_plain: Option<SocketAddr>,
     pub admin: SocketAddr,
+    /// The listener's certificates, when `listen` terminates TLS.
+    pub tls: Option<Arc<crate::tls::Terminator>>,
     pub metrics: Metrics,
     pub health: Arc<Health>,
     pub guard: Arc<Guard>,
@@ -233,6 +236,8 @@ impl Admin {
                 "sha256": generation.sha256,
             },
             "listen": self.listen.to_string(),
+            "listen_plain": self.listen_plain.map(|addr| addr.to_string()),
+            "tls": self.tls.as_ref().map(|tls| tls.status()),
             "admin": self.admin.to_string(),
             "assignment": {
                 "sources": config.assignment.sources.iter().map(ToString::to_string).collect::<Vec<_>>(),

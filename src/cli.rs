@@ -176,6 +176,28 @@ fn check(path: &Path) -> CliResult {
         "listen {}  admin {}",
         config.server.listen, config.server.admin
     );
+    if let Some(tls) = &config.server.tls {
+        let sni: Vec<&str> = tls.sni.iter().map(|sni| sni.name.as_str()).collect();
+        let clients = match &tls.client_auth {
+            Some(auth) if auth.required => format!("required ({})", auth.ca.display()),
+            Some(auth) => format!("optional ({})", auth.ca.display()),
+            None => "not asked for".to_owned(),
+        };
+        println!(
+            "TLS on listen: certificate {}{}; client certificates {clients}{}",
+            tls.default.cert.display(),
+            if sni.is_empty() {
+                String::new()
+            } else {
+                format!(", by SNI for {}", sni.join(", "))
+            },
+            config
+                .server
+                .listen_plain
+                .map(|plain| format!("; plain HTTP on {plain}"))
+                .unwrap_or_default(),
+        );
+    }
     let sources: Vec<String> = assignment.sources.iter().map(ToString::to_string).collect();
     println!(
         "user ID from {}; {} buckets; salt {:?}; when missing: {}",

@@ -19,4 +19,5 @@ pub mod reload;
 pub mod route;
 pub mod server;
 pub mod shadow;
+pub mod tls;
 pub mod upstream;

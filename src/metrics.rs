@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use crate::canary::window::ArmWindow;
 use crate::prediction::{ClassTable, Unread};
 use crate::route;
+use crate::tls::HandshakeFailure;
 use crate::upstream::UpstreamErrorKind;
 use std::time::Duration;
 
@@ -92,6 +93,8 @@ impl Metrics {
             ("abproxy_prediction_unread_total", "Successful answers whose prediction was not read, by reason (over_cap, not_json, no_prediction)."),
             ("abproxy_canary_checks_total", "Canary guard checks, by check and outcome (pass, fail, inconclusive, skipped)."),
             ("abproxy_canary_rollbacks_total", "Canary rollbacks, by the guard or an operator."),
+            ("abproxy_tls_handshake_failures_total", "TLS handshakes on the client listener that did not finish, by reason (timeout, not_tls, closed, no_certificate, bad_certificate, protocol_version, no_shared_cipher, handshake)."),
+            ("abproxy_tls_certificate_reloads_total", "Re-reads of changed TLS certificate files, by result (error: the previous certificates kept serving)."),
         ];
         for (name, help) in counters {
             self.recorder
@@ -249,6 +252,24 @@ impl Metrics {
         }
     }
 
+    /// The TLS listener's handles; every reason is registered up front, so each series
+    /// exists (at 0) from the start.
+    pub fn tls(&self) -> TlsMetrics {
+        TlsMetrics {
+            handshake_failures: HandshakeFailure::ALL.map(|reason| {
+                self.counter(
+                    "abproxy_tls_handshake_failures_total",
+                    &[("reason", reason.as_str())],
+                )
+            }),
+            reloads_ok: self.counter("abproxy_tls_certificate_reloads_total", &[("result", "ok")]),
+            reloads_error: self.counter(
+                "abproxy_tls_certificate_reloads_total",
+                &[("result", "error")],
+            ),
+        }
+    }
+
     pub fn shadow(&self, name: &str) -> ShadowMetrics {
         let request = |result| {
             self.counter(
@@ -388,4 +409,17 @@ pub struct ShadowMetrics {
     pub unparsable: Counter,
     pub abs_diff: Histogram,
     pub log_dropped: Counter,
+}
+
+/// The TLS listener's handles.
+pub struct TlsMetrics {
+    handshake_failures: [Counter; HandshakeFailure::ALL.len()],
+    pub reloads_ok: Counter,
+    pub reloads_error: Counter,
+}
+
+impl TlsMetrics {
+    pub fn handshake_failed(&self, reason: HandshakeFailure) {
+        self.handshake_failures[reason as usize].increment(1);
+    }
 }

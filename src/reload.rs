@@ -21,10 +21,10 @@ use crate::shadow::Background;
 
 /// Quiet time after the last file event before the file is read: editors and ConfigMap
 /// swaps produce bursts of events for one logical change.
-const DEBOUNCE: Duration = Duration::from_millis(100);
+pub(crate) const DEBOUNCE: Duration = Duration::from_millis(100);
 /// A file that fails to parse right after an event may be half-written; a follow-up event
 /// within this window retries it before the failure is reported.
-const SETTLE: Duration = Duration::from_millis(300);
+pub(crate) const SETTLE: Duration = Duration::from_millis(300);
 
 /// Owns the live generation and every change made to it.
 pub struct Reloader {
@@ -37,6 +37,9 @@ pub struct Reloader {
     status: Mutex<ReloadStatus>,
     /// Reloads from the watcher and SIGHUP run one at a time.
     serial: tokio::sync::Mutex<()>,
+    /// Ticks when a reload of the file is applied, for what follows the file beside the
+    /// request path (the listener's certificates).
+    applied: tokio::sync::watch::Sender<u64>,
 }
 
 /// What `/status` reports about reloads.
@@ -86,7 +89,13 @@ impl Reloader {
             process,
             status: Mutex::new(ReloadStatus::default()),
             serial: tokio::sync::Mutex::new(()),
+            applied: tokio::sync::watch::Sender::new(1),
         }
+    }
+
+    /// Ticks with the generation number each time a changed file is applied.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     /// Builds the next generation from the serving config with the canary guard's current
@@ -201,6 +210,12 @@ impl Reloader {
         // Listeners stay bound where they are; keep the running values so /status is truthful.
         next.config.server.listen = old.config.server.listen;
         next.config.server.admin = old.config.server.admin;
+        next.config.server.listen_plain = old.config.server.listen_plain;
+        if next.config.server.tls.is_some() != old.config.server.tls.is_some() {
+            // Whether `listen` speaks TLS is fixed when it is bound; new certificate paths
+            // are not, and are loaded by the listener's certificate watcher.
+            next.config.server.tls = old.config.server.tls.clone();
+        }
         self.guard.adopt(&mut next.config);
         let number = old.number + 1;
         let generation = Generation::build(
@@ -219,6 +234,7 @@ impl Reloader {
         self.current.store(Arc::new(generation));
         self.process.reloads_ok.increment(1);
         self.process.generation.set(number as f64);
+        self.applied.send_replace(number);
         self.with_status(|status| {
             status.last_error = None;
             status.restart_required = restart_required;
@@ -334,7 +350,7 @@ impl FileWatch {
 }
 
 /// Waits until `quiet` passes with no new notification.
-async fn debounce(changed: &Notify, quiet: Duration) {
+pub(crate) async fn debounce(changed: &Notify, quiet: Duration) {
     while tokio::time::timeout(quiet, changed.notified())
         .await
         .is_ok()
@@ -347,6 +363,24 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
         changes.push(format!(
             "server.listen {} -> {}",
             old.server.listen, new.server.listen
+        ));
+    }
+    if old.server.listen_plain != new.server.listen_plain {
+        let shown = |addr: Option<std::net::SocketAddr>| {
+            addr.map_or_else(|| "none".to_owned(), |addr| addr.to_string())
+        };
+        changes.push(format!(
+            "server.listen_plain {} -> {}",
+            shown(old.server.listen_plain),
+            shown(new.server.listen_plain)
+        ));
+    }
+    if old.server.tls.is_some() != new.server.tls.is_some() {
+        let state = |tls: &Option<_>| if tls.is_some() { "on" } else { "off" };
+        changes.push(format!(
+            "server.tls {} -> {}",
+            state(&old.server.tls),
+            state(&new.server.tls)
         ));
     }
     if old.metrics.prediction_buckets != new.metrics.prediction_buckets {

@@ -104,7 +104,11 @@ const BROKEN: &[(&str, &str, usize, &str)] = &[
     ("bad size", "[limits]\nmax_body = \"1 parsec\"\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 2, "size"),
     ("bad on_missing", "[assignment]\non_missing = \"maybe\"\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 2, "on_missing"),
     ("bad listen address", "[server]\nlisten = \"localhost\"\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 2, "IP:port"),
-    ("TLS not yet supported", "[server]\n[server.tls]\ncert = \"a.pem\"\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 2, "not supported yet"),
+    ("TLS without a key", "[server]\n[server.tls]\ncert = \"/nonexistent/cert.pem\"\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 2, "key is missing"),
+    ("missing certificate file", "[server]\n[server.tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 3, "cannot read /nonexistent/cert.pem"),
+    ("typo in [server.tls]", "[server]\n[server.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nclient_cafile = \"ca.pem\"\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 5, "unknown field"),
+    ("listen_plain without TLS", "[server]\nlisten_plain = \"127.0.0.1:8081\"\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 2, "listen_plain"),
+    ("zero header timeout", "[limits]\nclient_header_timeout = \"0s\"\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 2, "greater than zero"),
     ("reserved variant header", "[server]\nvariant_header = \"content-length\"\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n", 2, "standard HTTP header"),
     ("canary not a variant", concat!(two_variants!(), "[canary]\nvariant = \"treatmnt\"\nbaseline = \"control\"\n"), 10, "not a [[variant]]"),
     ("canary its own baseline", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"treatment\"\n"), 11, "another variant"),
@@ -141,6 +145,60 @@ fn check_rejects_each_class_of_broken_config_with_file_and_line() {
             "{class}: expected {words:?} in {stderr}"
         );
     }
+}
+
+/// Certificate files that exist but cannot serve: each error names the config line and the
+/// file at fault.
+#[test]
+fn check_rejects_unusable_certificate_files_with_file_and_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path.display().to_string()
+    };
+    let first = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let cert = write("server.crt", &first.cert.pem());
+    let key = write("server.key", &first.signing_key.serialize_pem());
+    let other_key = write("other.key", &other.signing_key.serialize_pem());
+    let garbage = write("garbage.pem", "not PEM at all\n");
+    let variant = "[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n";
+    let cases = [
+        ("key of another certificate", format!("cert = {cert:?}\nkey = {other_key:?}\n"), 4, "does not belong to the certificate"),
+        ("no certificate in the file", format!("cert = {garbage:?}\nkey = {key:?}\n"), 3, "holds no PEM certificate"),
+        ("no key in the file", format!("cert = {cert:?}\nkey = {garbage:?}\n"), 4, "holds no PEM private key"),
+        ("client CA that is no certificate", format!("cert = {cert:?}\nkey = {key:?}\nclient_ca = {garbage:?}\n"), 5, "holds no PEM certificate"),
+        ("sni entry without its key", format!("cert = {cert:?}\nkey = {key:?}\n[[server.tls.sni]]\nname = \"a.test\"\ncert = {cert:?}\n"), 5, "key is missing"),
+        ("sni name that is no DNS name", format!("cert = {cert:?}\nkey = {key:?}\n[[server.tls.sni]]\nname = \"a b\"\ncert = {cert:?}\nkey = {key:?}\n"), 6, "not a DNS name"),
+    ];
+    for (class, tls, line, words) in cases {
+        let path = write_config(
+            dir.path(),
+            &format!("[server]\n[server.tls]\n{tls}{variant}"),
+        );
+        let output = abproxy(&["check", "--config", &path]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{class}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{path}:{line}:")),
+            "{class}: expected {path}:{line}: in {stderr}"
+        );
+        assert!(
+            stderr.contains(words),
+            "{class}: expected {words:?} in {stderr}"
+        );
+    }
+    let good = write_config(
+        dir.path(),
+        &format!("[server]\n[server.tls]\ncert = {cert:?}\nkey = {key:?}\n{variant}"),
+    );
+    let output = abproxy(&["check", "--config", &good]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]

@@ -762,3 +762,33 @@ async fn an_upstream_that_does_not_answer_a_whole_upload_is_still_its_timeout() 
     assert_eq!(reply.status, 504);
     assert_eq!(proxy.upstream_errors("control", "timeout").await, 1.0);
 }
+
+/// `[limits] client_header_timeout` closes a client that sends nothing (before the h2c
+/// sniff decides) and one whose request head never ends.
+#[tokio::test]
+async fn clients_slower_than_client_header_timeout_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let control = Backend::start("control").await;
+    let proxy = Proxy::start(&format!(
+        "[limits]\nclient_header_timeout = \"300ms\"\n{}",
+        variants(&[("control", &control, 100.0)])
+    ))
+    .await;
+    for first_bytes in [&b""[..], b"GET / HTTP/1.1\r\nhost: x\r\n"] {
+        let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+        stream.write_all(first_bytes).await.expect("write");
+        let started = std::time::Instant::now();
+        let mut buf = [0; 1024];
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            while stream.read(&mut buf).await.is_ok_and(|read| read > 0) {}
+        })
+        .await;
+        assert!(closed.is_ok(), "{first_bytes:?}: still open after 5 s");
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{first_bytes:?}: closed after {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(control.count(), 0);
+}

@@ -45,10 +45,54 @@ pub struct Server {
     /// Bearer token for state-changing admin calls, read from this file at each call so a
     /// rotated secret needs no restart; without it, those calls are taken from loopback only.
     pub admin_token_file: Option<PathBuf>,
+    /// With `tls`: a second client address serving plain HTTP (and h2c), as `listen` would
+    /// without TLS.
+    pub listen_plain: Option<SocketAddr>,
+    /// `[server.tls]`: `listen` terminates TLS.
+    pub tls: Option<Tls>,
+}
+
+/// `[server.tls]`: the certificates `listen` presents, and what it asks of clients. Paths are
+/// relative to the working directory; the files were readable and matched when validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    /// Presented when the client names no server, or one no `sni` entry has.
+    pub default: CertificateFiles,
+    pub sni: Vec<SniCertificate>,
+    pub client_auth: Option<ClientAuth>,
+    /// Time from accepting a connection to a finished handshake.
+    pub handshake_timeout: Duration,
+}
+
+/// A certificate chain and its private key, each a PEM file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `[[server.tls.sni]]`: the certificate for clients asking for `name`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniCertificate {
+    /// Lower case; `*.example.com` stands for any one label in front of `example.com`.
+    pub name: String,
+    pub files: CertificateFiles,
+}
+
+/// Client certificates (mTLS), verified against the CA certificates in `ca`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    pub ca: PathBuf,
+    /// `client_auth = "required"`: a client without a certificate is refused; "optional": it
+    /// is served, and one with a certificate must present a valid one.
+    pub required: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
+    /// Time allowed for a client to send a request's head (and the h2c preface), and by
+    /// default for a TLS handshake.
+    pub client_header_timeout: Duration,
     /// Largest request body abproxy will buffer (for a `json:` source or a shadow).
     pub max_body: u64,
     /// Time allowed for an upstream's response head, for any pause in its body, and for any

@@ -12,8 +12,9 @@ use toml::Spanned;
 
 use super::raw::{self, Size};
 use super::{
-    percent_to_buckets, Assignment, Canary, Checks, Config, ConfigError, Limits, Location, Metrics,
-    Server, Shadow, Upstream, Variant, DEFAULT_PREDICTION_BUCKETS,
+    percent_to_buckets, Assignment, Canary, CertificateFiles, Checks, ClientAuth, Config,
+    ConfigError, Limits, Location, Metrics, Server, Shadow, SniCertificate, Tls, Upstream, Variant,
+    DEFAULT_PREDICTION_BUCKETS,
 };
 use crate::assign::{OnMissing, UserIdSource};
 use crate::json_pointer::JsonPointer;
@@ -62,7 +63,7 @@ impl Validator<'_> {
             .map(|canary| self.canary(canary, &variants, assignment.buckets, &metrics))
             .transpose()?;
         Ok(Config {
-            server: self.server(file.server)?,
+            server: self.server(file.server, &limits)?,
             metrics,
             limits,
             assignment,
@@ -72,14 +73,21 @@ impl Validator<'_> {
         })
     }
 
-    fn server(&self, server: raw::Server) -> Result<Server> {
-        if let Some(tls) = &server.tls {
-            return Err(self.error(
-                tls.span(),
-                "[server.tls] is not supported yet: terminate TLS in front of abproxy (ingress, load balancer or sidecar)",
-            ));
-        }
+    fn server(&self, server: raw::Server, limits: &Limits) -> Result<Server> {
+        let tls = server.tls.map(|tls| self.tls(tls, limits)).transpose()?;
+        let listen_plain = match server.listen_plain {
+            Some(addr) if tls.is_none() => {
+                return Err(self.error(
+                    addr.span(),
+                    "listen_plain serves plain HTTP beside TLS; without [server.tls], listen serves plain HTTP already",
+                ))
+            }
+            Some(addr) => Some(self.socket_addr(Some(addr), SocketAddr::from(([0, 0, 0, 0], 0)))?),
+            None => None,
+        };
         Ok(Server {
+            listen_plain,
+            tls,
             listen: self.socket_addr(server.listen, SocketAddr::from(([0, 0, 0, 0], 8080)))?,
             admin: self.socket_addr(server.admin, SocketAddr::from(([127, 0, 0, 1], 9090)))?,
             variant_header: self.variant_header(server.variant_header)?,
@@ -89,6 +97,112 @@ impl Validator<'_> {
                 .map(|path| self.token_file(&path))
                 .transpose()?,
         })
+    }
+
+    /// `[server.tls]`: every file must be readable now, and each key must match its
+    /// certificate, so that `check` catches what would otherwise fail at the first handshake.
+    fn tls(&self, tls: Spanned<raw::Tls>, limits: &Limits) -> Result<Tls> {
+        let table = tls.span();
+        let tls = tls.into_inner();
+        let default =
+            self.certificate_files(tls.cert.as_ref(), tls.key.as_ref(), table, "[server.tls]")?;
+        let mut names = HashSet::new();
+        let sni = tls
+            .sni
+            .iter()
+            .map(|entry| {
+                let entry_span = entry.span();
+                let entry = entry.get_ref();
+                let name = entry.name.get_ref().to_ascii_lowercase();
+                if !crate::tls::is_server_name(&name) {
+                    return Err(self.error(
+                        entry.name.span(),
+                        format!(
+                            "{:?} is not a DNS name such as \"api.example.com\" or \"*.example.com\"",
+                            entry.name.get_ref()
+                        ),
+                    ));
+                }
+                if !names.insert(name.clone()) {
+                    return Err(self.error(
+                        entry.name.span(),
+                        format!("server name {name:?} is listed twice in [[server.tls.sni]]"),
+                    ));
+                }
+                let files = self.certificate_files(
+                    entry.cert.as_ref(),
+                    entry.key.as_ref(),
+                    entry_span,
+                    "[[server.tls.sni]]",
+                )?;
+                Ok(SniCertificate { name, files })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let required = match &tls.client_auth {
+            None => true,
+            Some(mode) => match mode.get_ref().as_str() {
+                "required" => true,
+                "optional" => false,
+                other => {
+                    return Err(self.error(
+                        mode.span(),
+                        format!("client_auth must be \"required\" or \"optional\", not {other:?}"),
+                    ))
+                }
+            },
+        };
+        let client_auth = match (&tls.client_ca, &tls.client_auth) {
+            (Some(ca), _) => {
+                let path = PathBuf::from(ca.get_ref());
+                crate::tls::check_client_ca(&path)
+                    .map_err(|err| self.error(ca.span(), err.to_string()))?;
+                Some(ClientAuth { ca: path, required })
+            }
+            (None, Some(mode)) => {
+                return Err(self.error(
+                    mode.span(),
+                    "client_auth needs client_ca, the CA certificates that client certificates are verified against",
+                ))
+            }
+            (None, None) => None,
+        };
+        Ok(Tls {
+            default,
+            sni,
+            client_auth,
+            handshake_timeout: self
+                .duration(tls.handshake_timeout, limits.client_header_timeout)?,
+        })
+    }
+
+    /// A `cert` and `key` pair that loads and matches, errors pointing at the file at fault.
+    fn certificate_files(
+        &self,
+        cert: Option<&Spanned<String>>,
+        key: Option<&Spanned<String>>,
+        table: Range<usize>,
+        what: &str,
+    ) -> Result<CertificateFiles> {
+        let (Some(cert), Some(key)) = (cert, key) else {
+            let missing = if cert.is_none() { "cert" } else { "key" };
+            return Err(self.error(
+                table,
+                format!("{what} needs both cert (a PEM certificate chain) and key (its PEM private key); {missing} is missing"),
+            ));
+        };
+        let files = CertificateFiles {
+            cert: PathBuf::from(cert.get_ref()),
+            key: PathBuf::from(key.get_ref()),
+        };
+        crate::tls::check_pair(&files).map_err(|err| {
+            let span = if err.path() == files.cert.as_path() {
+                cert.span()
+            } else {
+                key.span()
+            };
+            self.error(span, err.to_string())
+        })?;
+        Ok(files)
     }
 
     /// The token file must hold a token now, so that a typo is caught at `check`, not when an
@@ -361,6 +475,8 @@ impl Validator<'_> {
 
     fn limits(&self, limits: raw::Limits) -> Result<Limits> {
         Ok(Limits {
+            client_header_timeout: self
+                .duration(limits.client_header_timeout, Duration::from_secs(30))?,
             max_body: self.size(limits.max_body, MIB)?,
             request_timeout: self.duration(limits.request_timeout, Duration::from_secs(30))?,
             connect_timeout: self.duration(limits.connect_timeout, Duration::from_secs(1))?,

@@ -30,13 +30,27 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 #[derive(Debug, Clone)]
 pub struct Peer {
     forwarded_for: HeaderValue,
+    /// `X-Forwarded-Proto`: how the client reached abproxy.
+    proto: HeaderValue,
 }
 
 impl Peer {
+    /// A client on plain HTTP (or h2c).
     pub fn new(addr: SocketAddr) -> Peer {
         let forwarded_for = HeaderValue::from_str(&addr.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Peer { forwarded_for }
+        Peer {
+            forwarded_for,
+            proto: HeaderValue::from_static("http"),
+        }
+    }
+
+    /// A client whose TLS abproxy terminated.
+    pub fn over_tls(addr: SocketAddr) -> Peer {
+        Peer {
+            proto: HeaderValue::from_static("https"),
+            ..Peer::new(addr)
+        }
     }
 }
 
@@ -66,7 +80,7 @@ pub fn upstream_request(
     append_forwarded_for(headers, client);
     // A load balancer in front that terminated TLS has said `https`: keep its word.
     if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        headers.insert(X_FORWARDED_PROTO.clone(), client.proto.clone());
     }
 
     let mut request = Request::new(body);

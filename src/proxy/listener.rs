@@ -1,4 +1,5 @@
-//! Accepts client connections and serves each with HTTP/1.1 or h2c until shutdown.
+//! Accepts client connections and serves each with HTTP/1.1 or h2 until shutdown: over TLS
+//! when the listener terminates it (ALPN chooses), else HTTP/1.1 or h2c (the first bytes do).
 
 use std::convert::Infallible;
 use std::io;
@@ -9,16 +10,15 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::stall::WriteStallLimit;
 use super::{Peer, Proxy};
-
-/// How long a client may take to send a request's head, and the h2c preface.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::tls::{HandshakeFailure, Terminator};
 
 /// How long an h2c connection may stay silent before abproxy pings it; a peer that does not
 /// answer within hyper's 20 s is gone (HTTP/1.1's idle connections end at the header timeout).
@@ -29,6 +29,8 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The HTTP versions a client may speak, and how abproxy serves each.
 struct Protocols {
+    /// `[limits] client_header_timeout` when these were built.
+    header_timeout: Duration,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     /// For the rare connection whose first bytes could begin either.
@@ -42,11 +44,11 @@ enum Protocol {
 }
 
 impl Protocols {
-    fn new() -> Protocols {
+    fn new(header_timeout: Duration) -> Protocols {
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
+            .header_read_timeout(header_timeout);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
@@ -55,12 +57,13 @@ impl Protocols {
         either
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
+            .header_read_timeout(header_timeout);
         either
             .http2()
             .timer(TokioTimer::new())
             .keep_alive_interval(H2_KEEP_ALIVE);
         Protocols {
+            header_timeout,
             http1,
             http2,
             either,
@@ -86,10 +89,38 @@ async fn sniff(stream: &TcpStream) -> io::Result<Protocol> {
     })
 }
 
-/// Serves `listener` until `shutdown` fires, then closes it so new connections are refused,
-/// and gives open connections up to the configured grace period to finish their requests.
+/// What a listener speaks: plain HTTP, or TLS with the live certificates.
+#[derive(Clone)]
+enum Transport {
+    Plain,
+    Tls(Arc<Terminator>),
+}
+
+/// Serves HTTP/1.1 and h2c on `listener` until `shutdown` fires, then closes it so new
+/// connections are refused, and gives open connections up to the configured grace period to
+/// finish their requests.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: CancellationToken) {
-    let protocols = Arc::new(Protocols::new());
+    serve_with(listener, Transport::Plain, proxy, shutdown).await;
+}
+
+/// Like [`serve`], for TLS: each connection's handshake must finish within
+/// `handshake_timeout`, and then ALPN chooses h2 or HTTP/1.1.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<Terminator>,
+    proxy: Arc<Proxy>,
+    shutdown: CancellationToken,
+) {
+    serve_with(listener, Transport::Tls(tls), proxy, shutdown).await;
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    transport: Transport,
+    proxy: Arc<Proxy>,
+    shutdown: CancellationToken,
+) {
+    let mut protocols = Arc::new(Protocols::new(proxy.client_header_timeout()));
     let connections = GracefulShutdown::new();
     // Owns every connection task, so that those still open when the grace period ends are
     // closed rather than left running; finished ones are reaped as the loop goes.
@@ -109,52 +140,24 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let stall_limit = {
-            let proxy = proxy.clone();
-            move || proxy.client_stall_limit()
+        // Rebuilt only when a reload changed the timeout; new connections get the new one.
+        let header_timeout = proxy.client_header_timeout();
+        if protocols.header_timeout != header_timeout {
+            protocols = Arc::new(Protocols::new(header_timeout));
+        }
+        let connection = Connection {
+            proxy: proxy.clone(),
+            client,
+            protocols: protocols.clone(),
+            watcher: connections.watcher(),
         };
-        let (proxy, peer) = (proxy.clone(), Peer::new(client));
-        let service = service_fn(move |request| {
-            let (proxy, peer) = (proxy.clone(), peer.clone());
-            async move { Ok::<_, Infallible>(proxy.handle(request, &peer).await) }
-        });
-        let (protocols, watcher, shutdown) =
-            (protocols.clone(), connections.watcher(), shutdown.clone());
+        let (transport, shutdown) = (transport.clone(), shutdown.clone());
         tasks.spawn(async move {
-            let protocol = tokio::select! {
-                sniffed = tokio::time::timeout(HEADER_READ_TIMEOUT, sniff(&stream)) => sniffed,
-                // A connection that has sent nothing yet has no request to finish.
-                () = shutdown.cancelled() => return,
-            };
-            let protocol = match protocol {
-                Ok(Ok(protocol)) => protocol,
-                Ok(Err(err)) => {
-                    tracing::debug!(%client, error = %err, "connection failed before a request");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let io = TokioIo::new(WriteStallLimit::new(stream, stall_limit));
-            let served = match protocol {
-                Protocol::Http1 => watcher
-                    .watch(protocols.http1.serve_connection(io, service))
-                    .await
-                    .map_err(Into::into),
-                // Boxed: h2's connection state is large and rare here, and every HTTP/1.1
-                // connection's task would otherwise reserve room for it.
-                Protocol::Http2 => {
-                    let connection = protocols.http2.serve_connection(io, service);
-                    Box::pin(watcher.watch(connection))
-                        .await
-                        .map_err(Into::into)
-                }
-                Protocol::Undecided => {
-                    let connection = protocols.either.serve_connection(io, service);
-                    Box::pin(watcher.watch(connection)).await
-                }
-            };
-            if let Err(err) = served {
-                tracing::debug!(%client, error = %err, "connection ended with an error");
+            match transport {
+                Transport::Plain => connection.plain(stream, &shutdown).await,
+                // Boxed, as h2 below: a TLS session is large, and plain connections'
+                // tasks would otherwise reserve room for one.
+                Transport::Tls(tls) => Box::pin(connection.tls(stream, &tls, &shutdown)).await,
             }
         });
     }
@@ -170,4 +173,126 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancellat
         tracing::warn!("grace period ended with requests still in flight; closing them");
     }
     tasks.shutdown().await;
+}
+
+impl Proxy {
+    /// `[limits] client_header_timeout` of the live config.
+    fn client_header_timeout(&self) -> Duration {
+        self.current.load().config.limits.client_header_timeout
+    }
+
+    /// `[server.tls] handshake_timeout` of the live config.
+    fn handshake_timeout(&self) -> Duration {
+        let generation = self.current.load();
+        let config = &generation.config;
+        config
+            .server
+            .tls
+            .as_ref()
+            .map_or(config.limits.client_header_timeout, |tls| {
+                tls.handshake_timeout
+            })
+    }
+}
+
+/// One accepted connection, until it has said which protocol it speaks.
+struct Connection {
+    proxy: Arc<Proxy>,
+    client: std::net::SocketAddr,
+    protocols: Arc<Protocols>,
+    watcher: Watcher,
+}
+
+impl Connection {
+    /// HTTP/1.1 or h2c, told apart by the first bytes.
+    async fn plain(self, stream: TcpStream, shutdown: &CancellationToken) {
+        let sniffed = tokio::select! {
+            sniffed = tokio::time::timeout(self.protocols.header_timeout, sniff(&stream)) => sniffed,
+            // A connection that has sent nothing yet has no request to finish.
+            () = shutdown.cancelled() => return,
+        };
+        let protocol = match sniffed {
+            Ok(Ok(protocol)) => protocol,
+            Ok(Err(err)) => {
+                tracing::debug!(client = %self.client, error = %err, "connection failed before a request");
+                return;
+            }
+            Err(_) => return,
+        };
+        let peer = Peer::new(self.client);
+        self.serve(stream, protocol, peer).await;
+    }
+
+    /// A TLS handshake within `handshake_timeout`, then h2 if ALPN chose it, else HTTP/1.1.
+    /// A failed handshake is counted by reason; it never reached a variant, so no request
+    /// metric sees it.
+    async fn tls(self, stream: TcpStream, tls: &Terminator, shutdown: &CancellationToken) {
+        let timeout = self.proxy.handshake_timeout();
+        let accepted = tokio::select! {
+            accepted = tokio::time::timeout(timeout, tls.acceptor().accept(stream)) => accepted,
+            () = shutdown.cancelled() => return,
+        };
+        let stream = match accepted {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
+                let reason = HandshakeFailure::of(&err);
+                tracing::debug!(client = %self.client, reason = reason.as_str(), error = %err, "TLS handshake failed");
+                tls.handshake_failed(reason);
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(client = %self.client, "TLS handshake timed out");
+                tls.handshake_failed(HandshakeFailure::Timeout);
+                return;
+            }
+        };
+        let protocol = match stream.get_ref().1.alpn_protocol() {
+            Some(b"h2") => Protocol::Http2,
+            _ => Protocol::Http1,
+        };
+        let peer = Peer::over_tls(self.client);
+        self.serve(stream, protocol, peer).await;
+    }
+
+    async fn serve<S>(self, stream: S, protocol: Protocol, peer: Peer)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            proxy,
+            client,
+            protocols,
+            watcher,
+        } = self;
+        let stall_limit = {
+            let proxy = proxy.clone();
+            move || proxy.client_stall_limit()
+        };
+        let service = service_fn(move |request| {
+            let (proxy, peer) = (proxy.clone(), peer.clone());
+            async move { Ok::<_, Infallible>(proxy.handle(request, &peer).await) }
+        });
+        let io = TokioIo::new(WriteStallLimit::new(stream, stall_limit));
+        let served = match protocol {
+            Protocol::Http1 => watcher
+                .watch(protocols.http1.serve_connection(io, service))
+                .await
+                .map_err(Into::into),
+            // Boxed: h2's connection state is large and rare here, and every HTTP/1.1
+            // connection's task would otherwise reserve room for it.
+            Protocol::Http2 => {
+                let connection = protocols.http2.serve_connection(io, service);
+                Box::pin(watcher.watch(connection))
+                    .await
+                    .map_err(Into::into)
+            }
+            Protocol::Undecided => {
+                let connection = protocols.either.serve_connection(io, service);
+                Box::pin(watcher.watch(connection)).await
+            }
+        };
+        if let Err(err) = served {
+            tracing::debug!(%client, error = %err, "connection ended with an error");
+        }
+    }
 }

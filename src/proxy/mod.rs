@@ -24,7 +24,7 @@ pub use body::ResponseBody;
 pub use error::ProxyError;
 use error::CLIENT_CLOSED_REQUEST;
 pub use forward::Peer;
-pub use listener::serve;
+pub use listener::{serve, serve_tls};
 
 use crate::config::{Config, Limits};
 use crate::detach;

@@ -11,6 +11,7 @@ pub mod config_file;
 pub mod pki;
 pub mod process;
 pub mod proxy;
+pub mod tls;
 
 pub use backend::{Backend, Model, Received};
 pub use client::{Client, Reply};
@@ -44,4 +45,30 @@ pub fn variants(arms: &[(&str, &Backend, f64)]) -> String {
             )
         })
         .collect()
+}
+
+/// Fails the test unless `promtool check metrics` accepts `text`.
+pub fn promtool_check(text: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (Debian package `prometheus`; .ci/run installs it)");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write metrics");
+    let output = promtool.wait_with_output().expect("promtool runs");
+    assert!(
+        output.status.success(),
+        "promtool rejected /metrics:\n{}{}\n{text}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

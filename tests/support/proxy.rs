@@ -12,6 +12,8 @@ use super::config_file::{ConfigFile, Edit};
 
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// `listen_plain`, when the config has TLS and one.
+    pub plain_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub config: ConfigFile,
     pub client: Client,
@@ -43,6 +45,7 @@ impl Proxy {
             .await
             .unwrap_or_else(|err| panic!("proxy starts: {err}"));
         let (addr, admin_addr) = (server.proxy_addr(), server.admin_addr());
+        let plain_addr = server.plain_addr();
         let stop = CancellationToken::new();
         let task = tokio::spawn({
             let stop = stop.clone();
@@ -52,6 +55,7 @@ impl Proxy {
         });
         let proxy = Proxy {
             addr,
+            plain_addr,
             admin_addr,
             config,
             client: Client::new(addr),
