@@ -8,7 +8,8 @@
 //! - `user_id`: the header, cookie and query sources never panic or yield an empty ID on
 //!   arbitrary requests, and find what a well-formed request carries; `bucket` against the
 //!   spec's rule written independently.
-//! - `pem`: an https upstream's CA and client key files, damaged, load or fail naming the file.
+//! - `pem`: damaged PEM files (an https upstream's CA and client key, the listener's
+//!   certificate and key) load or fail naming the file, or its line in the config.
 //!
 //! Case counts are fixed and modest, so that this file takes seconds of `cargo test` in a
 //! debug build. For a longer hunt, set `ABPROXY_FUZZ_CASES` to the number of cases for every
@@ -1215,6 +1216,29 @@ mod pem {
             let dir = tempfile::tempdir().expect("temp dir");
             if let Err(err) = load(dir.path(), &ca.0, None) {
                 prop_assert!(err.contains("ca.pem"), "{err}");
+            }
+        }
+
+        #[test]
+        fn damaged_listener_certificates_load_or_fail_at_their_config_line(
+            cert in damaged(&real().0).prop_map(Shown),
+            key in damaged(&real().1).prop_map(Shown),
+        ) {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let (cert_path, key_path) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+            std::fs::write(&cert_path, &cert.0).expect("written");
+            std::fs::write(&key_path, &key.0).expect("written");
+            let text = format!(
+                "[server.tls]\ncert = {:?}\nkey = {:?}\n\n[[variant]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\nweight = 100\n",
+                cert_path.display().to_string(),
+                key_path.display().to_string()
+            );
+            if let Err(err) = abproxy::config::Config::parse(&text, std::path::Path::new("fuzz.toml")) {
+                let err = err.to_string();
+                prop_assert!(
+                    err.starts_with("fuzz.toml:2:") || err.starts_with("fuzz.toml:3:"),
+                    "{err}"
+                );
             }
         }
 
