@@ -2,11 +2,8 @@
 
 mod support;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use support::proxy::sample;
-use support::{variants, Backend, Proxy};
+use support::{promtool_check, variants, Backend, Proxy};
 
 async fn split_proxy() -> (Proxy, Backend, Backend) {
     let control = Backend::start("control").await;
@@ -121,30 +118,6 @@ async fn promtool_accepts_the_prediction_and_canary_metrics() {
         assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
     }
     promtool_check(&text);
-}
-
-/// Fails the test unless `promtool check metrics` accepts `text`.
-fn promtool_check(text: &str) {
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool is installed (Debian package `prometheus`; .ci/run installs it)");
-    promtool
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write metrics");
-    let output = promtool.wait_with_output().expect("promtool runs");
-    assert!(
-        output.status.success(),
-        "promtool rejected /metrics:\n{}{}\n{text}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 #[tokio::test]
