@@ -774,7 +774,13 @@ async fn clients_slower_than_client_header_timeout_are_closed() {
         variants(&[("control", &control, 100.0)])
     ))
     .await;
-    for first_bytes in [&b""[..], b"GET / HTTP/1.1\r\nhost: x\r\n"] {
+    // Nothing; half a request head; half the h2c preface; the whole preface and no request.
+    for first_bytes in [
+        &b""[..],
+        b"GET / HTTP/1.1\r\nhost: x\r\n",
+        b"PRI * HTTP/2.0\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ] {
         let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
         stream.write_all(first_bytes).await.expect("write");
         let started = std::time::Instant::now();

@@ -632,7 +632,10 @@ mod config {
                 "analyses_per_step", "state_file", "webhook", "source", "prometheus_url",
                 "max_error_rate", "max_error_rate_increase", "confidence", "max_p99",
                 "max_p99_ratio", "p99_floor", "max_prediction_psi", "min_predictions",
-                "srm_p_value", "bogus", "Weight", "a.b", "\"quoted key\"", "checks.confidence",
+                "srm_p_value", "client_body_timeout", "client_header_timeout", "listen_plain",
+                "handshake_timeout", "client_ca", "client_auth", "sni", "cert", "key", "ca",
+                "server_name", "client_cert", "client_key", "bogus", "Weight", "a.b",
+                "\"quoted key\"", "checks.confidence",
             ])
             .prop_map(str::to_owned),
             1 => "[a-z_.]{1,10}",

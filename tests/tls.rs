@@ -99,7 +99,7 @@ async fn http1_and_h2_over_tls_reach_the_split_and_are_forwarded_as_https() {
 
 #[tokio::test]
 async fn listen_plain_serves_plain_http_beside_tls() {
-    let (control, _treatment, config) = split().await;
+    let (control, treatment, config) = split().await;
     let pki = Pki::new();
     let (cert, key) = pki.write_pair("server", &pki.server(&["localhost"]));
     let server_keys = format!(
@@ -110,15 +110,22 @@ async fn listen_plain_serves_plain_http_beside_tls() {
     let plain = Client::new(proxy.plain_addr.expect("listen_plain is bound"));
     let reply = plain.get("/").user("user-1").send().await;
     assert_eq!(reply.status, 200);
-    assert!(reply.variant().is_some());
+    let backend = match reply.variant() {
+        Some("control") => &control,
+        _ => &treatment,
+    };
     let (reply, _) = TlsClient::new(&pki)
         .get_once(proxy.addr, "localhost", "user-1")
         .await
         .expect("TLS still on listen");
     assert_eq!(reply.status, 200);
-    if let Some(received) = control.received().first() {
-        assert_eq!(received.headers["x-forwarded-proto"], "http");
-    }
+    // One user, one variant: the plain request then the TLS one, each saying how it came.
+    let forwarded: Vec<_> = backend
+        .received()
+        .iter()
+        .map(|received| received.headers["x-forwarded-proto"].clone())
+        .collect();
+    assert_eq!(forwarded, ["http", "https"]);
     let status = proxy.status().await;
     assert_eq!(
         status["listen_plain"],
@@ -588,4 +595,33 @@ async fn bytes_that_are_not_a_tls_handshake_are_closed_within_the_timeout_and_co
         .await
         .expect("still serving");
     assert_eq!(reply.status, 200);
+}
+
+#[tokio::test]
+async fn an_h2_client_that_sends_no_request_is_closed_at_the_header_timeout() {
+    use tokio::io::AsyncReadExt;
+    let (control, _treatment, config) = split().await;
+    let pki = Pki::new();
+    let config = format!("[limits]\nclient_header_timeout = \"300ms\"\n\n{config}");
+    let proxy = tls_proxy(&pki, &pki.server(&["localhost"]), "", &config).await;
+    let mut tls = TlsClient::new(&pki)
+        .offering_h2()
+        .connect(proxy.addr, "localhost")
+        .await
+        .expect("handshake");
+    assert_eq!(tls.alpn().as_deref(), Some(&b"h2"[..]));
+    // No preface, no request: closed once the header timeout has passed.
+    let started = std::time::Instant::now();
+    let mut buf = [0; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while tls.stream.read(&mut buf).await.is_ok_and(|read| read > 0) {}
+    })
+    .await;
+    assert!(closed.is_ok(), "still open after 5 s");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(control.count(), 0);
 }

@@ -24,6 +24,8 @@ const MIB: u64 = 1024 * 1024;
 /// The request path tracks the shadows of a request in a 64-bit set.
 const MAX_SHADOWS: usize = 64;
 const MAX_COUNT: usize = 65_536;
+/// Any timeout or interval; `now + duration` must stay within what a clock can represent.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 pub(super) struct Validator<'a> {
     pub path: &'a Path,
@@ -804,6 +806,10 @@ impl Validator<'_> {
     fn duration(&self, text: Option<Spanned<String>>, default: Duration) -> Result<Duration> {
         let Some(text) = text else { return Ok(default) };
         match humantime::parse_duration(text.get_ref()) {
+            Ok(duration) if duration > MAX_DURATION => Err(self.error(
+                text.span(),
+                "durations are limited to 365 days: timers set further out would overflow the clock",
+            )),
             Ok(duration) if !duration.is_zero() => Ok(duration),
             Ok(_) => Err(self.error(text.span(), "duration must be greater than zero")),
             Err(err) => Err(self.error(

@@ -268,10 +268,18 @@ impl Connection {
             let proxy = proxy.clone();
             move || proxy.client_stall_limit()
         };
-        let service = service_fn(move |request| {
-            let (proxy, peer) = (proxy.clone(), peer.clone());
-            async move { Ok::<_, Infallible>(proxy.handle(request, &peer).await) }
-        });
+        let header_timeout = proxy.client_header_timeout();
+        // hyper times the HTTP/1.1 request head but not the h2 preface: an h2 client that
+        // sends no request within the header timeout is closed here.
+        let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let service = {
+            let asked = asked.clone();
+            service_fn(move |request| {
+                asked.store(true, std::sync::atomic::Ordering::Relaxed);
+                let (proxy, peer) = (proxy.clone(), peer.clone());
+                async move { Ok::<_, Infallible>(proxy.handle(request, &peer).await) }
+            })
+        };
         let io = TokioIo::new(WriteStallLimit::new(stream, stall_limit));
         let served = match protocol {
             Protocol::Http1 => watcher
@@ -282,17 +290,41 @@ impl Connection {
             // connection's task would otherwise reserve room for it.
             Protocol::Http2 => {
                 let connection = protocols.http2.serve_connection(io, service);
-                Box::pin(watcher.watch(connection))
-                    .await
-                    .map_err(Into::into)
+                let connection = Box::pin(watcher.watch(connection));
+                match until_first_request(connection, header_timeout, &asked).await {
+                    Some(served) => served.map_err(Into::into),
+                    None => return,
+                }
             }
             Protocol::Undecided => {
                 let connection = protocols.either.serve_connection(io, service);
-                Box::pin(watcher.watch(connection)).await
+                let connection = Box::pin(watcher.watch(connection));
+                match until_first_request(connection, header_timeout, &asked).await {
+                    Some(served) => served,
+                    None => return,
+                }
             }
         };
         if let Err(err) = served {
             tracing::debug!(%client, error = %err, "connection ended with an error");
         }
+    }
+}
+
+/// Serves `connection`, giving up (`None`) if no request has come within `timeout`.
+async fn until_first_request<F: std::future::Future + Unpin>(
+    mut connection: F,
+    timeout: Duration,
+    asked: &std::sync::atomic::AtomicBool,
+) -> Option<F::Output> {
+    tokio::select! {
+        served = &mut connection => return Some(served),
+        () = tokio::time::sleep(timeout) => {}
+    }
+    if asked.load(std::sync::atomic::Ordering::Relaxed) {
+        Some(connection.await)
+    } else {
+        tracing::debug!("no request within the header timeout; closing");
+        None
     }
 }

@@ -334,6 +334,10 @@ impl RequestBody {
     /// The body to send upstream and, for one still streaming, how its upload is going.
     fn into_upstream(self, stall_limit: Duration) -> (UpstreamBody, Option<UploadProgress>) {
         match self {
+            // Nothing to send (a GET): no upload to time.
+            RequestBody::Streaming(incoming) if incoming.is_end_stream() => {
+                (Either::Right(Full::new(Bytes::new())), None)
+            }
             RequestBody::Streaming(incoming) => {
                 let (upload, progress) = Upload::new(incoming, stall_limit);
                 (Either::Left(upload), Some(progress))

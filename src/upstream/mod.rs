@@ -26,6 +26,7 @@ mod tls;
 mod upload;
 
 pub(crate) use error::client_went_away;
+use error::connection_closed;
 pub use error::{SendError, UpstreamError, UpstreamErrorKind};
 pub use tls::{ClientTls, TlsError, TlsSettings};
 pub use upload::{Upload, UploadError, UploadProgress};
@@ -204,10 +205,19 @@ impl Upstream {
                 let stream = match tokio::time::timeout(left, tls.connect(stream)).await {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(err)) => {
+                        // A certificate refused or an alert is TLS; a pod that reset the
+                        // connection mid-handshake is an ordinary reset.
+                        let kind = if tls::is_tls_failure(&err) {
+                            UpstreamErrorKind::Tls
+                        } else if connection_closed(&err) {
+                            UpstreamErrorKind::Reset
+                        } else {
+                            UpstreamErrorKind::Connect
+                        };
                         return Err(UpstreamError {
-                            kind: UpstreamErrorKind::Tls,
+                            kind,
                             detail: format!("TLS with {authority}: {err}"),
-                        })
+                        });
                     }
                     Err(_) => {
                         return Err(UpstreamError {
