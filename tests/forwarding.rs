@@ -798,3 +798,59 @@ async fn clients_slower_than_client_header_timeout_are_closed() {
     }
     assert_eq!(control.count(), 0);
 }
+
+#[tokio::test]
+async fn an_upstream_that_stops_reading_an_upload_is_its_timeout_not_the_clients() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Reads the request head and a little more, then never reads again.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            held.push(stream);
+        }
+    });
+    let proxy = Proxy::start(&format!(
+        "[limits]\nrequest_timeout = \"1s\"\nclient_body_timeout = \"10s\"\n\n\
+         [[variant]]\nname = \"control\"\nupstream = \"http://{upstream}\"\nweight = 100\n"
+    ))
+    .await;
+    let mut stream = sending(
+        &proxy,
+        b"POST /predict HTTP/1.1\r\nhost: x\r\nx-user-id: a\r\ncontent-length: 268435456\r\n\r\n",
+    )
+    .await;
+    let (mut reader, mut writer) = stream.split();
+    // A client that keeps sending as fast as it is read: it never makes anyone wait.
+    let chunk = vec![b'0'; 64 * 1024];
+    let sender = async { while writer.write_all(&chunk).await.is_ok() {} };
+    let answer = async {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match reader.read(&mut buf).await {
+                Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        String::from_utf8_lossy(&head)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let status = tokio::select! {
+        biased;
+        status = tokio::time::timeout(Duration::from_secs(10), answer) => status.expect("answered"),
+        () = sender => String::from("the client could not send"),
+    };
+    assert_eq!(status, "HTTP/1.1 504 Gateway Timeout");
+    drop(stream);
+    assert_eq!(proxy.upstream_errors("control", "timeout").await, 1.0);
+    assert_eq!(proxy.requests("control", "408").await, 0.0);
+}
