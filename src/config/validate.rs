@@ -689,7 +689,7 @@ impl Validator<'_> {
             return Err(invalid("must not carry credentials"));
         }
         let tls = if https {
-            Some(self.client_tls(&tls, authority.host())?)
+            Some(self.client_tls(&tls, authority.host(), url)?)
         } else {
             let keys = [tls.ca, tls.server_name, tls.client_cert, tls.client_key];
             if let Some(key) = keys.into_iter().flatten().next() {
@@ -710,7 +710,12 @@ impl Validator<'_> {
 
     /// Loads an https upstream's TLS files now, so that `check` catches a bad one and the
     /// request path never meets one.
-    fn client_tls(&self, tls: &raw::UpstreamTls<'_>, host: &str) -> Result<ClientTls> {
+    fn client_tls(
+        &self,
+        tls: &raw::UpstreamTls<'_>,
+        host: &str,
+        url: &Spanned<String>,
+    ) -> Result<ClientTls> {
         let path = |key: &Option<Spanned<String>>| key.as_ref().map(|k| PathBuf::from(k.get_ref()));
         let settings = TlsSettings {
             ca: path(tls.ca),
@@ -739,10 +744,9 @@ impl Validator<'_> {
                 }
                 TlsError::NoSystemRoots => &None,
             };
-            match blamed {
-                Some(key) => self.error(key.span(), err.to_string()),
-                None => ConfigError::invalid(Location::file(self.path), err.to_string()),
-            }
+            // Without a key of its own to blame, the error is the upstream's.
+            let span = blamed.as_ref().map_or(url.span(), Spanned::span);
+            self.error(span, err.to_string())
         })
     }
 
