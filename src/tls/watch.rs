@@ -32,6 +32,9 @@ impl Terminator {
         let changed = Arc::new(Notify::new());
         let mut watch = FileWatch::start(changed.clone())?;
         watch.follow(&paths(&self.settings()))?;
+        // A rotation between loading the certificates and these watches would go unseen
+        // until the next one: look once now (unchanged files are a digest compare).
+        changed.notify_one();
         Ok(async move {
             loop {
                 // The files the live config names: after a config reload whose certificates
