@@ -99,7 +99,8 @@ impl Proxy {
         }
 
         // 4. Forward to the variant's upstream, keeping a copy for the shadows.
-        let method = parts.method.clone();
+        // A HEAD answer has no body to read a prediction from.
+        let head = parts.method == http::Method::HEAD;
         let mirror = mirrors.source(&parts, body.shared_bytes(), assignment.user_id);
         let (upload, progress) = body.into_upstream(limits.client_body_timeout);
         let request = forward::upstream_request(
@@ -122,9 +123,9 @@ impl Proxy {
             Ok((upstream_response, lease)) => {
                 let (mut parts, body) = upstream_response.into_parts();
                 forward::client_response_headers(&mut parts.headers);
-                let mut body = ResponseBody::upstream(body, config.limits.request_timeout, lease);
+                let mut body = ResponseBody::upstream(body, limits.request_timeout, lease);
                 if let Some(predictions) = &route.predictions {
-                    if parts.status.is_success() && method != http::Method::HEAD {
+                    if parts.status.is_success() && !head {
                         body = body.inspect(predictions.clone());
                     }
                 }
