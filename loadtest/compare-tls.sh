@@ -59,17 +59,9 @@ USER_ID="user-42"
 COMMAND_LINE="bash loadtest/compare-tls.sh"
 (($# == 0)) || COMMAND_LINE+="$(printf ' %q' "$@")"
 
-usage() {
-    sed -n '2,/^$/{s/^# \{0,1\}//;p}' "$0" >&2
-    exit "${1:-2}"
-}
-
-log() { printf '[compare-tls] %s\n' "$*" >&2; }
-die() {
-    printf '[compare-tls] error: %s\n' "$*" >&2
-    exit 1
-}
-have() { command -v "$1" >/dev/null 2>&1; }
+LOG_TAG=compare-tls
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 while (($# > 0)); do
     case $1 in
@@ -144,24 +136,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Waits up to $2 seconds for PID $1 to exit, then kills it.
-stop_wait() {
-    local pid=$1 tries=$(($2 * 10))
-    while kill -0 "$pid" 2>/dev/null && ((tries-- > 0)); do
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-forget_pid() {
-    local keep=() pid
-    for pid in "${PIDS[@]}"; do
-        [[ $pid == "$1" ]] || keep+=("$pid")
-    done
-    PIDS=("${keep[@]}")
-}
-
 # ---------------------------------------------------------------------------------------------
 # Prerequisites and build
 
@@ -211,20 +185,9 @@ if [[ -n $(git -C "$REPO" status --porcelain 2>/dev/null) ]]; then revision+=" (
 rustls_version=$(awk '/^name = "rustls"$/ { getline; gsub(/[^0-9.]/, ""); print; exit }' \
     "$REPO/Cargo.lock" 2>/dev/null || true)
 
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for port in "$PORT_CONTROL" "$PORT_TREATMENT" "$PORT_NGINX" "$PORT_ABPROXY" "$PORT_ADMIN"; do
     ! port_in_use "$port" || die "127.0.0.1:$port is in use; pick other ports with --port-base"
 done
-
-# Polls until URL answers 200 (up to 10 s), failing early if PID died.
-wait_ready() {
-    local url=$1 pid=$2 what=$3 tries=100
-    until curl -skf -o /dev/null --max-time 1 -H 'x-user-id: probe' "$url"; do
-        kill -0 "$pid" 2>/dev/null || die "$what exited during startup; see $TMP"
-        ((tries-- > 0)) || die "$what not ready after 10 s; see $TMP"
-        sleep 0.1
-    done
-}
 
 # ---------------------------------------------------------------------------------------------
 # Certificate: ECDSA P-256, self-signed, the same files for both proxies.
@@ -239,13 +202,6 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
 # ---------------------------------------------------------------------------------------------
 # Backends: one thread each, on CPU 1 with the clients.
 
-start_backend() {
-    local name=$1 port=$2
-    taskset -c 1 "$BACKEND" --listen "127.0.0.1:$port" --name "$name" \
-        >"$TMP/backend-$name.log" 2>&1 &
-    PIDS+=("$!")
-    wait_ready "http://127.0.0.1:$port/" "$!" "backend $name"
-}
 start_backend control "$PORT_CONTROL"
 start_backend treatment "$PORT_TREATMENT"
 log "backends up on 127.0.0.1:$PORT_CONTROL-$PORT_TREATMENT"
@@ -363,18 +319,6 @@ PROXY_PID=""
 PROXY_PORT=""
 PROXY_PIDS=()  # the proxy's processes: abproxy is one; nginx is the master and its worker
 
-# The children of PID $1.
-children_of() {
-    local stat rest fields
-    for stat in /proc/[0-9]*/stat; do
-        { stat=$(<"$stat"); } 2>/dev/null || continue
-        rest=${stat##*) }
-        read -ra fields <<<"$rest"
-        [[ ${fields[1]} == "$1" ]] && echo "${stat%% *}"
-    done
-    return 0
-}
-
 # $1 proxy (nginx | abproxy | abproxy-t1)
 start_proxy() {
     case $1 in
@@ -427,11 +371,6 @@ proxy_cpu_ticks() {
     echo "$user $system"
 }
 
-# Microseconds per unit of CPU ticks $1 over $2 units.
-us_per() {
-    awk -v t="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { printf "%.2f", (n > 0 ? t * 1e6 / hz / n : 0) }'
-}
-
 # The TCP connections between a proxy and the backends now in TIME-WAIT, that is closed in the
 # last minute: "local peer", sorted. Those new at the end of a phase were closed during it
 # (counted by connection, unlike ActiveOpens, which other processes on the machine move too).
@@ -443,7 +382,6 @@ upstream_time_wait() {
 declare -A RESULTS=()  # "scenario/proxy/metric" -> space-separated values, one per repetition
 declare -A NOTES=()    # "scenario/proxy" -> remarks
 declare -A TLS_SEEN=() # "proxy" -> what the verification handshake negotiated
-record() { RESULTS[$1]="${RESULTS[$1]:-} $2"; }
 note() {
     NOTES[$1]="${NOTES[$1]:-}$2"$'\n'
     log "  warning: $1: $2"
@@ -632,21 +570,6 @@ fi
 # ---------------------------------------------------------------------------------------------
 # Report
 
-median() {
-    # shellcheck disable=SC2086 # word splitting of the space-separated values is intended
-    printf '%s\n' $1 | awk 'NF && $1 != "nan"' | sort -g |
-        awk '{ v[NR] = $1 } END { if (NR == 0) print "nan";
-             else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-med() { median "${RESULTS[$1]:-}"; }
-fmt() { # $1 printf format, $2 value; "—" when missing
-    # shellcheck disable=SC2059 # the format is the argument
-    if [[ -z $2 || $2 == nan ]]; then printf '—'; else printf "$1" "$2"; fi
-}
-ratio() {
-    awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan" || b == "nan" || a == "" || b + 0 == 0)
-        printf "—"; else printf "%.2f×", a / b }'
-}
 # Ratios $1 / nginx of metric $3 in scenario $2, per repetition (the runs next to each other).
 pair_ratios() {
     awk -v a="${RESULTS[$2/$1/$3]:-}" -v b="${RESULTS[$2/nginx/$3]:-}" 'BEGIN {

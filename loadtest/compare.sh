@@ -50,17 +50,9 @@ WARMUP=1s
 COMMAND_LINE="bash loadtest/compare.sh"
 (($# == 0)) || COMMAND_LINE+="$(printf ' %q' "$@")"
 
-usage() {
-    sed -n '2,/^$/{s/^# \{0,1\}//;p}' "$0" >&2
-    exit "${1:-2}"
-}
-
-log() { printf '[compare] %s\n' "$*" >&2; }
-die() {
-    printf '[compare] error: %s\n' "$*" >&2
-    exit 1
-}
-have() { command -v "$1" >/dev/null 2>&1; }
+LOG_TAG=compare
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 while (($# > 0)); do
     case $1 in
@@ -136,24 +128,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Waits up to $2 seconds for PID $1 to exit, then kills it.
-stop_wait() {
-    local pid=$1 tries=$(($2 * 10))
-    while kill -0 "$pid" 2>/dev/null && ((tries-- > 0)); do
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-forget_pid() {
-    local keep=() pid
-    for pid in "${PIDS[@]}"; do
-        [[ $pid == "$1" ]] || keep+=("$pid")
-    done
-    PIDS=("${keep[@]}")
-}
-
 # ---------------------------------------------------------------------------------------------
 # Prerequisites and build
 
@@ -204,32 +178,14 @@ done
 revision=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(git -C "$REPO" status --porcelain 2>/dev/null) ]]; then revision+=" (uncommitted changes)"; fi
 
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for port in "$PORT_CONTROL" "$PORT_TREATMENT" "$PORT_CANDIDATE" "$PORT_NGINX" "$PORT_ABPROXY" \
     "$PORT_ADMIN"; do
     ! port_in_use "$port" || die "127.0.0.1:$port is in use; pick other ports with --port-base"
 done
 
-# Polls until URL answers 200 (up to 10 s), failing early if PID died.
-wait_ready() {
-    local url=$1 pid=$2 what=$3 tries=100
-    until curl -sf -o /dev/null --max-time 1 -H 'x-user-id: probe' "$url"; do
-        kill -0 "$pid" 2>/dev/null || die "$what exited during startup; see $TMP"
-        ((tries-- > 0)) || die "$what not ready after 10 s; see $TMP"
-        sleep 0.1
-    done
-}
-
 # ---------------------------------------------------------------------------------------------
 # Backends: one thread each, on CPU 1 with the load generator.
 
-start_backend() {
-    local name=$1 port=$2
-    taskset -c 1 "$BACKEND" --listen "127.0.0.1:$port" --name "$name" \
-        >"$TMP/backend-$name.log" 2>&1 &
-    PIDS+=("$!")
-    wait_ready "http://127.0.0.1:$port/" "$!" "backend $name"
-}
 start_backend control "$PORT_CONTROL"
 start_backend treatment "$PORT_TREATMENT"
 start_backend candidate "$PORT_CANDIDATE"
@@ -427,15 +383,8 @@ stop_proxy() {
 
 # The proxy's processes: abproxy is one; nginx is the master and its worker(s).
 proxy_pids() {
-    local stat rest fields
     echo "$PROXY_PID"
-    for stat in /proc/[0-9]*/stat; do
-        { stat=$(<"$stat"); } 2>/dev/null || continue
-        rest=${stat##*) }
-        read -ra fields <<<"$rest"
-        [[ ${fields[1]} == "$PROXY_PID" ]] && echo "${stat%% *}"
-    done
-    return 0
+    children_of "$PROXY_PID"
 }
 
 # CPU time of the proxy's processes in clock ticks: "user system" (utime, stime).
@@ -450,11 +399,6 @@ proxy_cpu_ticks() {
         system=$((system + fields[12]))
     done
     echo "$user $system"
-}
-
-# Microseconds per answer of CPU ticks $1 over $2 answers.
-us_per_answer() {
-    awk -v t="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { printf "%.2f", (n > 0 ? t * 1e6 / hz / n : 0) }'
 }
 
 # Peak RSS in KiB of the process serving traffic: abproxy, or the nginx worker (the largest).
@@ -523,7 +467,6 @@ EOF
 
 declare -A RESULTS=()  # "scenario/proxy/metric" -> space-separated values, one per repetition
 declare -A NOTES=()    # "scenario/proxy" -> remarks (errors, split seen, shadow counters)
-record() { RESULTS[$1]="${RESULTS[$1]:-} $2"; }
 note() { NOTES[$1]="${NOTES[$1]:-}$2"$'\n'; }
 
 # Tracks request errors of one run under key $1 (scenario/proxy), run label $2, summary $3.
@@ -567,10 +510,10 @@ measure_proxy() {
     system_ticks=$((system_after - system_before))
     ticks=$((user_after - user_before + system_ticks))
     record "$key/tput" "$tput"
-    record "$key/cpu_us" "$(us_per_answer "$ticks" "$answers")"
+    record "$key/cpu_us" "$(us_per "$ticks" "$answers")"
     # The kernel's share: TCP on loopback, charged to the proxy whichever proxy it is.
-    record "$key/sys_us" "$(us_per_answer "$system_ticks" "$answers")"
-    record "$key/user_us" "$(us_per_answer $((ticks - system_ticks)) "$answers")"
+    record "$key/sys_us" "$(us_per "$system_ticks" "$answers")"
+    record "$key/user_us" "$(us_per $((ticks - system_ticks)) "$answers")"
     record "$key/busy" "$(awk -v t="$ticks" -v hz="$CLK_TCK" -v s="$elapsed" \
         'BEGIN { printf "%.2f", (s > 0 ? t / hz / s : 0) }')"
     record "$key/control_pct" "$control_pct"
@@ -606,7 +549,7 @@ measure_proxy() {
     record "$key/p99" "$p99"
     record "$key/rate_tput" "$tput"
     # At a fixed rate both proxies mirror every request, so this is the like-for-like CPU cost.
-    record "$key/rate_cpu_us" "$(us_per_answer \
+    record "$key/rate_cpu_us" "$(us_per \
         $((user_after - user_before + system_after - system_before)) "$answers")"
     log "  rate: p99 ${p99} us at $(printf '%.0f' "$tput") req/s"
     if ((mirroring)); then
@@ -704,22 +647,6 @@ done
 
 # ---------------------------------------------------------------------------------------------
 # Report
-
-median() {
-    # shellcheck disable=SC2086 # word splitting of the space-separated values is intended
-    printf '%s\n' $1 | awk 'NF && $1 != "nan"' | sort -g |
-        awk '{ v[NR] = $1 } END { if (NR == 0) print "nan";
-             else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-med() { median "${RESULTS[$1]:-}"; }
-fmt() { # $1 printf format, $2 value; "—" when missing
-    # shellcheck disable=SC2059 # the format is the argument
-    if [[ -z $2 || $2 == nan ]]; then printf '—'; else printf "$1" "$2"; fi
-}
-ratio() {
-    awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan" || b == "nan" || a == "" || b + 0 == 0)
-        printf "—"; else printf "%.2f×", a / b }'
-}
 
 cpu_model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 nginx_version=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')

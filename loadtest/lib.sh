@@ -1,0 +1,113 @@
+# lib.sh: helpers shared by loadtest/compare.sh and loadtest/compare-tls.sh.
+# shellcheck shell=bash
+#
+# Sourced, not run: `source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"` after `set -euo pipefail`.
+# Before sourcing, the script sets LOG_TAG (the [tag] of its progress lines). At call time the
+# functions use the script's globals:
+#   TMP      temp dir (logs, and where failures point to)
+#   PIDS     array of the long-lived children (backends and proxies)
+#   BACKEND  the loadtest-backend binary
+#   CLK_TCK  clock ticks per second
+#   RESULTS  associative array "scenario/proxy/metric" -> space-separated values
+# It holds only what both scripts do the same way; what differs (cleanup, note, the proxies'
+# start, stop and CPU counters, pair_ratios) stays in each script.
+
+# ---------------------------------------------------------------------------------------------
+# Messages
+
+# Prints the script's header comment (its usage) and exits with $1 (default 2).
+usage() {
+    sed -n '2,/^$/{s/^# \{0,1\}//;p}' "$0" >&2
+    exit "${1:-2}"
+}
+
+log() { printf '[%s] %s\n' "$LOG_TAG" "$*" >&2; }
+die() {
+    printf '[%s] error: %s\n' "$LOG_TAG" "$*" >&2
+    exit 1
+}
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+# Waits up to $2 seconds for PID $1 to exit, then kills it.
+stop_wait() {
+    local pid=$1 tries=$(($2 * 10))
+    while kill -0 "$pid" 2>/dev/null && ((tries-- > 0)); do
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+# Drops PID $1 from PIDS.
+forget_pid() {
+    local keep=() pid
+    for pid in "${PIDS[@]}"; do
+        [[ $pid == "$1" ]] || keep+=("$pid")
+    done
+    PIDS=("${keep[@]}")
+}
+
+# The children of PID $1.
+children_of() {
+    local stat rest fields
+    for stat in /proc/[0-9]*/stat; do
+        { stat=$(<"$stat"); } 2>/dev/null || continue
+        rest=${stat##*) }
+        read -ra fields <<<"$rest"
+        [[ ${fields[1]} == "$1" ]] && echo "${stat%% *}"
+    done
+    return 0
+}
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Polls until URL answers 200 (up to 10 s), failing early if PID died. -k: the TLS script's
+# proxies present a self-signed certificate (no effect on http:// URLs).
+wait_ready() {
+    local url=$1 pid=$2 what=$3 tries=100
+    until curl -skf -o /dev/null --max-time 1 -H 'x-user-id: probe' "$url"; do
+        kill -0 "$pid" 2>/dev/null || die "$what exited during startup; see $TMP"
+        ((tries-- > 0)) || die "$what not ready after 10 s; see $TMP"
+        sleep 0.1
+    done
+}
+
+# Starts backend $1 on 127.0.0.1:$2, one thread, on CPU 1 with the load generator.
+start_backend() {
+    local name=$1 port=$2
+    taskset -c 1 "$BACKEND" --listen "127.0.0.1:$port" --name "$name" \
+        >"$TMP/backend-$name.log" 2>&1 &
+    PIDS+=("$!")
+    wait_ready "http://127.0.0.1:$port/" "$!" "backend $name"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Results and the report
+
+# Microseconds per unit (answer, request or handshake) of CPU ticks $1 over $2 units.
+us_per() {
+    awk -v t="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { printf "%.2f", (n > 0 ? t * 1e6 / hz / n : 0) }'
+}
+
+# Appends value $2 to RESULTS key $1.
+record() { RESULTS[$1]="${RESULTS[$1]:-} $2"; }
+
+# The median of the space-separated numbers $1 ("nan" ignored), or nan when there are none.
+median() {
+    # shellcheck disable=SC2086 # word splitting of the space-separated values is intended
+    printf '%s\n' $1 | awk 'NF && $1 != "nan"' | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR == 0) print "nan";
+             else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+med() { median "${RESULTS[$1]:-}"; }
+fmt() { # $1 printf format, $2 value; "—" when missing
+    # shellcheck disable=SC2059 # the format is the argument
+    if [[ -z $2 || $2 == nan ]]; then printf '—'; else printf "$1" "$2"; fi
+}
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan" || b == "nan" || a == "" || b + 0 == 0)
+        printf "—"; else printf "%.2f×", a / b }'
+}
