@@ -12,6 +12,25 @@ use support::proxy::{eventually, sample};
 use support::{spec_bucket, Backend, Edit, Model, Proxy};
 use tokio_util::sync::CancellationToken;
 
+/// The two models a canary test puts side by side.
+struct Arms {
+    control: Backend,
+    treatment: Backend,
+}
+
+impl Arms {
+    async fn start(control: Model, treatment: Model) -> Arms {
+        Arms {
+            control: Backend::model("control", control).await,
+            treatment: Backend::model("treatment", treatment).await,
+        }
+    }
+
+    fn config(&self, canary_keys: &str, checks: &str) -> String {
+        canary_config(&self.control, &self.treatment, canary_keys, checks)
+    }
+}
+
 /// A 50/50 split of `control` and `treatment` with a guard judging every 250 ms, from 30
 /// requests an arm, unless `canary_keys` say otherwise.
 fn canary_config(
@@ -152,11 +171,8 @@ fn in_treatment(user: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_treatment_failing_five_percent_is_rolled_back_after_three_failed_intervals() {
-    let control = Backend::model("control", Model::failing_one_in(200)).await;
-    let treatment = Backend::model("treatment", Model::failing_one_in(20)).await;
-    let proxy = Proxy::start(&canary_config(
-        &control,
-        &treatment,
+    let arms = Arms::start(Model::failing_one_in(200), Model::failing_one_in(20)).await;
+    let proxy = Proxy::start(&arms.config(
         "failures_to_rollback = 3",
         "max_error_rate = 0.02\nmax_error_rate_increase = 0.005",
     ))
@@ -229,11 +245,8 @@ async fn a_treatment_failing_five_percent_is_rolled_back_after_three_failed_inte
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_treatment_slower_by_forty_milliseconds_is_rolled_back_on_latency() {
-    let control = Backend::model("control", Model::healthy()).await;
-    let treatment = Backend::model("treatment", Model::delayed(Duration::from_millis(40))).await;
-    let proxy = Proxy::start(&canary_config(
-        &control,
-        &treatment,
+    let arms = Arms::start(Model::healthy(), Model::delayed(Duration::from_millis(40))).await;
+    let proxy = Proxy::start(&arms.config(
         "min_requests = 10",
         "max_p99_ratio = 1.5\nmax_error_rate = 0.01",
     ))
@@ -252,15 +265,9 @@ async fn a_treatment_slower_by_forty_milliseconds_is_rolled_back_on_latency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_treatment_whose_predictions_shift_is_rolled_back_on_drift() {
-    let control = Backend::model("control", Model::healthy()).await;
-    let treatment = Backend::model("treatment", Model::shifted(0.3)).await;
-    let proxy = Proxy::start(&canary_config(
-        &control,
-        &treatment,
-        "",
-        "max_prediction_psi = 0.1\nmin_predictions = 30",
-    ))
-    .await;
+    let arms = Arms::start(Model::healthy(), Model::shifted(0.3)).await;
+    let proxy =
+        Proxy::start(&arms.config("", "max_prediction_psi = 0.1\nmin_predictions = 30")).await;
 
     let traffic = Traffic::start(&proxy);
     let status = wait_for_state(&proxy, "rolled_back", Duration::from_secs(30)).await;
@@ -285,11 +292,8 @@ async fn a_treatment_whose_predictions_shift_is_rolled_back_on_drift() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_treatment_ramps_through_every_step_and_keeps_its_users() {
-    let control = Backend::model("control", Model::failing_one_in(100)).await;
-    let treatment = Backend::model("treatment", Model::failing_one_in(100)).await;
-    let config = canary_config(
-        &control,
-        &treatment,
+    let arms = Arms::start(Model::failing_one_in(100), Model::failing_one_in(100)).await;
+    let config = arms.config(
         "steps = [10, 20, 30]\nanalyses_per_step = 1\nfailures_to_rollback = 3\nmin_requests = 10",
         // A floor well above loopback latencies: on a loaded test machine a few scheduling
         // stalls must not read as a slow canary.
@@ -328,11 +332,8 @@ async fn a_healthy_treatment_ramps_through_every_step_and_keeps_its_users() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_little_traffic_is_inconclusive_and_never_advances_nor_rolls_back() {
-    let control = Backend::model("control", Model::healthy()).await;
-    let treatment = Backend::model("treatment", Model::failing_one_in(2)).await;
-    let proxy = Proxy::start(&canary_config(
-        &control,
-        &treatment,
+    let arms = Arms::start(Model::healthy(), Model::failing_one_in(2)).await;
+    let proxy = Proxy::start(&arms.config(
         "steps = [10, 50]\nanalyses_per_step = 1\nmin_requests = 50000",
         "max_error_rate = 0.01",
     ))
@@ -371,11 +372,8 @@ async fn too_little_traffic_is_inconclusive_and_never_advances_nor_rolls_back() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_treatment_receiving_half_its_share_is_flagged_as_srm_and_not_judged_further() {
-    let control = Backend::model("control", Model::healthy()).await;
-    let treatment = Backend::model("treatment", Model::failing_one_in(2)).await;
-    let proxy = Proxy::start(&canary_config(
-        &control,
-        &treatment,
+    let arms = Arms::start(Model::healthy(), Model::failing_one_in(2)).await;
+    let proxy = Proxy::start(&arms.config(
         // Enough users an interval for the test to see a halved share at p < 0.001.
         "failures_to_rollback = 1000\nmin_requests = 150\ninterval = \"1s\"",
         "max_error_rate = 0.01",
@@ -428,13 +426,10 @@ async fn a_treatment_receiving_half_its_share_is_flagged_as_srm_and_not_judged_f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolled_back_canary_stays_rolled_back_after_a_restart_until_its_upstream_changes() {
-    let control = Backend::model("control", Model::healthy()).await;
-    let treatment = Backend::model("treatment", Model::healthy()).await;
+    let arms = Arms::start(Model::healthy(), Model::healthy()).await;
     let state = tempfile::tempdir().expect("temp dir");
     let state_file = state.path().join("canary-state.json");
-    let config = canary_config(
-        &control,
-        &treatment,
+    let config = arms.config(
         &format!(
             "steps = [5, 25]\nstate_file = {:?}",
             state_file.display().to_string()
@@ -465,7 +460,7 @@ async fn a_rolled_back_canary_stays_rolled_back_after_a_restart_until_its_upstre
 
     // A new version of the treatment is a new run, from the first step.
     let fixed = Backend::model("treatment", Model::healthy()).await;
-    let edited = config.replace(&treatment.url(), &fixed.url());
+    let edited = config.replace(&arms.treatment.url(), &fixed.url());
     restarted.edit_config(&edited, Edit::Rename);
     let status = wait_for_state(&restarted, "running", Duration::from_secs(10)).await;
     assert_eq!(status["weight"], 5.0);
@@ -480,9 +475,8 @@ async fn a_rolled_back_canary_stays_rolled_back_after_a_restart_until_its_upstre
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_weight_edit_is_not_a_new_run_and_the_rollback_still_holds() {
-    let control = Backend::model("control", Model::healthy()).await;
-    let treatment = Backend::model("treatment", Model::healthy()).await;
-    let config = canary_config(&control, &treatment, "", "max_error_rate = 0.01");
+    let arms = Arms::start(Model::healthy(), Model::healthy()).await;
+    let config = arms.config("", "max_error_rate = 0.01");
     let proxy = Proxy::start(&config).await;
     proxy.admin.post("/canary/rollback", "").send().await;
     let generation = proxy.status().await["generation"]
@@ -502,8 +496,7 @@ async fn a_weight_edit_is_not_a_new_run_and_the_rollback_still_holds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_endpoints_need_the_bearer_token_when_one_is_configured() {
-    let control = Backend::model("control", Model::healthy()).await;
-    let treatment = Backend::model("treatment", Model::healthy()).await;
+    let arms = Arms::start(Model::healthy(), Model::healthy()).await;
     let secrets = tempfile::tempdir().expect("temp dir");
     let token_file = secrets.path().join("admin-token");
     std::fs::write(&token_file, "s3cret\n").expect("token written");
@@ -512,7 +505,7 @@ async fn rollback_endpoints_need_the_bearer_token_when_one_is_configured() {
             "admin_token_file = {:?}\n",
             token_file.display().to_string()
         ),
-        &canary_config(&control, &treatment, "", "max_error_rate = 0.01"),
+        &arms.config("", "max_error_rate = 0.01"),
     )
     .await;
 
@@ -554,15 +547,8 @@ async fn rollback_endpoints_need_the_bearer_token_when_one_is_configured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_token_loopback_callers_may_roll_back() {
-    let control = Backend::model("control", Model::healthy()).await;
-    let treatment = Backend::model("treatment", Model::healthy()).await;
-    let proxy = Proxy::start(&canary_config(
-        &control,
-        &treatment,
-        "",
-        "max_error_rate = 0.01",
-    ))
-    .await;
+    let arms = Arms::start(Model::healthy(), Model::healthy()).await;
+    let proxy = Proxy::start(&arms.config("", "max_error_rate = 0.01")).await;
 
     let reply = proxy
         .admin
@@ -589,12 +575,9 @@ async fn without_a_canary_the_endpoints_say_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_webhook_hears_of_each_change_of_the_run() {
-    let control = Backend::model("control", Model::healthy()).await;
-    let treatment = Backend::model("treatment", Model::healthy()).await;
+    let arms = Arms::start(Model::healthy(), Model::healthy()).await;
     let deployer = Backend::start("deployer").await;
-    let proxy = Proxy::start(&canary_config(
-        &control,
-        &treatment,
+    let proxy = Proxy::start(&arms.config(
         &format!("webhook = \"{}/hooks/abproxy\"", deployer.url()),
         "max_error_rate = 0.01",
     ))
@@ -619,15 +602,8 @@ async fn the_webhook_hears_of_each_change_of_the_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_shows_the_canary_and_rolls_it_back() {
-    let control = Backend::model("control", Model::healthy()).await;
-    let treatment = Backend::model("treatment", Model::healthy()).await;
-    let proxy = Proxy::start(&canary_config(
-        &control,
-        &treatment,
-        "",
-        "max_error_rate = 0.01",
-    ))
-    .await;
+    let arms = Arms::start(Model::healthy(), Model::healthy()).await;
+    let proxy = Proxy::start(&arms.config("", "max_error_rate = 0.01")).await;
     let admin = format!("http://{}", proxy.admin_addr);
     let abproxy = |action: &'static str| {
         let admin = admin.clone();
