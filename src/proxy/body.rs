@@ -1,7 +1,6 @@
 //! The body abproxy answers with: the upstream's, streamed through (and, for shadows that
 //! compare or log, copied on the way), or one of its own.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -13,7 +12,7 @@ use hyper::body::Incoming;
 use tokio::sync::watch;
 
 use crate::prediction::{Inspection, Predictions};
-use crate::upstream::Lease;
+use crate::upstream::{paused_too_long, Lease};
 use std::sync::Arc;
 
 pin_project_lite::pin_project! {
@@ -156,14 +155,7 @@ impl Body for ResponseBody {
                 let frame = match body.as_mut().poll_frame(cx) {
                     Poll::Ready(frame) => frame,
                     Poll::Pending => {
-                        if stall.is_none() {
-                            stall.set(Some(tokio::time::sleep(*idle_timeout)));
-                        }
-                        let stalled = stall
-                            .as_mut()
-                            .as_pin_mut()
-                            .is_some_and(|timer| timer.poll(cx).is_ready());
-                        if stalled {
+                        if paused_too_long(stall.as_mut(), *idle_timeout, cx) {
                             return Poll::Ready(Some(Err(BodyError::Stalled(*idle_timeout))));
                         }
                         return Poll::Pending;

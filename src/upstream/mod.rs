@@ -22,12 +22,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 mod connect;
 mod error;
+mod idle;
 mod tls;
 mod upload;
 
 pub(crate) use error::client_went_away;
 use error::connection_closed;
 pub use error::{SendError, UpstreamError, UpstreamErrorKind};
+pub use idle::paused_too_long;
 pub use tls::{ClientTls, TlsError, TlsSettings};
 pub use upload::{Upload, UploadError, UploadProgress};
 

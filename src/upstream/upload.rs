@@ -1,7 +1,6 @@
 //! The client's request body on its way upstream, timed so that a client who stops sending
 //! is told apart from an upstream that stops answering.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,6 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+
+use super::idle::paused_too_long;
 
 pin_project_lite::pin_project! {
     /// A streamed upload. It fails when the client sends nothing for `timeout` while the
@@ -78,15 +79,7 @@ impl Body for Upload {
             }
             Poll::Pending => {
                 this.waiting.store(true, Ordering::Relaxed);
-                if this.stall.is_none() {
-                    this.stall.set(Some(tokio::time::sleep(*this.timeout)));
-                }
-                let stalled = this
-                    .stall
-                    .as_mut()
-                    .as_pin_mut()
-                    .is_some_and(|timer| timer.poll(cx).is_ready());
-                if stalled {
+                if paused_too_long(this.stall, *this.timeout, cx) {
                     return Poll::Ready(Some(Err(UploadError::Stalled(*this.timeout))));
                 }
                 Poll::Pending
