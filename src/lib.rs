@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 mod detach;
+pub mod grpc;
 pub mod http_client;
 pub mod json_pointer;
 pub mod metrics;

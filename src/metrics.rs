@@ -6,6 +6,7 @@
 use std::sync::{Arc, OnceLock};
 
 use crate::canary::window::ArmWindow;
+use crate::grpc;
 use crate::prediction::{ClassTable, Unread};
 use crate::route;
 use crate::tls::HandshakeFailure;
@@ -22,6 +23,11 @@ static METADATA: Metadata<'static> = Metadata::new("abproxy", Level::INFO, Some(
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Streamed answers run for minutes; the head's buckets would end at 30 s.
+const STREAM_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0, 600.0,
 ];
 const ABS_DIFF_BUCKETS: &[f64] = &[
     1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0, 100.0,
@@ -60,6 +66,7 @@ impl Metrics {
         let builder = PrometheusBuilder::new();
         let builder = [
             ("abproxy_request_duration_seconds", LATENCY_BUCKETS),
+            ("abproxy_response_duration_seconds", STREAM_BUCKETS),
             ("abproxy_shadow_duration_seconds", LATENCY_BUCKETS),
             ("abproxy_shadow_abs_diff", ABS_DIFF_BUCKETS),
             ("abproxy_prediction", prediction_buckets),
@@ -83,8 +90,9 @@ impl Metrics {
 
     fn describe(&self) {
         let counters = [
-            ("abproxy_requests_total", "Requests answered, by variant and HTTP status returned to the client (499: the client hung up first)."),
+            ("abproxy_requests_total", "Requests answered, by variant and HTTP status returned to the client (499: the client hung up first), and gRPC code for gRPC calls."),
             ("abproxy_upstream_errors_total", "Failed upstream exchanges, by variant and kind (connect, timeout, reset, protocol, tls)."),
+            ("abproxy_fallbacks_total", "Requests a variant could not send to its upstream, served by its fallback variant instead."),
             ("abproxy_shadow_requests_total", "Mirrored requests, by shadow and result (ok, error, timeout, dropped)."),
             ("abproxy_shadow_comparisons_total", "Comparisons of primary and shadow answers, by outcome."),
             ("abproxy_config_reloads_total", "Config reload attempts, by result."),
@@ -129,7 +137,12 @@ impl Metrics {
             (
                 "abproxy_request_duration_seconds",
                 Some(Unit::Seconds),
-                "Time from request received to response head sent.",
+                "Time from request received to response head sent (time to first byte).",
+            ),
+            (
+                "abproxy_response_duration_seconds",
+                Some(Unit::Seconds),
+                "Time from request received to the last byte of the response body sent.",
             ),
             (
                 "abproxy_shadow_duration_seconds",
@@ -179,7 +192,12 @@ impl Metrics {
 
     /// The handles of one configured variant; `window` is the canary guard's, for the canary
     /// and its baseline.
-    pub fn variant(&self, name: &str, window: Option<Arc<ArmWindow>>) -> VariantMetrics {
+    pub fn variant(
+        &self,
+        name: &str,
+        fallback: Option<&str>,
+        window: Option<Arc<ArmWindow>>,
+    ) -> VariantMetrics {
         let error = |kind: &str| {
             self.counter(
                 "abproxy_upstream_errors_total",
@@ -190,8 +208,17 @@ impl Metrics {
             name: name.into(),
             registry: self.clone(),
             requests: (0..STATUS_CODES).map(|_| OnceLock::new()).collect(),
+            grpc_requests: (0..grpc::Code::COUNT).map(|_| OnceLock::new()).collect(),
             duration: self.histogram("abproxy_request_duration_seconds", &[("variant", name)]),
+            complete: self.histogram("abproxy_response_duration_seconds", &[("variant", name)]),
             upstream_errors: UpstreamErrorKind::ALL.map(|kind| error(kind.as_str())),
+            fallbacks: match fallback {
+                Some(fallback) => self.counter(
+                    "abproxy_fallbacks_total",
+                    &[("variant", name), ("fallback", fallback)],
+                ),
+                None => Counter::noop(),
+            },
             weight: self.gauge("abproxy_variant_weight_percent", &[("variant", name)]),
             window,
         }
@@ -204,8 +231,11 @@ impl Metrics {
             name: "none".into(),
             registry: self.clone(),
             requests: (0..STATUS_CODES).map(|_| OnceLock::new()).collect(),
+            grpc_requests: (0..grpc::Code::COUNT).map(|_| OnceLock::new()).collect(),
             duration: self.histogram("abproxy_request_duration_seconds", &[("variant", "none")]),
+            complete: self.histogram("abproxy_response_duration_seconds", &[("variant", "none")]),
             upstream_errors: UpstreamErrorKind::ALL.map(|_| Counter::noop()),
+            fallbacks: Counter::noop(),
             weight: Gauge::noop(),
             window: None,
         }
@@ -309,6 +339,37 @@ fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
 /// Status codes 100..=599 get a slot each.
 const STATUS_CODES: usize = 500;
 
+/// How a request ended, as the metrics judge it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    /// The HTTP status returned to the client (499: it hung up first).
+    pub status: StatusCode,
+    /// The `grpc-status` a gRPC call ended with.
+    pub grpc: Option<grpc::Code>,
+}
+
+impl Answer {
+    pub fn http(status: StatusCode) -> Answer {
+        Answer { status, grpc: None }
+    }
+
+    pub fn grpc(status: StatusCode, code: grpc::Code) -> Answer {
+        Answer {
+            status,
+            grpc: Some(code),
+        }
+    }
+
+    /// What counts as the variant failing a request: the server errors it answered, the
+    /// upstream errors abproxy answered for it (502, 504), clients giving up on it (499), and
+    /// gRPC calls that ended with a server-side failure code.
+    pub fn is_failure(&self) -> bool {
+        self.status.is_server_error()
+            || self.status.as_u16() == 499
+            || self.grpc.is_some_and(grpc::Code::is_server_failure)
+    }
+}
+
 /// Per-variant handles, built once per config generation.
 pub struct VariantMetrics {
     name: Arc<str>,
@@ -316,32 +377,69 @@ pub struct VariantMetrics {
     /// `abproxy_requests_total` by status, registered on first use so that /metrics lists only
     /// the codes actually returned; after that a slot read is one atomic load.
     requests: Box<[OnceLock<Counter>]>,
+    /// `abproxy_requests_total{code="200", grpc_code}` by gRPC code, likewise.
+    grpc_requests: Box<[OnceLock<Counter>]>,
+    /// Time to the response head (to the first token of a streamed answer).
     duration: Histogram,
+    /// Time to the last byte of the response body.
+    complete: Histogram,
     upstream_errors: [Counter; 5],
+    fallbacks: Counter,
     weight: Gauge,
     window: Option<Arc<ArmWindow>>,
 }
 
 impl VariantMetrics {
-    /// Counts one answered request.
-    pub fn record(&self, status: StatusCode, elapsed: Duration, unit: route::Unit) {
+    /// Records the time to the response head, when the head goes to the client.
+    pub fn head(&self, elapsed: Duration) {
+        self.duration.record(elapsed.as_secs_f64());
+    }
+
+    /// Counts one request once it has ended: answered in full, cut short, or left by its
+    /// client (499). `elapsed` runs to the end of the response body.
+    pub fn record(&self, answer: Answer, elapsed: Duration, unit: route::Unit) {
         // Forced and unrandomised requests are not the split's: a caller with the override
         // header must not be able to aim failures at the canary.
         if let (Some(window), false) = (&self.window, unit == route::Unit::Fixed) {
-            window.record(status, elapsed, unit);
+            window.record(answer, elapsed, unit);
         }
-        let slot = usize::from(status.as_u16())
-            .saturating_sub(100)
-            .min(STATUS_CODES - 1);
-        self.requests[slot]
-            .get_or_init(|| {
-                self.registry.counter(
-                    "abproxy_requests_total",
-                    &[("variant", &self.name), ("code", status.as_str())],
-                )
-            })
-            .increment(1);
-        self.duration.record(elapsed.as_secs_f64());
+        self.complete.record(elapsed.as_secs_f64());
+        let status = answer.status;
+        match answer.grpc {
+            Some(code) if status == StatusCode::OK => {
+                self.grpc_requests[code.index()].get_or_init(|| {
+                    self.registry.counter(
+                        "abproxy_requests_total",
+                        &[
+                            ("variant", &self.name),
+                            ("code", status.as_str()),
+                            ("grpc_code", code.name()),
+                        ],
+                    )
+                })
+            }
+            _ => {
+                let slot = usize::from(status.as_u16())
+                    .saturating_sub(100)
+                    .min(STATUS_CODES - 1);
+                self.requests[slot].get_or_init(|| {
+                    self.registry.counter(
+                        "abproxy_requests_total",
+                        &[("variant", &self.name), ("code", status.as_str())],
+                    )
+                })
+            }
+        }
+        .increment(1);
+    }
+
+    /// A request this variant could not send was served by its fallback: for the canary
+    /// guard, a failure of this variant all the same (its answer counts under the fallback).
+    pub fn fell_back(&self, unit: route::Unit) {
+        self.fallbacks.increment(1);
+        if let (Some(window), false) = (&self.window, unit == route::Unit::Fixed) {
+            window.record(Answer::http(StatusCode::BAD_GATEWAY), Duration::ZERO, unit);
+        }
     }
 
     pub fn upstream_error(&self, kind: UpstreamErrorKind) {

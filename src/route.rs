@@ -37,7 +37,11 @@ pub struct Route {
     /// The variant's name as a ready-made response header value.
     pub header_value: HeaderValue,
     pub upstream: Arc<Upstream>,
-    pub metrics: VariantMetrics,
+    /// Shared with the bodies of answers in flight, which count their request when they end.
+    pub metrics: Arc<VariantMetrics>,
+    /// Index into `Generation::routes` of the variant that serves requests this one could
+    /// not send.
+    pub fallback: Option<usize>,
     /// Reads predictions out of successful answers, when `[metrics] prediction` is set.
     pub predictions: Option<Arc<Predictions>>,
 }
@@ -235,14 +239,21 @@ fn build_routes(
                     window.clone(),
                 ))
             });
-            let metrics = metrics.variant(&variant.name, window);
+            let metrics = metrics.variant(&variant.name, variant.fallback.as_deref(), window);
             metrics.set_weight(variant.weight);
+            let fallback = variant.fallback.as_ref().and_then(|fallback| {
+                config
+                    .variants
+                    .iter()
+                    .position(|other| &other.name == fallback)
+            });
             Route {
                 header_value: HeaderValue::from_str(&variant.name)
                     .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
                 name: variant.name.clone(),
                 upstream,
-                metrics,
+                metrics: Arc::new(metrics),
+                fallback,
                 predictions,
             }
         })

@@ -1206,7 +1206,7 @@ mod pem {
             settings.client_cert = Some(cert);
             settings.client_key = Some(key_path);
         }
-        ClientTls::load(&settings, "model.test")
+        ClientTls::load(&settings, "model.test", false)
             .map(|_| ())
             .map_err(|err| err.to_string())
     }

@@ -240,7 +240,9 @@ async fn an_answer_cut_short_is_not_read() {
     .await;
     let cut = proxy.client.get("/").user("alice").try_send().await;
     assert!(cut.is_err(), "the body was cut: {cut:?}");
-    proxy.wait_for_requests("model", "200", 1.0).await;
+    // Its head said 200, but the upstream stalled mid-body: the variant's 504.
+    proxy.wait_for_requests("model", "504", 1.0).await;
+    assert_eq!(proxy.upstream_errors("model", "timeout").await, 1.0);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(predictions(&proxy, "model").await.0, 0.0);
     for reason in ["over_cap", "not_json", "no_prediction"] {

@@ -8,9 +8,8 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use http::StatusCode;
-
 use super::stats::{linear_counting, Estimate};
+use crate::metrics::Answer;
 use crate::route::Unit;
 
 /// Latencies below this many microseconds get a bucket each.
@@ -75,9 +74,9 @@ impl Default for ArmWindow {
 
 impl ArmWindow {
     /// Counts one answered request (or one the client gave up on, as 499).
-    pub fn record(&self, status: StatusCode, elapsed: Duration, unit: Unit) {
+    pub fn record(&self, answer: Answer, elapsed: Duration, unit: Unit) {
         self.requests.fetch_add(1, Relaxed);
-        if is_failure(status) {
+        if answer.is_failure() {
             self.failures.fetch_add(1, Relaxed);
         }
         self.latency[latency_bucket(elapsed)].fetch_add(1, Relaxed);
@@ -139,12 +138,6 @@ impl ArmWindow {
     }
 }
 
-/// What the guard counts as the canary failing a request: the server errors it answered, the
-/// upstream errors abproxy answered for it (502, 504), and clients giving up on it (499).
-pub fn is_failure(status: StatusCode) -> bool {
-    status.is_server_error() || status.as_u16() == 499
-}
-
 pub(crate) fn latency_bucket(elapsed: Duration) -> usize {
     let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
     if micros < EXACT_MICROS {
@@ -191,6 +184,7 @@ pub fn latency_quantile(buckets: &[u64], q: f64) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::StatusCode;
 
     #[test]
     fn latency_buckets_keep_a_p99_within_three_percent() {
@@ -220,7 +214,7 @@ mod tests {
         let window = ArmWindow::default();
         for i in 0..1000u64 {
             let elapsed = Duration::from_millis(if i < 990 { 2 } else { 40 });
-            window.record(StatusCode::OK, elapsed, Unit::Fixed);
+            window.record(Answer::http(StatusCode::OK), elapsed, Unit::Fixed);
         }
         let sample = window.take();
         let p99 = latency_quantile(&sample.latency, 0.99).expect("samples");
@@ -235,11 +229,23 @@ mod tests {
         let window = ArmWindow::default();
         for code in [200, 404, 429, 499, 500, 502, 504] {
             let status = StatusCode::from_u16(code).expect("status");
-            window.record(status, Duration::ZERO, Unit::Fixed);
+            window.record(Answer::http(status), Duration::ZERO, Unit::Fixed);
         }
         let sample = window.take();
         assert_eq!((sample.requests, sample.failures), (7, 4));
         assert_eq!(window.take().requests, 0);
+    }
+
+    #[test]
+    fn grpc_calls_fail_on_server_failure_codes_only() {
+        let window = ArmWindow::default();
+        for (code, index) in [(200, 0), (200, 3), (200, 5), (200, 13), (200, 14), (200, 4)] {
+            let status = StatusCode::from_u16(code).expect("status");
+            let answer = Answer::grpc(status, crate::grpc::Code::from_index(index));
+            window.record(answer, Duration::ZERO, Unit::Fixed);
+        }
+        let sample = window.take();
+        assert_eq!((sample.requests, sample.failures), (6, 3));
     }
 
     #[test]
@@ -248,11 +254,19 @@ mod tests {
         for user in 0..2000u64 {
             let hash = user.wrapping_mul(0x9e37_79b9_7f4a_7c15);
             for _ in 0..5 {
-                window.record(StatusCode::OK, Duration::ZERO, Unit::User(hash));
+                window.record(
+                    Answer::http(StatusCode::OK),
+                    Duration::ZERO,
+                    Unit::User(hash),
+                );
             }
         }
         for _ in 0..100 {
-            window.record(StatusCode::OK, Duration::ZERO, Unit::Anonymous);
+            window.record(
+                Answer::http(StatusCode::OK),
+                Duration::ZERO,
+                Unit::Anonymous,
+            );
         }
         let units = window.take().units;
         assert!(

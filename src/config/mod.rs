@@ -102,6 +102,8 @@ pub struct Limits {
     /// Requests in flight to one upstream at once, and so its connections; more wait their
     /// turn within `request_timeout`, so a burst of clients cannot open a connection each.
     pub max_upstream_connections: usize,
+    /// HTTP/2 connections per `h2`/`h2c` upstream; its requests are multiplexed over them.
+    pub h2_connections: usize,
     /// How long in-flight requests may run on after SIGTERM.
     pub shutdown_grace: Duration,
     /// How long a client may pause while sending its request body before it gets a 408.
@@ -125,6 +127,8 @@ pub struct Variant {
     pub weight: f64,
     /// `weight × buckets / 100`, checked to be whole.
     pub buckets: u32,
+    /// The variant that serves this one's requests when they cannot be sent to its upstream.
+    pub fallback: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -211,6 +215,34 @@ pub struct Upstream {
     /// Prepended to the client's path; empty or without a trailing slash.
     pub path_prefix: String,
     pub tls: Option<ClientTls>,
+    pub protocol: Protocol,
+    /// HTTP/2 connections the upstream's requests are multiplexed over (0 for HTTP/1.1).
+    pub h2_connections: usize,
+}
+
+/// The HTTP version abproxy speaks to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// HTTP/1.1, one request in flight per connection.
+    Http1,
+    /// HTTP/2 over TLS, negotiated by ALPN.
+    H2,
+    /// HTTP/2 over plain TCP with prior knowledge.
+    H2c,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::H2 => "h2",
+            Protocol::H2c => "h2c",
+        }
+    }
+
+    pub fn is_http2(self) -> bool {
+        self != Protocol::Http1
+    }
 }
 
 impl Upstream {

@@ -66,6 +66,7 @@ pub(super) struct Limits {
     pub request_timeout: Option<Spanned<String>>,
     pub connect_timeout: Option<Spanned<String>>,
     pub max_upstream_connections: Option<Spanned<i64>>,
+    pub h2_connections: Option<Spanned<i64>>,
     pub shutdown_grace: Option<Spanned<String>>,
     pub client_body_timeout: Option<Spanned<String>>,
 }
@@ -86,14 +87,17 @@ pub(super) struct Variant {
     pub name: Spanned<String>,
     pub upstream: Spanned<String>,
     pub weight: Spanned<f64>,
+    pub protocol: Option<Spanned<String>>,
+    pub fallback: Option<Spanned<String>>,
     pub ca: Option<Spanned<String>>,
     pub server_name: Option<Spanned<String>>,
     pub client_cert: Option<Spanned<String>>,
     pub client_key: Option<Spanned<String>>,
 }
 
-/// TLS to an `https://` upstream, as written beside `upstream` on a variant or shadow.
-pub(super) struct UpstreamTls<'a> {
+/// How to reach an upstream, as written beside `upstream` on a variant or shadow.
+pub(super) struct UpstreamKeys<'a> {
+    pub protocol: &'a Option<Spanned<String>>,
     pub ca: &'a Option<Spanned<String>>,
     pub server_name: &'a Option<Spanned<String>>,
     pub client_cert: &'a Option<Spanned<String>>,
@@ -101,8 +105,9 @@ pub(super) struct UpstreamTls<'a> {
 }
 
 impl Variant {
-    pub fn tls(&self) -> UpstreamTls<'_> {
-        UpstreamTls {
+    pub fn upstream_keys(&self) -> UpstreamKeys<'_> {
+        UpstreamKeys {
+            protocol: &self.protocol,
             ca: &self.ca,
             server_name: &self.server_name,
             client_cert: &self.client_cert,
@@ -112,8 +117,9 @@ impl Variant {
 }
 
 impl Shadow {
-    pub fn tls(&self) -> UpstreamTls<'_> {
-        UpstreamTls {
+    pub fn upstream_keys(&self) -> UpstreamKeys<'_> {
+        UpstreamKeys {
+            protocol: &self.protocol,
             ca: &self.ca,
             server_name: &self.server_name,
             client_cert: &self.client_cert,
@@ -127,6 +133,7 @@ impl Shadow {
 pub(super) struct Shadow {
     pub name: Spanned<String>,
     pub upstream: Spanned<String>,
+    pub protocol: Option<Spanned<String>>,
     pub ca: Option<Spanned<String>>,
     pub server_name: Option<Spanned<String>>,
     pub client_cert: Option<Spanned<String>>,

@@ -13,8 +13,8 @@ use toml::Spanned;
 use super::raw::{self, Size};
 use super::{
     percent_to_buckets, Assignment, Canary, CertificateFiles, Checks, ClientAuth, Config,
-    ConfigError, Limits, Location, Metrics, Server, Shadow, SniCertificate, Tls, Upstream, Variant,
-    DEFAULT_PREDICTION_BUCKETS,
+    ConfigError, Limits, Location, Metrics, Protocol, Server, Shadow, SniCertificate, Tls,
+    Upstream, Variant, DEFAULT_PREDICTION_BUCKETS,
 };
 use crate::assign::{OnMissing, UserIdSource};
 use crate::json_pointer::JsonPointer;
@@ -42,7 +42,7 @@ impl Validator<'_> {
     pub fn config(&self, file: raw::File) -> Result<Config> {
         let limits = self.limits(file.limits)?;
         let assignment = self.assignment(file.assignment)?;
-        let variants = self.variants(file.variants, assignment.buckets)?;
+        let variants = self.variants(file.variants, assignment.buckets, &limits)?;
         // Pointing at the first shadow too many, like every error that has a place in the file.
         if let Some(extra) = file.shadows.get(MAX_SHADOWS) {
             return Err(self.error(
@@ -487,6 +487,19 @@ impl Validator<'_> {
                 256,
                 "max_upstream_connections",
             )?,
+            h2_connections: match limits.h2_connections {
+                Some(count) if !(1..=64).contains(count.get_ref()) => {
+                    return Err(self.error(
+                        count.span(),
+                        format!(
+                            "h2_connections must be from 1 to 64, not {}",
+                            count.get_ref()
+                        ),
+                    ))
+                }
+                Some(count) => *count.get_ref() as usize,
+                None => 2,
+            },
             shutdown_grace: self.duration(limits.shutdown_grace, Duration::from_secs(30))?,
             client_body_timeout: self
                 .duration(limits.client_body_timeout, Duration::from_secs(30))?,
@@ -534,7 +547,12 @@ impl Validator<'_> {
         })
     }
 
-    fn variants(&self, variants: Vec<Spanned<raw::Variant>>, buckets: u32) -> Result<Vec<Variant>> {
+    fn variants(
+        &self,
+        variants: Vec<Spanned<raw::Variant>>,
+        buckets: u32,
+        limits: &Limits,
+    ) -> Result<Vec<Variant>> {
         let Some(first) = variants.first() else {
             return Err(ConfigError::invalid(
                 Location::file(self.path),
@@ -545,6 +563,10 @@ impl Validator<'_> {
         let mut total = 0u64;
         let mut validated = Vec::with_capacity(variants.len());
         let mut names = HashSet::new();
+        let fallbacks: Vec<Option<Spanned<String>>> = variants
+            .iter()
+            .map(|variant| variant.get_ref().fallback.clone())
+            .collect();
         for variant in variants {
             let variant = variant.into_inner();
             self.unique(&mut names, &variant.name, "variant")?;
@@ -568,11 +590,30 @@ impl Validator<'_> {
             }
             total += exact.round() as u64;
             validated.push(Variant {
-                upstream: self.upstream(&variant.upstream, variant.tls())?,
+                upstream: self.upstream(&variant.upstream, variant.upstream_keys(), limits)?,
                 weight,
                 buckets: exact.round() as u32,
+                fallback: None,
                 name,
             });
+        }
+        for (index, fallback) in fallbacks.into_iter().enumerate() {
+            let Some(fallback) = fallback else { continue };
+            let target = fallback.get_ref();
+            let own = &validated[index].name;
+            if target == own {
+                return Err(self.error(
+                    fallback.span(),
+                    format!("variant {own:?} cannot fall back to itself"),
+                ));
+            }
+            if !validated.iter().any(|variant| &variant.name == target) {
+                return Err(self.error(
+                    fallback.span(),
+                    format!("fallback {target:?} of variant {own:?} names no [[variant]]"),
+                ));
+            }
+            validated[index].fallback = Some(target.clone());
         }
         if total != u64::from(buckets) {
             let sum: f64 = validated.iter().map(|v| v.weight).sum();
@@ -587,7 +628,7 @@ impl Validator<'_> {
     fn shadow(&self, shadow: Spanned<raw::Shadow>, limits: &Limits) -> Result<Shadow> {
         let shadow = shadow.into_inner();
         let name = self.name(&shadow.name, "shadow")?;
-        let upstream = self.upstream(&shadow.upstream, shadow.tls())?;
+        let upstream = self.upstream(&shadow.upstream, shadow.upstream_keys(), limits)?;
         let percent = match shadow.percent {
             None => 100.0,
             Some(percent) if (0.0..=100.0).contains(percent.get_ref()) => *percent.get_ref(),
@@ -666,7 +707,13 @@ impl Validator<'_> {
         }
     }
 
-    fn upstream(&self, url: &Spanned<String>, tls: raw::UpstreamTls<'_>) -> Result<Upstream> {
+    fn upstream(
+        &self,
+        url: &Spanned<String>,
+        keys: raw::UpstreamKeys<'_>,
+        limits: &Limits,
+    ) -> Result<Upstream> {
+        let tls = &keys;
         let invalid =
             |why: &str| self.error(url.span(), format!("upstream {:?} {why}", url.get_ref()));
         let uri: Uri = url
@@ -688,8 +735,39 @@ impl Validator<'_> {
         if authority.as_str().contains('@') {
             return Err(invalid("must not carry credentials"));
         }
+        let protocol = match keys.protocol {
+            None => Protocol::Http1,
+            Some(text) => {
+                let protocol = match text.get_ref().as_str() {
+                    "http1" => Protocol::Http1,
+                    "h2" if https => Protocol::H2,
+                    "h2c" if !https => Protocol::H2c,
+                    "h2" => {
+                        return Err(self.error(
+                            text.span(),
+                            "protocol \"h2\" is HTTP/2 over TLS and needs an https:// upstream; \
+                             use \"h2c\" for HTTP/2 over plain TCP",
+                        ))
+                    }
+                    "h2c" => {
+                        return Err(self.error(
+                            text.span(),
+                            "protocol \"h2c\" is HTTP/2 over plain TCP; an https:// upstream \
+                             takes \"h2\"",
+                        ))
+                    }
+                    other => {
+                        return Err(self.error(
+                            text.span(),
+                            format!("protocol must be \"http1\", \"h2\" or \"h2c\", not {other:?}"),
+                        ))
+                    }
+                };
+                protocol
+            }
+        };
         let tls = if https {
-            Some(self.client_tls(&tls, authority.host(), url)?)
+            Some(self.client_tls(tls, authority.host(), url, protocol)?)
         } else {
             let keys = [tls.ca, tls.server_name, tls.client_cert, tls.client_key];
             if let Some(key) = keys.into_iter().flatten().next() {
@@ -705,6 +783,12 @@ impl Validator<'_> {
             authority: authority.clone(),
             path_prefix: uri.path().trim_end_matches('/').to_owned(),
             tls,
+            protocol,
+            h2_connections: if protocol == Protocol::Http1 {
+                0
+            } else {
+                limits.h2_connections
+            },
         })
     }
 
@@ -712,9 +796,10 @@ impl Validator<'_> {
     /// request path never meets one.
     fn client_tls(
         &self,
-        tls: &raw::UpstreamTls<'_>,
+        tls: &raw::UpstreamKeys<'_>,
         host: &str,
         url: &Spanned<String>,
+        protocol: Protocol,
     ) -> Result<ClientTls> {
         let path = |key: &Option<Spanned<String>>| key.as_ref().map(|k| PathBuf::from(k.get_ref()));
         let settings = TlsSettings {
@@ -725,7 +810,7 @@ impl Validator<'_> {
         };
         // IPv6 literals keep their brackets in the URL, not in a certificate's names.
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        ClientTls::load(&settings, host).map_err(|err| {
+        ClientTls::load(&settings, host, protocol == Protocol::H2).map_err(|err| {
             let blamed = match &err {
                 TlsError::ServerName(_) => tls.server_name,
                 TlsError::Read { path, .. }

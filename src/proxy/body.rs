@@ -11,8 +11,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::sync::watch;
 
+use super::tally::Ending;
 use crate::prediction::{Inspection, Predictions};
-use crate::upstream::{paused_too_long, Lease};
+use crate::upstream::{body_error_kind, paused_too_long, Lease, UpstreamErrorKind};
 use std::sync::Arc;
 
 pin_project_lite::pin_project! {
@@ -29,6 +30,8 @@ pin_project_lite::pin_project! {
             idle_timeout: Duration,
             capture: Option<Capture>,
             inspection: Option<Inspection>,
+            // Counts the request when the body ends (or, dropped first, as the client's 499).
+            ending: Option<Ending>,
             // The upstream connection is busy until this body is done: it goes back to the
             // pool when the body ends, and its place in the connection limit with it.
             lease: Lease,
@@ -51,7 +54,21 @@ impl ResponseBody {
             idle_timeout,
             capture: None,
             inspection: None,
+            ending: None,
             lease,
+        }
+    }
+
+    /// Whether this is an upstream's body still to be streamed, as opposed to one of
+    /// abproxy's own answers or an empty body.
+    pub fn streams(&self) -> bool {
+        matches!(self, ResponseBody::Upstream { body, .. } if !body.is_end_stream())
+    }
+
+    /// Counts the request with `ending` when the body ends.
+    pub fn count_at_end(&mut self, counted: Ending) {
+        if let ResponseBody::Upstream { ending, .. } = self {
+            *ending = Some(counted);
         }
     }
 
@@ -85,6 +102,7 @@ impl ResponseBody {
                 idle_timeout,
                 capture: None,
                 inspection,
+                ending,
                 lease,
             } => {
                 let (sender, receiver) = watch::channel(None);
@@ -99,6 +117,7 @@ impl ResponseBody {
                     idle_timeout,
                     capture,
                     inspection,
+                    ending,
                     lease,
                 };
                 (body, Some(receiver))
@@ -150,12 +169,16 @@ impl Body for ResponseBody {
                 idle_timeout,
                 capture,
                 inspection,
+                ending,
                 lease,
             } => {
                 let frame = match body.as_mut().poll_frame(cx) {
                     Poll::Ready(frame) => frame,
                     Poll::Pending => {
                         if paused_too_long(stall.as_mut(), *idle_timeout, cx) {
+                            if let Some(ending) = ending.take() {
+                                ending.upstream_failed(UpstreamErrorKind::Timeout);
+                            }
                             return Poll::Ready(Some(Err(BodyError::Stalled(*idle_timeout))));
                         }
                         return Poll::Pending;
@@ -171,6 +194,25 @@ impl Body for ResponseBody {
                 };
                 if ended {
                     lease.release();
+                }
+                if let Some(Ok(frame)) = &frame {
+                    if let (Some(trailers), Some(ending)) = (frame.trailers_ref(), ending.as_mut())
+                    {
+                        ending.trailers(trailers);
+                    }
+                }
+                match &frame {
+                    _ if ended => {
+                        if let Some(ending) = ending.take() {
+                            ending.complete();
+                        }
+                    }
+                    Some(Err(err)) => {
+                        if let Some(ending) = ending.take() {
+                            ending.upstream_failed(body_error_kind(err));
+                        }
+                    }
+                    Some(Ok(_)) | None => {}
                 }
                 if let Some(inspection) = inspection {
                     if let Some(Ok(frame)) = &frame {

@@ -5,6 +5,7 @@ use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Response, StatusCode};
 
 use super::body::ResponseBody;
+use crate::grpc;
 use crate::route::AssignError;
 use crate::upstream::{UpstreamError, UpstreamErrorKind};
 
@@ -44,6 +45,37 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// The gRPC status a gRPC client gets. Only the upstream's failures get codes that count
+    /// as the server's (`Unavailable`, `DeadlineExceeded`); what the client caused gets codes
+    /// that are the client's, as a 4xx is.
+    pub fn grpc_code(&self) -> grpc::Code {
+        match self {
+            ProxyError::Upstream { source, .. } if source.kind == UpstreamErrorKind::Timeout => {
+                grpc::Code::DEADLINE_EXCEEDED
+            }
+            ProxyError::Upstream { .. } => grpc::Code::UNAVAILABLE,
+            ProxyError::BodyTooLarge { .. } => grpc::Code::RESOURCE_EXHAUSTED,
+            ProxyError::ClientGone(_) | ProxyError::ClientTimeout(_) => grpc::Code::CANCELLED,
+            ProxyError::Connect
+            | ProxyError::BodyRead(_)
+            | ProxyError::Assign(_)
+            | ProxyError::BadTarget(_) => grpc::Code::INVALID_ARGUMENT,
+        }
+    }
+
+    /// A trailers-only gRPC answer: HTTP 200, the status in the head, no body.
+    fn into_grpc_response(self) -> Response<ResponseBody> {
+        let code = self.grpc_code();
+        let mut response = Response::new(ResponseBody::full(Bytes::new()));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(grpc::GRPC_STATUS.clone(), code.header_value());
+        if let Ok(message) = HeaderValue::from_str(&grpc::percent_encode(&self.to_string())) {
+            headers.insert(grpc::GRPC_MESSAGE.clone(), message);
+        }
+        response
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::Connect => StatusCode::METHOD_NOT_ALLOWED,
@@ -63,8 +95,12 @@ impl ProxyError {
         }
     }
 
-    /// A small JSON body that says what went wrong and, once assigned, which variant it was.
-    pub fn into_response(self) -> Response<ResponseBody> {
+    /// The answer to the client: for a gRPC call, a gRPC status it can read; otherwise a
+    /// small JSON body that says what went wrong and, once assigned, which variant it was.
+    pub fn into_response(self, grpc: bool) -> Response<ResponseBody> {
+        if grpc {
+            return self.into_grpc_response();
+        }
         let status = self.status();
         let mut body = serde_json::json!({ "error": self.to_string() });
         if let ProxyError::Upstream { variant, source } = &self {

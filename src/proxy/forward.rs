@@ -9,6 +9,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Request, Version};
 
+use crate::grpc;
 use crate::upstream::{Upstream, UpstreamBody};
 
 static HOP_BY_HOP: [HeaderName; 8] = [
@@ -54,6 +55,35 @@ impl Peer {
     }
 }
 
+/// A copy of a client request's head, kept while its variant has a fallback: the request
+/// sent to the first upstream was rewritten for it, and the fallback's needs the original.
+pub struct ClientHead {
+    method: http::Method,
+    uri: http::Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl ClientHead {
+    pub fn copy(parts: &Parts) -> ClientHead {
+        ClientHead {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        }
+    }
+
+    pub fn into_parts(self) -> Parts {
+        let (mut parts, ()) = Request::new(()).into_parts();
+        parts.method = self.method;
+        parts.uri = self.uri;
+        parts.version = self.version;
+        parts.headers = self.headers;
+        parts
+    }
+}
+
 /// Turns the client's request into the one sent to `upstream`.
 pub fn upstream_request(
     mut parts: Parts,
@@ -62,21 +92,49 @@ pub fn upstream_request(
     client: &Peer,
     preserve_host: bool,
 ) -> Result<Request<UpstreamBody>, http::Error> {
-    let uri = upstream.uri_for(parts.uri.path_and_query())?;
     let headers = &mut parts.headers;
+    // gRPC requires `te: trailers` end to end (it tells servers the client reads trailers).
+    let keeps_te = grpc::is_call(headers)
+        && headers
+            .get(header::TE)
+            .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
     remove_hop_by_hop(headers);
-    if !preserve_host {
-        headers.insert(header::HOST, upstream.host().clone());
-    } else if !headers.contains_key(header::HOST) {
+    if keeps_te {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    let host = match headers.get(header::HOST) {
+        Some(_) if preserve_host => None,
         // HTTP/2 clients send the authority as a pseudo-header, not as `Host`; an HTTP/1.0
         // client may send neither, and an HTTP/1.1 upstream needs one.
-        let host = parts
-            .uri
-            .authority()
-            .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
-            .unwrap_or_else(|| upstream.host().clone());
-        headers.insert(header::HOST, host);
-    }
+        None if preserve_host => Some(
+            parts
+                .uri
+                .authority()
+                .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
+                .unwrap_or_else(|| upstream.host().clone()),
+        ),
+        _ => Some(upstream.host().clone()),
+    };
+    let (uri, version) = if upstream.is_http2() {
+        // HTTP/2 names the host in `:authority` alone.
+        let host = match host {
+            Some(host) => host,
+            None => headers
+                .remove(header::HOST)
+                .unwrap_or_else(|| upstream.host().clone()),
+        };
+        headers.remove(header::HOST);
+        (
+            upstream.uri_for(parts.uri.path_and_query(), &host)?,
+            Version::HTTP_2,
+        )
+    } else {
+        let uri = upstream.uri_for(parts.uri.path_and_query(), upstream.host())?;
+        if let Some(host) = host {
+            headers.insert(header::HOST, host);
+        }
+        (uri, Version::HTTP_11)
+    };
     append_forwarded_for(headers, client);
     // A load balancer in front that terminated TLS has said `https`: keep its word.
     if !headers.contains_key(&X_FORWARDED_PROTO) {
@@ -86,7 +144,7 @@ pub fn upstream_request(
     let mut request = Request::new(body);
     *request.method_mut() = parts.method;
     *request.uri_mut() = uri;
-    *request.version_mut() = Version::HTTP_11;
+    *request.version_mut() = version;
     *request.headers_mut() = parts.headers;
     *request.extensions_mut() = parts.extensions;
     Ok(request)

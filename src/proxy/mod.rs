@@ -6,6 +6,7 @@ mod forward;
 mod listener;
 mod mirror;
 mod stall;
+mod tally;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::request::Parts;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -22,26 +23,28 @@ use metrics::Gauge;
 
 pub use body::ResponseBody;
 pub use error::ProxyError;
-use error::CLIENT_CLOSED_REQUEST;
+use forward::ClientHead;
 pub use forward::Peer;
 pub use listener::{serve, serve_tls};
 
 use crate::config::{Config, Limits};
 use crate::detach;
+use crate::grpc;
 use crate::metrics::{Metrics, VariantMetrics};
-use crate::route::{Generation, Route, Unit};
+use crate::route::{Generation, Route};
 use crate::upstream::{
     client_went_away, Lease, SendError, Upload, UploadError, UploadProgress, UpstreamBody,
     UpstreamErrorKind,
 };
 use mirror::Mirrors;
+use tally::Tally;
 
 /// State shared by every connection: the live generation and process-wide metrics.
 pub struct Proxy {
     current: Arc<ArcSwap<Generation>>,
     in_flight: Gauge,
     /// Requests refused before assignment are counted under `variant="none"`.
-    unassigned: VariantMetrics,
+    unassigned: Arc<VariantMetrics>,
 }
 
 impl Proxy {
@@ -49,7 +52,7 @@ impl Proxy {
         Proxy {
             current,
             in_flight: metrics.process().in_flight,
-            unassigned: metrics.unassigned(),
+            unassigned: Arc::new(metrics.unassigned()),
         }
     }
 
@@ -65,8 +68,12 @@ impl Proxy {
         // swaps in another before it ends.
         let generation = self.current.load_full();
         let config = &generation.config;
-        let mut tally = Tally::new(&self.unassigned, started);
         let (parts, body) = request.into_parts();
+        let mut tally = Tally::new(
+            self.unassigned.clone(),
+            started,
+            grpc::is_call(&parts.headers),
+        );
         if parts.method == http::Method::CONNECT {
             return refuse(ProxyError::Connect, tally);
         }
@@ -88,19 +95,22 @@ impl Proxy {
             Err(err) => return refuse(err.into(), tally),
         };
         let route = &generation.routes[assignment.route];
-        tally.assign(&route.metrics, assignment.unit);
+        tally.assign(route.metrics.clone(), assignment.unit);
 
         // 3. Choose the shadows that mirror this user; they need the body in memory.
         let mirrors = Mirrors::select(&generation.shadows, assignment.user_id.as_deref());
         if !mirrors.is_empty() {
             if let Err(err) = body.buffer_for_mirror(&parts, limits).await {
-                return answered(route, err.into_response(), tally, config);
+                let response = err.into_response(tally.is_grpc());
+                return answered(route, response, tally, config);
             }
         }
 
-        // 4. Forward to the variant's upstream, keeping a copy for the shadows.
+        // 4. Forward to the variant's upstream, keeping a copy for the shadows (and of the
+        //    head for the fallback variant, if the upstream cannot be reached).
         // A HEAD answer has no body to read a prediction from.
         let head = parts.method == http::Method::HEAD;
+        let spare = route.fallback.map(|_| ClientHead::copy(&parts));
         let mirror = mirrors.source(&parts, body.shared_bytes(), assignment.user_id);
         let (upload, progress) = body.into_upstream(limits.client_body_timeout);
         let request = forward::upstream_request(
@@ -112,9 +122,16 @@ impl Proxy {
         );
         let mirror =
             mirror.and_then(|source| source.copy(request.as_ref().ok(), &generation.shadows));
-        let response = match request {
-            Ok(request) => send(route, request, limits.request_timeout, progress).await,
-            Err(err) => Err(ProxyError::BadTarget(err)),
+        let (route, response) = match request {
+            Ok(request) => {
+                let exchange = Exchange {
+                    generation: &generation,
+                    client,
+                    progress,
+                };
+                exchange.send(route, request, spare, &mut tally).await
+            }
+            Err(err) => (route, Err(ProxyError::BadTarget(err))),
         };
 
         // 5. Build the client's response; a successful answer's prediction is read as it
@@ -131,7 +148,7 @@ impl Proxy {
                 }
                 Response::from_parts(parts, body)
             }
-            Err(err) => err.into_response(),
+            Err(err) => err.into_response(tally.is_grpc()),
         };
 
         // 6. Mirror, now that the primary has answered: this only queues work for the shadows.
@@ -139,7 +156,7 @@ impl Proxy {
             response = mirror.dispatch(response, &route.name, started, &generation.shadows);
         }
 
-        // 7. Name the variant and record the answer.
+        // 7. Name the variant that answered, and count the request (now, or as its body ends).
         answered(route, response, tally, config)
     }
 
@@ -156,103 +173,117 @@ impl Proxy {
 }
 
 /// Answers a request that never reached a variant.
-fn refuse(err: ProxyError, tally: Tally<'_>) -> Response<ResponseBody> {
+fn refuse(err: ProxyError, tally: Tally) -> Response<ResponseBody> {
     tracing::debug!(error = %err, "request refused");
-    let response = err.into_response();
-    tally.answered(response.status());
+    let response = err.into_response(tally.is_grpc());
+    tally.head(response.status(), response.headers(), false);
     response
 }
 
-/// Stamps the variant header on a response to an assigned request and counts it.
+/// Stamps the variant header on a response to an assigned request and counts it: now, or
+/// when its body ends.
 fn answered(
     route: &Route,
     mut response: Response<ResponseBody>,
-    tally: Tally<'_>,
+    tally: Tally,
     config: &Config,
 ) -> Response<ResponseBody> {
     response.headers_mut().insert(
         config.server.variant_header.clone(),
         route.header_value.clone(),
     );
-    tally.answered(response.status());
+    let streams = response.body().streams();
+    if let Some(ending) = tally.head(response.status(), response.headers(), streams) {
+        response.body_mut().count_at_end(ending);
+    }
     response
 }
 
-/// Counts a request exactly once, under the variant it was assigned to (`none` until then):
-/// with the status it was answered with, or as 499 when the client hung up first and hyper
-/// dropped the handler. Without the 499s, a treatment slow enough for clients to give up on
-/// would look better than it is: its worst requests would vanish from the metrics. (Requests
-/// cut when the shutdown grace period ends count as 499 too, as the process exits.)
-struct Tally<'a> {
-    metrics: &'a VariantMetrics,
-    unit: Unit,
-    started: Instant,
-    counted: bool,
+/// One request's exchange with its variant's upstream, and its fallback's.
+struct Exchange<'a> {
+    generation: &'a Generation,
+    client: &'a Peer,
+    progress: Option<UploadProgress>,
 }
 
-impl<'a> Tally<'a> {
-    fn new(unassigned: &'a VariantMetrics, started: Instant) -> Self {
-        Tally {
-            metrics: unassigned,
-            unit: Unit::Fixed,
-            started,
-            counted: false,
-        }
+type Answered = Result<(Response<Incoming>, Lease), ProxyError>;
+
+impl<'a> Exchange<'a> {
+    /// Sends the request to the route's upstream. One that could not be sent at all (no
+    /// connection) goes to the route's fallback variant, if it has one: an upstream error of
+    /// the route all the same, which the canary guard sees, answered by the fallback.
+    async fn send(
+        &self,
+        route: &'a Route,
+        request: Request<UpstreamBody>,
+        spare: Option<ClientHead>,
+        tally: &mut Tally,
+    ) -> (&'a Route, Answered) {
+        let config = &self.generation.config;
+        let timeout = config.limits.request_timeout;
+        let failed = match route.upstream.send(request, timeout).await {
+            Ok(answer) => return (route, Ok(answer)),
+            Err(failed) => failed,
+        };
+        let (source, request, fallback, spare) = match (failed, route.fallback, spare) {
+            (SendError::NotSent { source, request }, Some(fallback), Some(spare)) => {
+                (source, request, fallback, spare)
+            }
+            (failed, _, _) => return (route, Err(self.failure(route, failed))),
+        };
+        let fallback = &self.generation.routes[fallback];
+        tracing::debug!(variant = %route.name, fallback = %fallback.name, error = %source, "upstream unreachable, falling back");
+        route.metrics.upstream_error(source.kind);
+        route.metrics.fell_back(tally.unit());
+        tally.served_by(fallback.metrics.clone());
+        let body = request.0.into_body();
+        let request = forward::upstream_request(
+            spare.into_parts(),
+            body,
+            &fallback.upstream,
+            self.client,
+            config.server.preserve_host,
+        );
+        let answer = match request {
+            Ok(request) => match fallback.upstream.send(request, timeout).await {
+                Ok(answer) => Ok(answer),
+                Err(failed) => Err(self.failure(fallback, failed)),
+            },
+            Err(err) => Err(ProxyError::BadTarget(err)),
+        };
+        (fallback, answer)
     }
 
-    fn assign(&mut self, variant: &'a VariantMetrics, unit: Unit) {
-        self.metrics = variant;
-        self.unit = unit;
-    }
-
-    fn answered(mut self, status: StatusCode) {
-        self.metrics
-            .record(status, self.started.elapsed(), self.unit);
-        self.counted = true;
-    }
-}
-
-impl Drop for Tally<'_> {
-    fn drop(&mut self) {
-        if !self.counted {
-            self.metrics
-                .record(CLIENT_CLOSED_REQUEST, self.started.elapsed(), self.unit);
-        }
-    }
-}
-
-/// Sends the request to the route's upstream, counting a failure against the variant
-/// unless it was the client's doing.
-async fn send(
-    route: &Route,
-    request: Request<UpstreamBody>,
-    timeout: Duration,
-    upload: Option<UploadProgress>,
-) -> Result<(Response<Incoming>, Lease), ProxyError> {
-    route
-        .upstream
-        .send(request, timeout)
-        .await
-        .map_err(|err| match err {
+    /// Counts a failure against the variant unless it was the client's doing.
+    fn failure(&self, route: &Route, failed: SendError) -> ProxyError {
+        let timeout = self.generation.config.limits.request_timeout;
+        match failed {
             // The answer was due while the upstream still waited for the client's body.
             SendError::Upstream(source)
                 if source.kind == UpstreamErrorKind::Timeout
-                    && upload.as_ref().is_some_and(UploadProgress::waiting_on_client) =>
+                    && self
+                        .progress
+                        .as_ref()
+                        .is_some_and(UploadProgress::waiting_on_client) =>
             {
                 ProxyError::ClientTimeout(format!(
                     "the client was still sending its request body after {}",
                     humantime::format_duration(timeout)
                 ))
             }
-            SendError::Upstream(source) => {
+            SendError::Upstream(source) | SendError::NotSent { source, .. } => {
                 route.metrics.upstream_error(source.kind);
                 tracing::debug!(variant = %route.name, upstream = %route.upstream.target(), error = %source, "upstream failed");
-                ProxyError::Upstream { variant: route.name.clone(), source }
+                ProxyError::Upstream {
+                    variant: route.name.clone(),
+                    source,
+                }
             }
             SendError::ClientGone(detail) => ProxyError::ClientGone(detail),
             SendError::ClientBody(detail) => ProxyError::BodyRead(detail),
             SendError::ClientStalled(detail) => ProxyError::ClientTimeout(detail),
-        })
+        }
+    }
 }
 
 /// Buffers a request body up to `max_body` bytes; larger bodies are a 413, not a memory

@@ -334,7 +334,7 @@ impl Worker {
         // The lease lives until the body has been read, as the connection is busy until then.
         let (response, mut lease) = match self.upstream.send(request, self.config.timeout).await {
             Ok(answer) => answer,
-            Err(SendError::Upstream(err)) => {
+            Err(SendError::Upstream(err) | SendError::NotSent { source: err, .. }) => {
                 return Answer::Failed {
                     kind: err.kind,
                     detail: err.detail,
@@ -373,12 +373,22 @@ impl Worker {
     ) -> Result<Request<crate::upstream::UpstreamBody>, http::Error> {
         let mut request = Request::new(Either::Right(Full::new(mirror.body.clone())));
         *request.method_mut() = mirror.method.clone();
-        *request.uri_mut() = self.upstream.uri_for(mirror.path_and_query.as_ref())?;
+        let host = self.upstream.host();
+        *request.uri_mut() = self
+            .upstream
+            .uri_for(mirror.path_and_query.as_ref(), host)?;
         let headers = request.headers_mut();
         headers.clone_from(&mirror.headers);
-        // The shadow is another host.
-        headers.insert(HOST, self.upstream.host().clone());
+        // The shadow is another host, named in `:authority` over HTTP/2.
+        if self.upstream.is_http2() {
+            headers.remove(HOST);
+        } else {
+            headers.insert(HOST, host.clone());
+        }
         headers.insert(SHADOW_MARKER.clone(), HeaderValue::from_static("1"));
+        if self.upstream.is_http2() {
+            *request.version_mut() = http::Version::HTTP_2;
+        }
         Ok(request)
     }
 

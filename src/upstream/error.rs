@@ -9,6 +9,13 @@ use super::upload::UploadError;
 pub enum SendError {
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// No connection could be had (refused, timed out, TLS refused): no byte of the request
+    /// reached the upstream, so another variant may serve it. Here it is, untouched.
+    #[error("{source}")]
+    NotSent {
+        source: UpstreamError,
+        request: Unsent,
+    },
     /// The client hung up mid-upload while its body streamed upstream: not the upstream's
     /// failure, and not counted as one.
     #[error("the client closed the connection during its upload: {0}")]
@@ -21,7 +28,26 @@ pub enum SendError {
     ClientStalled(String),
 }
 
+/// A request that was never sent, given back.
+pub struct Unsent(pub Box<http::Request<super::UpstreamBody>>);
+
+impl std::fmt::Debug for Unsent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Unsent({} {})", self.0.method(), self.0.uri())
+    }
+}
+
 impl SendError {
+    pub(super) fn not_sent(
+        source: UpstreamError,
+        request: http::Request<super::UpstreamBody>,
+    ) -> SendError {
+        SendError::NotSent {
+            source,
+            request: Unsent(Box::new(request)),
+        }
+    }
+
     pub(super) fn from_hyper(err: &hyper::Error) -> SendError {
         // The request body is the client's `Upload` or an infallible `Full`, so an upload
         // error among the causes is the client's doing, not the upstream's.
@@ -71,6 +97,11 @@ impl UpstreamError {
             detail: "the upstream's connection pool is closed".into(),
         }
     }
+}
+
+/// What a failure of an upstream's response body, mid-answer, says of the upstream.
+pub fn body_error_kind(err: &hyper::Error) -> UpstreamErrorKind {
+    classify(err)
 }
 
 fn classify(err: &hyper::Error) -> UpstreamErrorKind {

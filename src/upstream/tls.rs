@@ -83,7 +83,8 @@ pub enum TlsError {
 
 impl ClientTls {
     /// Loads the files `settings` names, for an upstream whose URL names `host`.
-    pub fn load(settings: &TlsSettings, host: &str) -> Result<ClientTls, TlsError> {
+    /// `h2`: offer only HTTP/2 by ALPN; otherwise only HTTP/1.1.
+    pub fn load(settings: &TlsSettings, host: &str, h2: bool) -> Result<ClientTls, TlsError> {
         if settings.client_cert.is_some() != settings.client_key.is_some() {
             return Err(TlsError::HalfIdentity);
         }
@@ -126,12 +127,16 @@ impl ClientTls {
             (None, None) => builder.with_no_client_auth(),
             _ => return Err(TlsError::HalfIdentity),
         };
-        // HTTP/1.1 until upstream h2 lands; saying so lets servers that also speak h2 pick.
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // Saying which one lets a server that speaks both pick the one this pool speaks.
+        config.alpn_protocols = vec![if h2 {
+            b"h2".to_vec()
+        } else {
+            b"http/1.1".to_vec()
+        }];
         let name = settings.server_name.as_deref().unwrap_or(host);
         let server_name = ServerName::try_from(name.to_owned())
             .map_err(|_| TlsError::ServerName(name.to_owned()))?;
-        digest.update(format!("{settings:?}|{name}").as_bytes());
+        digest.update(format!("{settings:?}|{name}|h2={h2}").as_bytes());
         Ok(ClientTls {
             connector: TlsConnector::from(Arc::new(config)),
             server_name,
