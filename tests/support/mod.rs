@@ -11,6 +11,7 @@ pub mod config_file;
 pub mod pki;
 pub mod process;
 pub mod proxy;
+pub mod stream;
 pub mod tls;
 
 pub use backend::{Backend, Model, Received};

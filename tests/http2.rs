@@ -1,0 +1,283 @@
+//! HTTP/2 model servers (`protocol = "h2c"`), trailers end to end, and the fallback variant.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Version};
+use http_body_util::channel::Channel;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::stream::{Mode, StreamServer};
+use support::{Backend, Proxy};
+
+fn h2c_variant(name: &str, server: &StreamServer, keys: &str) -> String {
+    format!(
+        "[[variant]]\nname = \"{name}\"\nupstream = \"{}\"\nweight = 100\nprotocol = \"h2c\"\n{keys}\n",
+        server.url()
+    )
+}
+
+/// An h2c (prior knowledge) connection to the proxy, as gRPC clients open.
+async fn h2c_client<B>(proxy: &Proxy) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(connection);
+    sender
+}
+
+#[tokio::test]
+async fn two_hundred_requests_in_flight_share_the_configured_connections() {
+    let model = StreamServer::start(
+        "model",
+        Mode::Echo {
+            delay: Duration::from_millis(50),
+        },
+    )
+    .await;
+    let proxy = Proxy::start(&format!(
+        "[limits]\nh2_connections = 2\n\n{}",
+        h2c_variant("model", &model, "")
+    ))
+    .await;
+    let calls = (0..200).map(|user| {
+        let client = proxy.client.clone();
+        tokio::spawn(async move {
+            client
+                .get("/predict")
+                .user(&format!("user-{user}"))
+                .send()
+                .await
+        })
+    });
+    for call in calls {
+        let reply = call.await.expect("task");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.model(), "model");
+    }
+    assert!(
+        model.connections() <= 2,
+        "{} connections",
+        model.connections()
+    );
+    assert!(model
+        .seen()
+        .iter()
+        .all(|seen| seen.version == Version::HTTP_2));
+    assert_eq!(proxy.requests("model", "200").await, 200.0);
+}
+
+#[tokio::test]
+async fn an_upstream_that_says_goaway_mid_load_fails_no_request() {
+    let model = StreamServer::start(
+        "model",
+        Mode::GoAwayAfter {
+            requests: 25,
+            delay: Duration::from_millis(10),
+        },
+    )
+    .await;
+    let proxy = Proxy::start(&h2c_variant("model", &model, "")).await;
+    for wave in 0..4 {
+        let calls: Vec<_> = (0..50)
+            .map(|user| {
+                let client = proxy.client.clone();
+                tokio::spawn(async move {
+                    client
+                        .get("/predict")
+                        .user(&format!("user-{wave}-{user}"))
+                        .send()
+                        .await
+                })
+            })
+            .collect();
+        for call in calls {
+            let reply = call.await.expect("task");
+            assert_eq!(reply.status, 200, "{}", reply.text());
+        }
+    }
+    // Every connection went away after 25 requests: 200 of them needed several.
+    assert!(
+        model.connections() >= 8,
+        "{} connections",
+        model.connections()
+    );
+    assert_eq!(proxy.requests("model", "200").await, 200.0);
+    assert_eq!(proxy.upstream_errors("model", "reset").await, 0.0);
+}
+
+#[tokio::test]
+async fn trailers_cross_the_proxy_both_ways_and_te_trailers_only_for_grpc() {
+    let model = StreamServer::start(
+        "model",
+        Mode::Echo {
+            delay: Duration::ZERO,
+        },
+    )
+    .await;
+    let proxy = Proxy::start(&h2c_variant("model", &model, "")).await;
+    let mut client = h2c_client::<Channel<Bytes>>(&proxy).await;
+    let call = |content_type: &'static str| {
+        let (mut sender, body) = Channel::<Bytes>::new(2);
+        let request = Request::post(format!("http://{}/model.Predict/Run", proxy.addr))
+            .header("content-type", content_type)
+            .header("te", "trailers")
+            .header("x-user-id", "alice")
+            .body(body)
+            .expect("request");
+        tokio::spawn(async move {
+            sender
+                .send_data(Bytes::from_static(b"payload"))
+                .await
+                .expect("data");
+            let mut trailers = HeaderMap::new();
+            trailers.insert("x-request-trailer", HeaderValue::from_static("from-client"));
+            sender.send_trailers(trailers).await.expect("trailers");
+        });
+        request
+    };
+
+    let response = client
+        .send_request(call("application/grpc"))
+        .await
+        .expect("answer");
+    let collected = response.into_body().collect().await.expect("body");
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("trailers reach the client");
+    assert_eq!(trailers["x-answer-trailer"], "sent");
+    assert_eq!(trailers["x-seen-trailer"], "from-client");
+    assert_eq!(trailers["grpc-status"], "0");
+
+    let response = client
+        .send_request(call("application/json"))
+        .await
+        .expect("answer");
+    response.into_body().collect().await.expect("body");
+
+    let seen = model.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].headers["te"], "trailers", "gRPC keeps te: trailers");
+    assert_eq!(
+        seen[0]
+            .trailers
+            .as_ref()
+            .map(|t| t["x-request-trailer"].clone()),
+        Some(HeaderValue::from_static("from-client"))
+    );
+    assert!(
+        !seen[1].headers.contains_key("te"),
+        "te is hop-by-hop for others"
+    );
+    let grpc_ok = proxy
+        .metric(
+            "abproxy_requests_total",
+            &[("variant", "model"), ("code", "200"), ("grpc_code", "OK")],
+        )
+        .await;
+    assert_eq!(grpc_ok, 1.0);
+}
+
+#[tokio::test]
+async fn a_grpc_call_to_a_dead_upstream_is_answered_unavailable_and_counted_as_a_failure() {
+    let proxy = Proxy::start(&format!(
+        "[[variant]]\nname = \"model\"\nupstream = \"{}\"\nweight = 100\nprotocol = \"h2c\"\n",
+        Backend::down_url().await
+    ))
+    .await;
+    let mut client = h2c_client::<Full<Bytes>>(&proxy).await;
+    let request = Request::post(format!("http://{}/model.Predict/Run", proxy.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-user-id", "alice")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+        .expect("request");
+    let response = client.send_request(request).await.expect("answer");
+    assert_eq!(response.status(), 200, "gRPC errors travel in grpc-status");
+    assert_eq!(response.headers()["content-type"], "application/grpc");
+    assert_eq!(response.headers()["grpc-status"], "14", "UNAVAILABLE");
+    assert!(response.headers().contains_key("grpc-message"));
+    let counted = proxy
+        .metric(
+            "abproxy_requests_total",
+            &[
+                ("variant", "model"),
+                ("code", "200"),
+                ("grpc_code", "Unavailable"),
+            ],
+        )
+        .await;
+    assert_eq!(counted, 1.0);
+    assert_eq!(proxy.upstream_errors("model", "connect").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_treatment_whose_upstream_is_down_falls_back_to_control() {
+    let control = Backend::start("control").await;
+    let proxy = Proxy::start(&format!(
+        "[[variant]]\nname = \"control\"\nupstream = \"{}\"\nweight = 50\n\n\
+         [[variant]]\nname = \"treatment\"\nupstream = \"{}\"\nweight = 50\nfallback = \"control\"\n",
+        control.url(),
+        Backend::down_url().await
+    ))
+    .await;
+    let users: Vec<String> = (0..40).map(|user| format!("user-{user}")).collect();
+    let assigned_to_treatment = users
+        .iter()
+        .filter(|user| support::spec_bucket("", user, 100) >= 50)
+        .count() as f64;
+    assert!(assigned_to_treatment > 0.0);
+    for user in &users {
+        let reply = proxy.client.get("/predict").user(user).send().await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.model(), "control");
+        assert_eq!(reply.variant(), Some("control"), "names who answered");
+    }
+    assert_eq!(proxy.requests("control", "200").await, 40.0);
+    assert_eq!(
+        proxy.upstream_errors("treatment", "connect").await,
+        assigned_to_treatment
+    );
+    let fallbacks = proxy
+        .metric(
+            "abproxy_fallbacks_total",
+            &[("variant", "treatment"), ("fallback", "control")],
+        )
+        .await;
+    assert_eq!(fallbacks, assigned_to_treatment);
+}
+
+#[tokio::test]
+async fn a_request_that_reached_the_upstream_is_never_sent_to_the_fallback() {
+    let control = Backend::start("control").await;
+    let treatment = Backend::resetting("treatment").await;
+    let proxy = Proxy::start(&format!(
+        "[[variant]]\nname = \"control\"\nupstream = \"{}\"\nweight = 0\n\n\
+         [[variant]]\nname = \"treatment\"\nupstream = \"{}\"\nweight = 100\nfallback = \"control\"\n",
+        control.url(),
+        treatment.url()
+    ))
+    .await;
+    let reply = proxy
+        .client
+        .post("/predict", "{}")
+        .user("alice")
+        .send()
+        .await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(reply.variant(), Some("treatment"));
+    assert_eq!(control.count(), 0);
+    assert_eq!(proxy.upstream_errors("treatment", "reset").await, 1.0);
+}
