@@ -27,6 +27,7 @@ impl Code {
     pub const INVALID_ARGUMENT: Code = Code(3);
     pub const DEADLINE_EXCEEDED: Code = Code(4);
     pub const RESOURCE_EXHAUSTED: Code = Code(8);
+    pub const UNIMPLEMENTED: Code = Code(12);
     pub const INTERNAL: Code = Code(13);
     pub const UNAVAILABLE: Code = Code(14);
     /// Slots a per-code table needs.

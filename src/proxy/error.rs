@@ -36,6 +36,9 @@ pub enum ProxyError {
     Assign(#[from] AssignError),
     #[error("cannot build upstream request: {0}")]
     BadTarget(#[from] http::Error),
+    /// WebSocket and other `Upgrade`s are HTTP/1.1's; an h2/h2c upstream cannot take one.
+    #[error("variant {0:?} reaches its upstream over HTTP/2, which has no HTTP/1.1 Upgrade (WebSocket); give it protocol = \"http1\" to pass upgrades through")]
+    UpgradeOverHttp2(String),
     #[error("upstream of variant {variant:?} failed: {source}")]
     Upstream {
         variant: String,
@@ -56,6 +59,7 @@ impl ProxyError {
             ProxyError::Upstream { .. } => grpc::Code::UNAVAILABLE,
             ProxyError::BodyTooLarge { .. } => grpc::Code::RESOURCE_EXHAUSTED,
             ProxyError::ClientGone(_) | ProxyError::ClientTimeout(_) => grpc::Code::CANCELLED,
+            ProxyError::UpgradeOverHttp2(_) => grpc::Code::UNIMPLEMENTED,
             ProxyError::Connect
             | ProxyError::BodyRead(_)
             | ProxyError::Assign(_)
@@ -80,6 +84,7 @@ impl ProxyError {
         match self {
             ProxyError::Connect => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::UpgradeOverHttp2(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::ClientGone(_) => CLIENT_CLOSED_REQUEST,
             ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BodyRead(_) | ProxyError::Assign(_) | ProxyError::BadTarget(_) => {

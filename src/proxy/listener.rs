@@ -220,7 +220,7 @@ impl Connection {
             Err(_) => return,
         };
         let peer = Peer::new(self.client);
-        self.serve(stream, protocol, peer).await;
+        self.serve(stream, protocol, peer, shutdown).await;
     }
 
     /// A TLS handshake within `handshake_timeout`, then h2 if ALPN chose it, else HTTP/1.1.
@@ -251,10 +251,10 @@ impl Connection {
             _ => Protocol::Http1,
         };
         let peer = Peer::over_tls(self.client);
-        self.serve(stream, protocol, peer).await;
+        self.serve(stream, protocol, peer, shutdown).await;
     }
 
-    async fn serve<S>(self, stream: S, protocol: Protocol, peer: Peer)
+    async fn serve<S>(self, stream: S, protocol: Protocol, peer: Peer, shutdown: &CancellationToken)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -282,10 +282,25 @@ impl Connection {
         };
         let io = TokioIo::new(WriteStallLimit::new(stream, stall_limit));
         let served = match protocol {
-            Protocol::Http1 => watcher
-                .watch(protocols.http1.serve_connection(io, service))
-                .await
-                .map_err(Into::into),
+            // Upgradeable, for WebSocket. hyper-util's watcher takes no upgradeable
+            // connection, so it is only held (the drain waits for its connections to drop
+            // theirs) while the shutdown token asks this one to finish.
+            Protocol::Http1 => {
+                let _drained_after = watcher;
+                let connection = protocols
+                    .http1
+                    .serve_connection(io, service)
+                    .with_upgrades();
+                tokio::pin!(connection);
+                let served = tokio::select! {
+                    served = connection.as_mut() => served,
+                    () = shutdown.cancelled() => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                };
+                served.map_err(Into::into)
+            }
             // Boxed: h2's connection state is large and rare here, and every HTTP/1.1
             // connection's task would otherwise reserve room for it.
             Protocol::Http2 => {

@@ -45,6 +45,11 @@ impl Mirrors {
         Mirrors(bits)
     }
 
+    /// No shadow: an upgraded connection (WebSocket) is not a request a shadow can replay.
+    pub fn none() -> Mirrors {
+        Mirrors(0)
+    }
+
     pub fn is_empty(self) -> bool {
         self.0 == 0
     }

@@ -7,6 +7,7 @@ mod listener;
 mod mirror;
 mod stall;
 mod tally;
+mod upgrade;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +39,7 @@ use crate::upstream::{
 };
 use mirror::Mirrors;
 use tally::Tally;
+use upgrade::Upgrade;
 
 /// State shared by every connection: the live generation and process-wide metrics.
 pub struct Proxy {
@@ -68,7 +70,8 @@ impl Proxy {
         // swaps in another before it ends.
         let generation = self.current.load_full();
         let config = &generation.config;
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        let upgrade = Upgrade::requested(&mut parts);
         let mut tally = Tally::new(
             self.unassigned.clone(),
             started,
@@ -98,7 +101,10 @@ impl Proxy {
         tally.assign(route.metrics.clone(), assignment.unit);
 
         // 3. Choose the shadows that mirror this user; they need the body in memory.
-        let mirrors = Mirrors::select(&generation.shadows, assignment.user_id.as_deref());
+        let mirrors = match upgrade {
+            None => Mirrors::select(&generation.shadows, assignment.user_id.as_deref()),
+            Some(_) => Mirrors::none(),
+        };
         if !mirrors.is_empty() {
             if let Err(err) = body.buffer_for_mirror(&parts, limits).await {
                 let response = err.into_response(tally.is_grpc());
@@ -122,16 +128,18 @@ impl Proxy {
         );
         let mirror =
             mirror.and_then(|source| source.copy(request.as_ref().ok(), &generation.shadows));
-        let (route, response) = match request {
-            Ok(request) => {
-                let exchange = Exchange {
-                    generation: &generation,
-                    client,
-                    progress,
-                };
-                exchange.send(route, request, spare, &mut tally).await
+        let exchange = Exchange {
+            generation: &generation,
+            client,
+            progress,
+        };
+        let (route, response) = match (request, upgrade) {
+            (Ok(request), Some(upgrade)) => {
+                let response = exchange.upgrade(route, request, upgrade).await;
+                return answered(route, response, tally, config);
             }
-            Err(err) => (route, Err(ProxyError::BadTarget(err))),
+            (Ok(request), None) => exchange.send(route, request, spare, &mut tally).await,
+            (Err(err), _) => (route, Err(ProxyError::BadTarget(err))),
         };
 
         // 5. Build the client's response; a successful answer's prediction is read as it
@@ -252,6 +260,38 @@ impl<'a> Exchange<'a> {
             Err(err) => Err(ProxyError::BadTarget(err)),
         };
         (fallback, answer)
+    }
+
+    /// Passes an `Upgrade` (WebSocket) to the route's upstream on a connection of its own; a
+    /// `101` turns both connections into a tunnel. HTTP/2 upstreams have no `Upgrade`.
+    async fn upgrade(
+        &self,
+        route: &Route,
+        mut request: Request<UpstreamBody>,
+        upgrade: Upgrade,
+    ) -> Response<ResponseBody> {
+        if route.upstream.is_http2() {
+            return ProxyError::UpgradeOverHttp2(route.name.clone()).into_response(false);
+        }
+        upgrade.ask(request.headers_mut());
+        let timeout = self.generation.config.limits.request_timeout;
+        match route.upstream.upgrade(request, timeout).await {
+            Ok((mut response, lease))
+                if response.status() == http::StatusCode::SWITCHING_PROTOCOLS =>
+            {
+                upgrade.tunnel(&mut response, lease);
+                let (parts, _) = response.into_parts();
+                Response::from_parts(parts, ResponseBody::full(Bytes::new()))
+            }
+            // Refused: an ordinary answer, with the connection back in no pool.
+            Ok((response, lease)) => {
+                let (mut parts, body) = response.into_parts();
+                forward::client_response_headers(&mut parts.headers);
+                let body = ResponseBody::upstream(body, timeout, lease);
+                Response::from_parts(parts, body)
+            }
+            Err(failed) => self.failure(route, failed).into_response(false),
+        }
     }
 
     /// Counts a failure against the variant unless it was the client's doing.

@@ -91,6 +91,13 @@ impl UpstreamError {
         }
     }
 
+    pub(super) fn no_response_within(timeout: std::time::Duration) -> UpstreamError {
+        UpstreamError {
+            kind: UpstreamErrorKind::Timeout,
+            detail: format!("no response within {}", humantime::format_duration(timeout)),
+        }
+    }
+
     pub(super) fn closed() -> UpstreamError {
         UpstreamError {
             kind: UpstreamErrorKind::Connect,

@@ -218,13 +218,9 @@ impl Upstream {
                 }
             }
         };
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(result) => result,
-            Err(_) => Err(SendError::Upstream(UpstreamError {
-                kind: UpstreamErrorKind::Timeout,
-                detail: format!("no response within {}", humantime::format_duration(timeout)),
-            })),
-        }
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or_else(|_| Err(UpstreamError::no_response_within(timeout).into()))
     }
 
     /// One request on a pooled connection, or a new one. A pooled connection that turns out
@@ -265,8 +261,19 @@ impl Upstream {
 
     /// A new HTTP/1.1 connection, driven on a task of its own.
     async fn connect_http1(&self) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
+        self.dial_http1(false).await
+    }
+
+    /// A new HTTP/1.1 connection; with `upgrades`, one that may become a tunnel (`101`).
+    async fn dial_http1(&self, upgrades: bool) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
         let Transport::Http1 { builder, .. } = &self.transport else {
-            unreachable!("an HTTP/1.1 connection is dialled for an HTTP/1.1 upstream only")
+            return Err(UpstreamError {
+                kind: UpstreamErrorKind::Protocol,
+                detail: format!(
+                    "{} is an HTTP/2 upstream; HTTP/1.1 connections are not opened to it",
+                    self.target.authority
+                ),
+            });
         };
         let stream = self.connect().await?;
         let (connection, driver) = builder
@@ -274,12 +281,51 @@ impl Upstream {
             .await
             .map_err(|err| self.handshake_failed(&err))?;
         let authority = self.target.authority.clone();
-        tokio::spawn(async move {
-            if let Err(err) = driver.await {
+        let ended = move |result: hyper::Result<()>| {
+            if let Err(err) = result {
                 tracing::debug!(upstream = %authority, error = %err, "upstream connection ended");
             }
-        });
+        };
+        if upgrades {
+            tokio::spawn(async move { ended(driver.with_upgrades().await) });
+        } else {
+            tokio::spawn(async move { ended(driver.await) });
+        }
         Ok(connection)
+    }
+
+    /// Sends an HTTP/1.1 `Upgrade` request (a WebSocket handshake) on a connection of its
+    /// own, which becomes the upstream end of the tunnel if the upstream agrees (`101`).
+    /// The lease holds the connection's place in the limit for as long as it is kept.
+    pub async fn upgrade(
+        &self,
+        request: Request<UpstreamBody>,
+        timeout: Duration,
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
+        let exchange = async {
+            let permit = self
+                .connections
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| UpstreamError::closed())?;
+            let mut connection = match self.dial_http1(true).await {
+                Ok(connection) => connection,
+                Err(err) => return Err(SendError::not_sent(err, request)),
+            };
+            let response = connection
+                .send_request(request)
+                .await
+                .map_err(|err| SendError::from_hyper(&err))?;
+            let lease = Lease {
+                returns: None,
+                _permit: permit,
+            };
+            Ok((response, lease))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or_else(|_| Err(UpstreamError::no_response_within(timeout).into()))
     }
 
     /// A new HTTP/2 connection, driven on a task of its own.

@@ -1,0 +1,80 @@
+//! HTTP/1.1 `Upgrade` (WebSocket): passed through to the assigned variant. Once its upstream
+//! answers `101 Switching Protocols`, the client's connection and a connection of the
+//! upstream's own become one tunnel, copied both ways until either side closes.
+//!
+//! `Connection` and `Upgrade` are hop-by-hop headers, stripped from every other request;
+//! here they are the request, so they are put back on both sides of the exchange.
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::{Response, StatusCode, Version};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use crate::upstream::Lease;
+
+/// A client's request to switch protocols, taken from its request.
+pub struct Upgrade {
+    protocol: HeaderValue,
+    client: OnUpgrade,
+}
+
+impl Upgrade {
+    /// The upgrade an HTTP/1.1 request asks for, if any: `Connection: upgrade` and the
+    /// protocol it names in `Upgrade`.
+    pub fn requested(parts: &mut Parts) -> Option<Upgrade> {
+        if parts.version != Version::HTTP_11 {
+            return None;
+        }
+        let asks = parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+        let protocol = parts.headers.get(header::UPGRADE)?.clone();
+        if !asks {
+            return None;
+        }
+        let client = parts.extensions.remove::<OnUpgrade>()?;
+        Some(Upgrade { protocol, client })
+    }
+
+    /// Puts the upgrade back on the request to the upstream.
+    pub fn ask(&self, headers: &mut HeaderMap) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, self.protocol.clone());
+    }
+
+    /// When the upstream agreed (`101`), joins the two connections into a tunnel that lives
+    /// on its own task, holding the upstream's `lease` until it ends; the `101` goes back to
+    /// the client with the upgrade headers restored.
+    pub fn tunnel<B>(self, upstream: &mut Response<B>, lease: Lease) {
+        if upstream.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return;
+        }
+        let Some(upstream_side) = upstream.extensions_mut().remove::<OnUpgrade>() else {
+            return;
+        };
+        let headers = upstream.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if !headers.contains_key(header::UPGRADE) {
+            headers.insert(header::UPGRADE, self.protocol.clone());
+        }
+        let client_side = self.client;
+        tokio::spawn(async move {
+            let _lease = lease;
+            let (client, upstream) = match tokio::try_join!(client_side, upstream_side) {
+                Ok(both) => both,
+                Err(err) => {
+                    tracing::debug!(error = %err, "upgrade did not complete");
+                    return;
+                }
+            };
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(error = %err, "upgraded connection ended");
+            }
+        });
+    }
+}
