@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod client;
 pub mod config_file;
+pub mod grpc;
 pub mod pki;
 pub mod process;
 pub mod proxy;
@@ -17,6 +18,7 @@ pub mod tls;
 pub use backend::{Backend, Model, Received};
 pub use client::{Client, Reply};
 pub use config_file::{ConfigFile, Edit};
+pub use grpc::{GrpcBackend, GrpcClient};
 pub use proxy::Proxy;
 
 use sha2::{Digest, Sha256};
