@@ -21,3 +21,23 @@ pub fn paused_too_long(
     slot.as_pin_mut()
         .is_some_and(|timer| timer.poll(cx).is_ready())
 }
+
+/// The same timer for a body that must be `Unpin` (an upload, which the HTTP/2 client
+/// sends from a task of its own): boxed the first time the body pauses, then re-armed.
+#[derive(Default)]
+pub struct PauseTimer(Option<Pin<Box<Option<Sleep>>>>);
+
+impl PauseTimer {
+    /// True once the pause has lasted `limit`; starts the timer if it is not running.
+    pub fn paused_too_long(&mut self, limit: Duration, cx: &mut Context<'_>) -> bool {
+        let slot = self.0.get_or_insert_with(|| Box::pin(None));
+        paused_too_long(slot.as_mut(), limit, cx)
+    }
+
+    /// The body moved: the next pause is timed afresh.
+    pub fn reset(&mut self) {
+        if let Some(slot) = &mut self.0 {
+            slot.set(None);
+        }
+    }
+}

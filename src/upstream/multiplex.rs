@@ -5,31 +5,55 @@
 //! closed (GOAWAY, a dead peer found by the keep-alive ping, an I/O error) is dialled again
 //! by the first request that finds it so, while the others wait for that one dial rather
 //! than opening connections of their own.
+//!
+//! A request the upstream refused without processing it (a stream above the last one a
+//! GOAWAY accepted, `REFUSED_STREAM`, or one that met the connection closing) is sent again
+//! on a fresh connection, as RFC 9113 §8.7 allows for any method: its body is replayed from
+//! what was read of it so far (kept by reference, up to `REPLAY_LIMIT`), then the rest.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
+use std::task::{Context, Poll};
 
-use http::{Request, Response};
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
+use tokio::sync::oneshot;
 
 use super::{SendError, UpstreamBody, UpstreamError};
 
-/// The body type of an HTTP/2 request: the h2 client wants an `Unpin` body.
-pub(super) type Http2Body = Pin<Box<UpstreamBody>>;
+/// Bytes of a request body kept for a replay; past this, a refused request fails instead.
+const REPLAY_LIMIT: usize = 256 * 1024;
+/// Sends of one request, the first included, before a refusal is given up as an error.
+const ATTEMPTS: usize = 6;
+/// How long a refused request waits for the connection to let go of its body.
+const HAND_BACK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub(super) struct Multiplexed {
     slots: Box<[Slot]>,
     next: AtomicUsize,
+    dialled: AtomicU64,
 }
 
 #[derive(Default)]
 struct Slot {
-    connection: Mutex<Option<SendRequest<Http2Body>>>,
+    /// The connection and its dial number, so that a request evicts only the connection that
+    /// refused it, never a newer one another request dialled since.
+    connection: Mutex<Option<(u64, SendRequest<Http2Body>)>>,
     /// Held while the slot's connection is dialled, so that one request dials and the rest
     /// wait for it.
     dialling: tokio::sync::Mutex<()>,
+}
+
+/// A slot's connection lent to one request.
+struct Lent {
+    slot: usize,
+    number: u64,
+    sender: SendRequest<Http2Body>,
 }
 
 impl Multiplexed {
@@ -37,35 +61,38 @@ impl Multiplexed {
         Multiplexed {
             slots: (0..connections.max(1)).map(|_| Slot::default()).collect(),
             next: AtomicUsize::new(0),
+            dialled: AtomicU64::new(0),
         }
     }
 
     /// A live connection of the next slot, dialled with `dial` if it has none.
-    pub(super) async fn connection<F, Fut>(
-        &self,
-        dial: F,
-    ) -> Result<SendRequest<Http2Body>, UpstreamError>
+    async fn connection<F, Fut>(&self, dial: F) -> Result<Lent, UpstreamError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<SendRequest<Http2Body>, UpstreamError>>,
     {
-        let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
-        if let Some(connection) = slot.live() {
-            return Ok(connection);
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let slot = &self.slots[index];
+        if let Some(lent) = slot.live(index) {
+            return Ok(lent);
         }
         let _dialling = slot.dialling.lock().await;
         // Another request may have dialled while this one waited.
-        if let Some(connection) = slot.live() {
-            return Ok(connection);
+        if let Some(lent) = slot.live(index) {
+            return Ok(lent);
         }
-        let connection = dial().await?;
-        *slot.lock() = Some(connection.clone());
-        Ok(connection)
+        let sender = dial().await?;
+        let number = self.dialled.fetch_add(1, Ordering::Relaxed);
+        *slot.lock() = Some((number, sender.clone()));
+        Ok(Lent {
+            slot: index,
+            number,
+            sender,
+        })
     }
 
-    /// Sends `request` on a live connection; one refused before the upstream processed it
-    /// (the connection was closing, or a GOAWAY left its stream unprocessed) is sent once
-    /// more on a fresh connection, when its body can be sent again.
+    /// Sends `request` on a live connection, and again on a fresh one if the upstream
+    /// refused it unprocessed.
     pub(super) async fn send<F, Fut>(
         &self,
         request: Request<UpstreamBody>,
@@ -75,36 +102,45 @@ impl Multiplexed {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<SendRequest<Http2Body>, UpstreamError>>,
     {
-        let replay = Replay::of(&request);
-        let mut connection = match self.connection(&dial).await {
-            Ok(connection) => connection,
+        let mut lent = match self.connection(&dial).await {
+            Ok(lent) => lent,
             Err(err) => return Err(SendError::not_sent(err, request)),
         };
-        let mut failed = match connection.try_send_request(request.map(Box::pin)).await {
-            Ok(response) => return Ok(response),
-            Err(failed) => failed,
-        };
-        let unprocessed = failed.error().is_canceled() || refused_unprocessed(failed.error());
-        let request = match (failed.take_message(), replay) {
-            // Never handed to the connection: nothing of it was sent.
-            (Some(request), _) => request,
-            (None, Some(replay)) if unprocessed => replay.request().map(Box::pin),
-            (None, _) => return Err(SendError::from_hyper(failed.error())),
-        };
-        // A second dial that fails is an error: the body is pinned by now, not to be given back.
-        let mut connection = self.connection(&dial).await?;
-        connection
-            .send_request(request)
-            .await
-            .map_err(|err| SendError::from_hyper(&err))
+        let (mut request, mut replay) = Replay::keep(request.map(Returnable::new));
+        for attempt in 1.. {
+            let mut failed = match lent.sender.try_send_request(request).await {
+                Ok(response) => return Ok(response),
+                Err(failed) => failed,
+            };
+            let unprocessed = failed.error().is_canceled() || refused_unprocessed(failed.error());
+            if !unprocessed || attempt == ATTEMPTS {
+                return Err(SendError::from_hyper(failed.error()));
+            }
+            self.slots[lent.slot].evict(lent.number);
+            let again = match failed.take_message() {
+                // Never handed to the connection: nothing of it was read.
+                Some(request) => Some(request),
+                None => replay.request().await,
+            };
+            let Some(again) = again else {
+                return Err(SendError::from_hyper(failed.error()));
+            };
+            (request, replay) = Replay::keep(again);
+            lent = self.connection(&dial).await?;
+        }
+        unreachable!("the last attempt returns")
     }
 }
 
 impl Slot {
-    fn live(&self) -> Option<SendRequest<Http2Body>> {
+    fn live(&self, index: usize) -> Option<Lent> {
         let mut connection = self.lock();
         match connection.as_ref() {
-            Some(live) if !live.is_closed() => Some(live.clone()),
+            Some((number, sender)) if !sender.is_closed() => Some(Lent {
+                slot: index,
+                number: *number,
+                sender: sender.clone(),
+            }),
             Some(_) => {
                 *connection = None;
                 None
@@ -113,7 +149,15 @@ impl Slot {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<SendRequest<Http2Body>>> {
+    /// Drops connection `number` from the slot, if it is still there: it is going away.
+    fn evict(&self, number: u64) {
+        let mut connection = self.lock();
+        if connection.as_ref().is_some_and(|(held, _)| *held == number) {
+            *connection = None;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, SendRequest<Http2Body>)>> {
         self.connection
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -121,7 +165,7 @@ impl Slot {
 }
 
 /// Whether the upstream refused a stream without processing it: one above the last stream
-/// a GOAWAY accepted, or one reset with `REFUSED_STREAM` (RFC 9113 §8.7).
+/// a GOAWAY accepted (or opened after the GOAWAY), or one reset with `REFUSED_STREAM`.
 fn refused_unprocessed(err: &hyper::Error) -> bool {
     let mut source = std::error::Error::source(err);
     while let Some(cause) = source {
@@ -134,33 +178,164 @@ fn refused_unprocessed(err: &hyper::Error) -> bool {
     false
 }
 
-/// A copy of a request whose body is in memory, to send again if its first stream was
-/// refused unprocessed. A streamed upload cannot be sent twice and has none.
+/// What it takes to send a request again: a copy of its head, and its body as the
+/// connection hands it back (see `Returnable`).
 struct Replay {
     method: http::Method,
     uri: http::Uri,
-    headers: http::HeaderMap,
-    body: UpstreamBody,
+    headers: HeaderMap,
+    handed_back: oneshot::Receiver<Replayed>,
 }
 
 impl Replay {
-    fn of(request: &Request<UpstreamBody>) -> Option<Replay> {
-        let http_body_util::Either::Right(full) = request.body() else {
-            return None;
-        };
-        Some(Replay {
+    /// Copies the head, and has the body hand itself back here when it is dropped.
+    fn keep(mut request: Request<Returnable>) -> (Request<Returnable>, Replay) {
+        let (sender, handed_back) = oneshot::channel();
+        request.body_mut().handed_back = Some(sender);
+        let replay = Replay {
             method: request.method().clone(),
             uri: request.uri().clone(),
             headers: request.headers().clone(),
-            body: http_body_util::Either::Right(full.clone()),
-        })
+            handed_back,
+        };
+        (request, replay)
     }
 
-    fn request(self) -> Request<UpstreamBody> {
-        let (mut parts, _) = Request::new(()).into_parts();
+    /// The request again, if its body could be kept. The connection may report the refusal
+    /// a moment before it drops the body: wait for that moment, not longer.
+    async fn request(self) -> Option<Request<Returnable>> {
+        let handed_back = tokio::time::timeout(HAND_BACK_WAIT, self.handed_back).await;
+        let Ok(Ok(Replayed { read, rest })) = handed_back else {
+            return None;
+        };
+        let (mut parts, ()) = Request::new(()).into_parts();
         parts.method = self.method;
         parts.uri = self.uri;
+        parts.version = http::Version::HTTP_2;
         parts.headers = self.headers;
-        Request::from_parts(parts, self.body)
+        let mut body = Returnable::new_from(rest);
+        body.unread = read;
+        Some(Request::from_parts(parts, body))
+    }
+}
+
+/// A body as it was when the connection let go of it: what had been read, then the rest.
+struct Replayed {
+    read: VecDeque<Frame<Bytes>>,
+    rest: Option<UpstreamBody>,
+}
+
+/// The body of an HTTP/2 request. It keeps the frames it has yielded (by reference, up to
+/// `REPLAY_LIMIT` bytes), and when the connection drops it, it hands them back with the rest
+/// of the body, so a refused request can be sent again.
+pub(super) struct Returnable {
+    /// Frames yielded so far, while they fit the limit.
+    read: VecDeque<Frame<Bytes>>,
+    /// Frames to yield before `rest` (a replay's).
+    unread: VecDeque<Frame<Bytes>>,
+    rest: Option<UpstreamBody>,
+    /// Bytes in `read`; `usize::MAX` once over the limit (no replay).
+    kept: usize,
+    handed_back: Option<oneshot::Sender<Replayed>>,
+}
+
+pub(super) type Http2Body = Returnable;
+
+impl Returnable {
+    fn new(body: UpstreamBody) -> Returnable {
+        Returnable::new_from(Some(body))
+    }
+
+    fn new_from(rest: Option<UpstreamBody>) -> Returnable {
+        Returnable {
+            read: VecDeque::new(),
+            unread: VecDeque::new(),
+            rest,
+            kept: 0,
+            handed_back: None,
+        }
+    }
+
+    fn keep(&mut self, frame: &Frame<Bytes>) {
+        if self.kept == usize::MAX {
+            return;
+        }
+        let size = frame.data_ref().map_or(0, Bytes::len);
+        if self.kept + size > REPLAY_LIMIT {
+            self.kept = usize::MAX;
+            self.read = VecDeque::new();
+            return;
+        }
+        self.kept += size;
+        let copy = match (frame.data_ref(), frame.trailers_ref()) {
+            (Some(data), _) => Frame::data(data.clone()),
+            (None, Some(trailers)) => Frame::trailers(trailers.clone()),
+            (None, None) => return,
+        };
+        self.read.push_back(copy);
+    }
+}
+
+impl Body for Returnable {
+    type Data = Bytes;
+    type Error = <UpstreamBody as Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = match this.unread.pop_front() {
+            Some(frame) => Poll::Ready(Some(Ok(frame))),
+            None => match this.rest.as_mut() {
+                Some(rest) => Pin::new(rest).poll_frame(cx),
+                None => Poll::Ready(None),
+            },
+        };
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            this.keep(frame);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.unread.is_empty() && self.rest.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let unread: u64 = self
+            .unread
+            .iter()
+            .filter_map(Frame::data_ref)
+            .map(|data| data.len() as u64)
+            .sum();
+        let mut hint = self
+            .rest
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        hint.set_lower(hint.lower() + unread);
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + unread);
+        }
+        hint
+    }
+}
+
+impl Drop for Returnable {
+    fn drop(&mut self) {
+        let Some(handed_back) = self.handed_back.take() else {
+            return;
+        };
+        // Nobody waits once the exchange has its answer.
+        if self.kept == usize::MAX || handed_back.is_closed() {
+            return;
+        }
+        let mut read = std::mem::take(&mut self.read);
+        read.extend(std::mem::take(&mut self.unread));
+        let replayed = Replayed {
+            read,
+            rest: self.rest.take(),
+        };
+        let _ = handed_back.send(replayed);
     }
 }

@@ -11,21 +11,20 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::idle::paused_too_long;
+use super::idle::PauseTimer;
 
-pin_project_lite::pin_project! {
-    /// A streamed upload. It fails when the client sends nothing for `timeout` while the
-    /// upstream waits for more, and it tells the request path whether, right now, the
-    /// exchange is waiting on the client (`Upload::waiting_on_client`).
-    pub struct Upload {
-        #[pin]
-        body: Incoming,
-        // Armed only while the client keeps the upstream waiting.
-        #[pin]
-        stall: Option<tokio::time::Sleep>,
-        timeout: Duration,
-        waiting: Arc<AtomicBool>,
-    }
+/// A streamed upload. It fails when the client sends nothing for `timeout` while the
+/// upstream waits for more, and it tells the request path whether, right now, the exchange
+/// is waiting on the client (`Upload::waiting_on_client`).
+///
+/// `Unpin`, as the HTTP/2 client wants its bodies, and so that one never polled can be
+/// handed back whole (see `multiplex`).
+pub struct Upload {
+    body: Incoming,
+    // Armed only while the client keeps the upstream waiting.
+    stall: PauseTimer,
+    timeout: Duration,
+    waiting: Arc<AtomicBool>,
 }
 
 /// Whether an upload is, at this moment, waiting for the client's next bytes.
@@ -45,7 +44,7 @@ impl Upload {
         let progress = UploadProgress::default();
         let upload = Upload {
             body,
-            stall: None,
+            stall: PauseTimer::default(),
             timeout,
             waiting: progress.0.clone(),
         };
@@ -70,17 +69,17 @@ impl Body for Upload {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, UploadError>>> {
-        let mut this = self.project();
-        match this.body.poll_frame(cx) {
+        let this = self.get_mut();
+        match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(frame) => {
-                this.stall.set(None);
+                this.stall.reset();
                 this.waiting.store(false, Ordering::Relaxed);
                 Poll::Ready(frame.map(|frame| frame.map_err(UploadError::Read)))
             }
             Poll::Pending => {
                 this.waiting.store(true, Ordering::Relaxed);
-                if paused_too_long(this.stall, *this.timeout, cx) {
-                    return Poll::Ready(Some(Err(UploadError::Stalled(*this.timeout))));
+                if this.stall.paused_too_long(this.timeout, cx) {
+                    return Poll::Ready(Some(Err(UploadError::Stalled(this.timeout))));
                 }
                 Poll::Pending
             }
