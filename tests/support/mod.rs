@@ -10,12 +10,14 @@ pub mod client;
 pub mod config_file;
 pub mod pki;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod tls;
 
 pub use backend::{Backend, Model, Received};
 pub use client::{Client, Reply};
 pub use config_file::{ConfigFile, Edit};
+pub use prometheus::Prometheus;
 pub use proxy::Proxy;
 
 use sha2::{Digest, Sha256};
