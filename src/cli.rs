@@ -298,9 +298,16 @@ fn describe_canary(canary: &crate::config::Canary) -> String {
     if let Some(psi) = checks.max_prediction_psi {
         judged.push(format!("prediction PSI <= {psi}"));
     }
+    let (whose, source) = match &canary.source {
+        crate::config::CanarySource::Local => ("", String::new()),
+        crate::config::CanarySource::Prometheus(source) => (
+            " across the fleet",
+            format!("\n{}", crate::canary::prometheus::plan(canary, source)),
+        ),
+    };
     format!(
-        "canary {} against {}: judged every {} from {} requests an arm; {}; rolled back after {} \
-         consecutive failures\n  checks: {}",
+        "canary {} against {}: judged every {} from {} requests an arm{whose}; {}; rolled back \
+         after {} consecutive failures\n  checks: {}{source}",
         canary.variant,
         canary.baseline,
         humantime::format_duration(canary.interval),

@@ -116,7 +116,12 @@ const BROKEN: &[(&str, &str, usize, &str)] = &[
     ("ramp that shrinks", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\nsteps = [10, 5]\n"), 12, "must increase"),
     ("ramp beyond the pool", "[[variant]]\nname = \"other\"\nupstream = \"http://127.0.0.1:3\"\nweight = 60\n[[variant]]\nname = \"control\"\nupstream = \"http://127.0.0.1:1\"\nweight = 30\n[[variant]]\nname = \"treatment\"\nupstream = \"http://127.0.0.1:2\"\nweight = 10\n[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\nsteps = [10, 50]\n", 16, "outside 0 < step <= 40"),
     ("ramp step not whole in buckets", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\nsteps = [0.5, 5]\n"), 12, "whole number of buckets"),
-    ("fleet source not yet supported", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\nsource = \"prometheus\"\n"), 12, "not supported yet"),
+    ("fleet source without its server", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\nsource = \"prometheus\"\n"), 12, "needs prometheus_url"),
+    ("prometheus key on the local source", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\nprometheus_url = \"http://prometheus:9090\"\n"), 12, "needs source = \"prometheus\""),
+    ("prometheus_url not plain http", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\nsource = \"prometheus\"\nprometheus_url = \"https://prometheus\"\n"), 13, "must be an http:// URL"),
+    ("fleet selector on the guard's labels", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\nsource = \"prometheus\"\nprometheus_url = \"http://p:9090\"\nprometheus_selector = 'variant=\"x\"'\n"), 14, "the guard's own"),
+    ("fleet source with a sample-ratio test", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\nsource = \"prometheus\"\nprometheus_url = \"http://p:9090\"\n[canary.checks]\nsrm_p_value = 0.001\nmax_error_rate = 0.01\n"), 15, "count requests, not users"),
+    ("missing prometheus token file", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\nsource = \"prometheus\"\nprometheus_url = \"http://p:9090\"\nprometheus_token_file = \"/nonexistent/token\"\n"), 14, "cannot read prometheus_token_file"),
     ("error rate over 1", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\n[canary.checks]\nmax_error_rate = 5\n"), 13, "from 0 to 1"),
     ("typo in a check", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\n[canary.checks]\nmax_p99_ration = 1.5\n"), 13, "unknown field"),
     ("webhook not http", concat!(two_variants!(), "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\nwebhook = \"ftp://x\"\n"), 12, "http://"),
@@ -144,6 +149,37 @@ fn check_rejects_each_class_of_broken_config_with_file_and_line() {
             stderr.contains(words),
             "{class}: expected {words:?} in {stderr}"
         );
+    }
+}
+
+#[test]
+fn check_prints_the_fleet_sources_plan_and_its_queries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(
+        dir.path(),
+        concat!(
+            two_variants!(),
+            "[canary]\nvariant = \"treatment\"\nbaseline = \"control\"\ninterval = \"30s\"\n",
+            "source = \"prometheus\"\nprometheus_url = \"http://prometheus:9090\"\n",
+            "prometheus_selector = 'job=\"abproxy\"'\n",
+            "[canary.checks]\nmax_error_rate = 0.01\nmax_p99_ratio = 1.5\n"
+        ),
+    );
+    let output = abproxy(&["check", "--config", &path]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for words in [
+        "from 100 requests an arm across the fleet",
+        "Prometheus at http://prometheus:9090, queried 5s after each interval ends",
+        "sample ratio: not judged",
+        "sum by (variant, code) (increase(abproxy_requests_total{variant=~\"treatment|control\",job=\"abproxy\"}[30s]))",
+        "histogram_quantile(0.99, sum by (variant, le) (increase(abproxy_request_duration_seconds_bucket{variant=~\"treatment|control\",job=\"abproxy\"}[30s])))",
+    ] {
+        assert!(stdout.contains(words), "{words:?} not in:\n{stdout}");
     }
 }
 

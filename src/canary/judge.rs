@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::stats::{self, Proportions};
+use super::stats::{self, Estimate, Proportions};
 use super::window::{latency_quantile, ArmSample};
 use crate::config::Canary;
 
@@ -76,19 +76,66 @@ pub struct Analysis {
     pub checks: Vec<Check>,
 }
 
-/// The two arms' samples of one interval.
+/// The two arms' figures of one interval.
 pub struct Interval<'a> {
-    pub canary: &'a ArmSample,
-    pub baseline: &'a ArmSample,
+    pub canary: Arm<'a>,
+    pub baseline: Arm<'a>,
     /// The canary's configured share of the units that reached either arm.
     pub canary_share: f64,
+}
+
+/// What the checks read of one arm in one interval, whichever source measured it: this
+/// replica's own window, or the fleet's metrics in Prometheus.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Arm<'a> {
+    pub requests: u64,
+    /// Answers that count against the arm: 5xx (upstream errors included) and 499.
+    pub failures: u64,
+    /// `None`: no latencies were recorded.
+    pub p99: Option<Duration>,
+    /// Distinct randomised units that reached the arm; `None` when the source cannot count
+    /// them, which leaves the sample-ratio check without data.
+    pub units: Option<Estimate>,
+    pub predictions: Predictions<'a>,
+}
+
+/// The arm's predictions, in the form its source keeps them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Predictions<'a> {
+    /// A uniform sample of the numeric predictions and how many there were in all, and the
+    /// answers per class slot: the local window's reservoir.
+    Sampled {
+        values: &'a [f64],
+        seen: u64,
+        classes: &'a [u64],
+    },
+    /// Answers per bin of the exported `abproxy_prediction` histogram and per class label,
+    /// each in the same order in both arms: all a fleet's metrics hold.
+    Binned { bins: Vec<u64>, classes: Vec<u64> },
+}
+
+impl<'a> Arm<'a> {
+    /// The figures of a local window's interval.
+    pub fn sampled(sample: &'a ArmSample) -> Arm<'a> {
+        Arm {
+            requests: sample.requests,
+            failures: sample.failures,
+            p99: latency_quantile(&sample.latency, 0.99),
+            units: Some(sample.units),
+            predictions: Predictions::Sampled {
+                values: &sample.predictions,
+                seen: sample.predictions_seen,
+                classes: &sample.classes,
+            },
+        }
+    }
 }
 
 /// Judges one interval. `cumulative` holds the run's counts, this interval's included: the
 /// error-rate comparison is a sequential test over the whole run.
 pub fn analyse(config: &Canary, interval: &Interval<'_>, cumulative: Proportions) -> Analysis {
-    let (canary, baseline) = (interval.canary, interval.baseline);
-    let counts = |arm: &ArmSample| Counts {
+    let (canary, baseline) = (&interval.canary, &interval.baseline);
+    let counts = |arm: &Arm<'_>| Counts {
         requests: arm.requests,
         failures: arm.failures,
     };
@@ -135,7 +182,7 @@ pub fn analyse(config: &Canary, interval: &Interval<'_>, cumulative: Proportions
             return analysis.conclude();
         }
     }
-    let rate = |arm: &ArmSample| arm.failures as f64 / arm.requests as f64;
+    let rate = |arm: &Arm<'_>| arm.failures as f64 / arm.requests as f64;
     if let Some(ceiling) = checks.max_error_rate {
         let observed = rate(canary);
         analysis.checks.push(Check {
@@ -175,7 +222,7 @@ pub fn analyse(config: &Canary, interval: &Interval<'_>, cumulative: Proportions
             value: Some(test.difference),
         });
     }
-    let p99 = |arm: &ArmSample| latency_quantile(&arm.latency, 0.99);
+    let p99 = |arm: &Arm<'_>| arm.p99;
     if let Some(ceiling) = checks.max_p99 {
         analysis.checks.push(match p99(canary) {
             Some(observed) => Check {
@@ -227,6 +274,47 @@ pub fn analyse(config: &Canary, interval: &Interval<'_>, cumulative: Proportions
     analysis.conclude()
 }
 
+/// An interval whose figures could not be read (the fleet's Prometheus down, refusing, slow,
+/// or without the series): inconclusive, never a pass, with the reason for `/canary` and a
+/// `check="source"` count.
+pub fn unread(detail: String) -> Analysis {
+    let none = Counts {
+        requests: 0,
+        failures: 0,
+    };
+    Analysis {
+        verdict: Verdict::Inconclusive,
+        summary: String::new(),
+        canary: none,
+        baseline: none,
+        checks: vec![Check {
+            check: "source",
+            outcome: Outcome::Inconclusive,
+            detail,
+            p_value: None,
+            value: None,
+        }],
+    }
+    .conclude()
+}
+
+/// Records in a judged interval where its figures came from, as a passed `source` check: so
+/// `abproxy_canary_checks_total{check="source"}` holds how often the source answered, beside
+/// how often it did not. It changes neither the verdict nor the summary.
+pub fn read_from(mut analysis: Analysis, detail: String) -> Analysis {
+    analysis.checks.insert(
+        0,
+        Check {
+            check: "source",
+            outcome: Outcome::Pass,
+            detail,
+            p_value: None,
+            value: None,
+        },
+    );
+    analysis
+}
+
 impl Analysis {
     fn conclude(mut self) -> Analysis {
         let any = |outcome| self.checks.iter().any(|check| check.outcome == outcome);
@@ -267,7 +355,9 @@ fn sequential_alpha(config: &Canary) -> f64 {
 /// The units (users) of the two arms against the configured split: a two-arm chi-square
 /// test, done as the equivalent z-test so the user-count sketch's own error can be added in.
 fn sample_ratio(interval: &Interval<'_>, alarm: f64) -> Check {
-    let (canary, baseline) = (interval.canary.units, interval.baseline.units);
+    let (Some(canary), Some(baseline)) = (interval.canary.units, interval.baseline.units) else {
+        return inconclusive("srm", "no count of users from this source");
+    };
     let saturated = canary.variance.is_infinite() || baseline.variance.is_infinite();
     if saturated || canary.value + baseline.value < 1.0 {
         return inconclusive(
@@ -303,59 +393,96 @@ fn sample_ratio(interval: &Interval<'_>, alarm: f64) -> Check {
 
 /// Drift of the canary's predictions from the baseline's. PSI alone is biased upwards on
 /// small samples (by about bins/n), so a PSI over the line fails only when a test on the same
-/// samples also finds the distributions different: two-sample Kolmogorov–Smirnov for numbers,
-/// chi-square homogeneity for class labels.
-fn drift(config: &Canary, canary: &ArmSample, baseline: &ArmSample, limit: f64) -> Check {
-    let needed = config.checks.min_predictions as usize;
+/// data also finds the distributions different: two-sample Kolmogorov–Smirnov for sampled
+/// numbers, chi-square homogeneity for binned numbers and for class labels.
+fn drift(config: &Canary, canary: &Arm<'_>, baseline: &Arm<'_>, limit: f64) -> Check {
+    let needed = config.checks.min_predictions;
     let alpha = 1.0 - config.checks.confidence;
-    let numeric = (
-        canary.predictions_seen as usize,
-        baseline.predictions_seen as usize,
-    );
-    if numeric.0 >= needed && numeric.1 >= needed {
-        let psi = stats::psi(&baseline.predictions, &canary.predictions, PSI_BINS).unwrap_or(0.0);
-        let ks = stats::kolmogorov_smirnov(&baseline.predictions, &canary.predictions);
-        let p = ks.map_or(1.0, |ks| ks.p_value);
-        let drifted = psi > limit && p <= alpha;
-        return Check {
-            check: "prediction_psi",
-            outcome: pass_if(!drifted),
-            detail: format!(
-                "prediction PSI {psi:.3} {} {limit} (KS p = {})",
-                if psi > limit { ">" } else { "<=" },
-                p_text(p)
-            ),
-            p_value: Some(p),
-            value: Some(psi),
-        };
-    }
-    let classes = (
-        canary.classes.iter().sum::<u64>(),
-        baseline.classes.iter().sum::<u64>(),
-    );
-    if classes.0 >= needed as u64 && classes.1 >= needed as u64 {
-        let psi = stats::psi_counts(&baseline.classes, &canary.classes).unwrap_or(0.0);
-        let p = stats::homogeneity(&baseline.classes, &canary.classes).unwrap_or(1.0);
-        return Check {
-            check: "prediction_psi",
-            outcome: pass_if(!(psi > limit && p <= alpha)),
-            detail: format!(
-                "class PSI {psi:.3} {} {limit} (chi-square p = {})",
-                if psi > limit { ">" } else { "<=" },
-                p_text(p)
-            ),
-            p_value: Some(p),
-            value: Some(psi),
-        };
+    let (numeric, classes) = match (&canary.predictions, &baseline.predictions) {
+        (
+            Predictions::Sampled {
+                values: ours,
+                seen: our_count,
+                classes: our_classes,
+            },
+            Predictions::Sampled {
+                values: theirs,
+                seen: their_count,
+                classes: their_classes,
+            },
+        ) => {
+            if *our_count >= needed && *their_count >= needed {
+                let psi = stats::psi(theirs, ours, PSI_BINS).unwrap_or(0.0);
+                let ks = stats::kolmogorov_smirnov(theirs, ours);
+                let p = ks.map_or(1.0, |ks| ks.p_value);
+                let drifted = psi > limit && p <= alpha;
+                return Check {
+                    check: "prediction_psi",
+                    outcome: pass_if(!drifted),
+                    detail: format!(
+                        "prediction PSI {psi:.3} {} {limit} (KS p = {})",
+                        if psi > limit { ">" } else { "<=" },
+                        p_text(p)
+                    ),
+                    p_value: Some(p),
+                    value: Some(psi),
+                };
+            }
+            ((*our_count, *their_count), (*our_classes, *their_classes))
+        }
+        (
+            Predictions::Binned {
+                bins: ours,
+                classes: our_classes,
+            },
+            Predictions::Binned {
+                bins: theirs,
+                classes: their_classes,
+            },
+        ) => {
+            let counts = (ours.iter().sum::<u64>(), theirs.iter().sum::<u64>());
+            if counts.0 >= needed && counts.1 >= needed {
+                return binned_drift("prediction", theirs, ours, limit, alpha);
+            }
+            (counts, (our_classes.as_slice(), their_classes.as_slice()))
+        }
+        _ => {
+            return inconclusive(
+                "prediction_psi",
+                "the arms' predictions come from different sources",
+            )
+        }
+    };
+    let class_counts = (classes.0.iter().sum::<u64>(), classes.1.iter().sum::<u64>());
+    if class_counts.0 >= needed && class_counts.1 >= needed {
+        return binned_drift("class", classes.1, classes.0, limit, alpha);
     }
     inconclusive(
         "prediction_psi",
         &format!(
             "too few predictions: {} and {}, {needed} each needed",
-            numeric.0.max(classes.0 as usize),
-            numeric.1.max(classes.1 as usize)
+            numeric.0.max(class_counts.0),
+            numeric.1.max(class_counts.1)
         ),
     )
+}
+
+/// PSI over counts in shared bins (class labels, or a histogram's buckets), gated by a
+/// chi-square test of homogeneity on the same counts.
+fn binned_drift(what: &str, baseline: &[u64], canary: &[u64], limit: f64, alpha: f64) -> Check {
+    let psi = stats::psi_counts(baseline, canary).unwrap_or(0.0);
+    let p = stats::homogeneity(baseline, canary).unwrap_or(1.0);
+    Check {
+        check: "prediction_psi",
+        outcome: pass_if(!(psi > limit && p <= alpha)),
+        detail: format!(
+            "{what} PSI {psi:.3} {} {limit} (chi-square p = {})",
+            if psi > limit { ">" } else { "<=" },
+            p_text(p)
+        ),
+        p_value: Some(p),
+        value: Some(psi),
+    }
 }
 
 fn configured_checks(config: &Canary) -> Vec<&'static str> {
@@ -554,8 +681,8 @@ mod simulation {
             totals.baseline_failures += theirs.failures;
             totals.baseline_total += theirs.requests;
             let interval = Interval {
-                canary: &ours,
-                baseline: &theirs,
+                canary: Arm::sampled(&ours),
+                baseline: Arm::sampled(&theirs),
                 canary_share: share,
             };
             let analysis = analyse(config, &interval, totals);
@@ -681,8 +808,8 @@ mod simulation {
         );
         let theirs = arm(&mut rng, 750, HEALTHY);
         let interval = Interval {
-            canary: &ours,
-            baseline: &theirs,
+            canary: Arm::sampled(&ours),
+            baseline: Arm::sampled(&theirs),
             canary_share: 0.5,
         };
         let analysis = analyse(
@@ -728,8 +855,8 @@ mod simulation {
         );
         let theirs = arm(&mut rng, 5000, HEALTHY);
         let interval = Interval {
-            canary: &ours,
-            baseline: &theirs,
+            canary: Arm::sampled(&ours),
+            baseline: Arm::sampled(&theirs),
             canary_share: 0.5,
         };
         let zero = Proportions {
@@ -744,5 +871,145 @@ mod simulation {
             analysis.summary,
             "too little traffic: treatment 99 and control 5000 requests, 100 each needed"
         );
+    }
+
+    /// Counts of `n` predictions, uniform on [shift, 1 + shift), per bucket of the exported
+    /// `abproxy_prediction` histogram (the default bounds, then +Inf): what the fleet source
+    /// reads from Prometheus.
+    fn histogram(rng: &mut fastrand::Rng, n: usize, shift: f64) -> Vec<u64> {
+        let bounds = crate::config::DEFAULT_PREDICTION_BUCKETS;
+        let mut counts = vec![0; bounds.len() + 1];
+        for _ in 0..n {
+            let value = rng.f64() + shift;
+            counts[bounds.partition_point(|&bound| bound < value)] += 1;
+        }
+        counts
+    }
+
+    /// An arm of 1000 answers, whose predictions fell in `bins`.
+    fn binned(bins: Vec<u64>) -> Arm<'static> {
+        Arm {
+            requests: 1000,
+            failures: 0,
+            p99: None,
+            units: None,
+            predictions: Predictions::Binned {
+                bins,
+                classes: Vec::new(),
+            },
+        }
+    }
+
+    fn drift_outcome(config: &Canary, canary: Vec<u64>, baseline: Vec<u64>) -> (Outcome, f64) {
+        let interval = Interval {
+            canary: binned(canary),
+            baseline: binned(baseline),
+            canary_share: 0.2,
+        };
+        let zero = Proportions {
+            canary_failures: 0,
+            canary_total: 0,
+            baseline_failures: 0,
+            baseline_total: 0,
+        };
+        let analysis = analyse(config, &interval, zero);
+        let check = analysis
+            .checks
+            .iter()
+            .find(|check| check.check == "prediction_psi")
+            .expect("a drift check");
+        (check.outcome, check.value.unwrap_or(0.0))
+    }
+
+    #[test]
+    fn binned_drift_gated_by_chi_square_rarely_fails_the_same_model_and_catches_a_shift() {
+        let config = canary_config(
+            "[canary.checks]\nmax_prediction_psi = 0.1\nmin_predictions = 100\nsrm_p_value = 0\n",
+        );
+        let alpha = 1.0 - config.checks.confidence;
+        let mut rng = fastrand::Rng::with_seed(17);
+        let runs = 2000;
+        let (mut failed, mut psi_over) = (0, 0);
+        for _ in 0..runs {
+            // A canary at 20 %: 100 answers against the baseline's 400, 13 bins.
+            let (outcome, psi) = drift_outcome(
+                &config,
+                histogram(&mut rng, 100, 0.0),
+                histogram(&mut rng, 400, 0.0),
+            );
+            failed += usize::from(outcome == Outcome::Fail);
+            psi_over += usize::from(psi > 0.1);
+        }
+        let rate = failed as f64 / f64::from(runs);
+        let margin = 3.0 * (alpha * (1.0 - alpha) / f64::from(runs)).sqrt();
+        println!("binned drift, same model: PSI > 0.1 in {psi_over} of {runs}, failed {failed}");
+        assert!(rate <= alpha + margin, "false drift rate {rate}");
+        // Without the gate, PSI's small-sample bias alone would fail these often.
+        assert!(
+            psi_over > runs as usize / 10,
+            "PSI over the line {psi_over} times"
+        );
+        let caught = (0..200)
+            .filter(|_| {
+                let (ours, theirs) = (histogram(&mut rng, 500, 0.3), histogram(&mut rng, 500, 0.0));
+                drift_outcome(&config, ours, theirs).0 == Outcome::Fail
+            })
+            .count();
+        assert!(caught >= 190, "a 0.3 shift caught {caught} of 200 times");
+        // Below min_predictions an arm: inconclusive, whatever the bins say.
+        let few = drift_outcome(
+            &config,
+            histogram(&mut rng, 99, 0.5),
+            histogram(&mut rng, 400, 0.0),
+        );
+        assert_eq!(few.0, Outcome::Inconclusive);
+    }
+
+    #[test]
+    fn a_source_that_counts_no_users_leaves_the_sample_ratio_inconclusive() {
+        let config = canary_config("[canary.checks]\nmax_error_rate = 0.05\n");
+        let interval = Interval {
+            canary: binned(vec![200]),
+            baseline: binned(vec![800]),
+            canary_share: 0.2,
+        };
+        let zero = Proportions {
+            canary_failures: 0,
+            canary_total: 0,
+            baseline_failures: 0,
+            baseline_total: 0,
+        };
+        let analysis = analyse(&config, &interval, zero);
+        assert_eq!(analysis.verdict, Verdict::Inconclusive);
+        assert_eq!(analysis.summary, "srm: no count of users from this source");
+    }
+
+    #[test]
+    fn an_unread_interval_is_inconclusive_and_changes_nothing() {
+        let config = canary_config(
+            "steps = [10, 50]\nanalyses_per_step = 1\n[canary.checks]\nmax_error_rate = 0.05\n",
+        );
+        let analysis =
+            unread("no fleet figures from Prometheus at http://p:9090: cannot connect".into());
+        assert_eq!(analysis.verdict, Verdict::Inconclusive);
+        assert_eq!(analysis.checks[0].check, "source");
+        assert_eq!(analysis.checks[0].outcome, Outcome::Inconclusive);
+        assert!(
+            analysis.summary.ends_with("cannot connect"),
+            "{}",
+            analysis.summary
+        );
+        let mut run = Run::new("f".into());
+        for _ in 0..10 {
+            assert_eq!(run.take(&analysis, &config), None);
+        }
+        assert_eq!((run.phase, run.step, run.passed), (Phase::Running, 0, 0));
+        // A read interval names its source without changing its verdict or summary.
+        let judged = read_from(analysis.clone(), "fleet figures".into());
+        assert_eq!(
+            (judged.verdict, &judged.summary),
+            (analysis.verdict, &analysis.summary)
+        );
+        assert_eq!(judged.checks[0].outcome, Outcome::Pass);
     }
 }

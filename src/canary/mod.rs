@@ -3,11 +3,14 @@
 //! not, by changing the weights of the live config generation.
 //!
 //! The request path only adds to per-arm windows (`window`); everything else happens here,
-//! on the guard's own task, once an interval. The guard's decision is an overlay on the
-//! file's weights, applied whenever a generation is built, so it survives config reloads,
-//! and it is written to `state_file`, so it survives restarts.
+//! on the guard's own task, once an interval. With `source = "prometheus"` the guard reads the
+//! whole fleet's figures from Prometheus instead (`prometheus`), so that every replica judges
+//! the same data. The guard's decision is an overlay on the file's weights, applied whenever a
+//! generation is built, so it survives config reloads, and it is written to `state_file`, so
+//! it survives restarts.
 
 pub mod judge;
+pub mod prometheus;
 pub mod run;
 pub mod stats;
 pub mod webhook;
@@ -21,10 +24,10 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, Config};
+use crate::config::{self, CanarySource, Config, PrometheusSource};
 use crate::metrics::{CanaryMetrics, Metrics};
 use crate::reload::Reloader;
-use judge::{Analysis, Interval};
+use judge::{Analysis, Arm, Interval};
 use run::{Command, Event, Phase, Run};
 use webhook::Webhook;
 use window::ArmWindow;
@@ -52,12 +55,21 @@ struct Live {
     history: VecDeque<Record>,
     metrics: CanaryMetrics,
     webhook: Option<(http::Uri, Webhook)>,
+    /// Fleet source: the earliest interval start (ms since the epoch) the guard judges. The
+    /// fleet's figures from before a change of the weights mix two splits.
+    judge_from: u64,
+    /// Fleet source: why the last evaluation read nothing, for `/canary`.
+    source_error: Option<String>,
 }
 
 /// One analysis as `/canary` lists it.
 #[derive(Debug, Clone, serde::Serialize)]
 struct Record {
     at: String,
+    /// Fleet source: the end of the interval judged, the `time` of its queries; the same on
+    /// every replica for the same interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    judged_until: Option<String>,
     #[serde(flatten)]
     analysis: Analysis,
 }
@@ -82,9 +94,13 @@ impl Guard {
     }
 
     /// The window the request path records `variant`'s answers in, when the guard judges it.
+    /// With the fleet source nothing is recorded locally: the guard reads Prometheus.
     pub fn window(&self, config: &Config, variant: &str) -> Option<Arc<ArmWindow>> {
         let canary = config.canary.as_ref()?;
         if variant != canary.variant && variant != canary.baseline {
+            return None;
+        }
+        if canary.source != CanarySource::Local {
             return None;
         }
         let mut windows = lock(&self.windows);
@@ -142,6 +158,9 @@ impl Guard {
                     file_weight,
                     history: VecDeque::new(),
                     webhook: None,
+                    // The weights change now (the run's weight overlays the file's).
+                    judge_from: now_ms(),
+                    source_error: None,
                 };
                 self.connect_webhook(&mut fresh);
                 if started {
@@ -158,6 +177,15 @@ impl Guard {
             }
         };
         self.connect_webhook(&mut next);
+        if let CanarySource::Prometheus(_) = &next.config.source {
+            // The fleet's counts for the sequential test start at the first interval judged.
+            if next.run.step_since.is_none() {
+                next.run.step_since = Some(prometheus::boundary_at_or_after(
+                    next.judge_from,
+                    next.config.interval,
+                ));
+            }
+        }
         let weight = next.run.weight(&next.config, next.file_weight);
         config.set_canary_weight(weight);
         next.metrics.weight.set(weight);
@@ -183,10 +211,28 @@ impl Guard {
 
     /// Judges the canary every interval until shutdown.
     pub async fn run(self: Arc<Self>, reloader: Arc<Reloader>) {
+        let mut fleet = FleetLoop::default();
         loop {
-            let interval = lock(&self.live)
+            let plan = lock(&self.live)
                 .as_ref()
-                .map_or(IDLE_POLL, |live| live.config.interval);
+                .map(|live| (live.config.interval, live.config.source.clone()));
+            if let Some((interval, CanarySource::Prometheus(source))) = plan {
+                let next = prometheus::next_evaluation(
+                    now_ms(),
+                    interval,
+                    source.query_offset,
+                    fleet.last_at,
+                );
+                let wait = Duration::from_millis(next.wake_ms.saturating_sub(now_ms()));
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = self.stop.cancelled() => return,
+                }
+                fleet.last_at = Some(next.at_ms);
+                self.judge_fleet(&reloader, next.at_ms, &mut fleet).await;
+                continue;
+            }
+            let interval = plan.map_or(IDLE_POLL, |(interval, _)| interval);
             let before = weights(&reloader.current().load().config);
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
@@ -212,8 +258,8 @@ impl Guard {
             let interval = now
                 .filter(|_| now == before)
                 .map(|(canary_weight, baseline_weight)| Interval {
-                    canary: &ours,
-                    baseline: &theirs,
+                    canary: Arm::sampled(&ours),
+                    baseline: Arm::sampled(&theirs),
                     canary_share: canary_weight / (canary_weight + baseline_weight),
                 });
             let weight_changed = self.conclude(interval.as_ref());
@@ -223,7 +269,63 @@ impl Guard {
         }
     }
 
-    /// Judges one interval (`None`: the weights changed during it) and moves the run on.
+    /// Judges the fleet's interval ending at `at_ms` (fleet source): reads it from
+    /// Prometheus without holding the lock, then moves the run on as the local source does.
+    async fn judge_fleet(&self, reloader: &Reloader, at_ms: u64, fleet: &mut FleetLoop) {
+        let generation = reloader.current().load_full();
+        if generation.config.canary.is_none() {
+            return;
+        }
+        if self.weight_due(&generation.config).is_some() {
+            reloader.rebuild().await;
+            return;
+        }
+        // Served weights the guard did not decide (a reload, an operator): the fleet's figures
+        // from before now mix two splits.
+        let served = weights(&generation.config);
+        let changed_elsewhere = fleet.served.is_some() && fleet.served != served;
+        fleet.served = served;
+        let asked = {
+            let mut guard = lock(&self.live);
+            let Some(live) = guard.as_mut() else { return };
+            if changed_elsewhere {
+                live.judge_from = live.judge_from.max(now_ms());
+            }
+            let CanarySource::Prometheus(source) = &live.config.source else {
+                return;
+            };
+            if live.run.phase != Phase::Running {
+                return;
+            }
+            let start = at_ms.saturating_sub(millis(live.config.interval));
+            let step_since = live.run.step_since.unwrap_or(start);
+            if start < live.judge_from.max(step_since) {
+                tracing::info!(variant = %live.config.variant, "canary interval not judged: the weights changed during it or after it began");
+                return;
+            }
+            (
+                live.config.clone(),
+                source.clone(),
+                step_since,
+                live.run.fingerprint.clone(),
+            )
+        };
+        let (config, source, step_since, fingerprint) = asked;
+        let read = prometheus::read(&config, &source, at_ms, step_since).await;
+        let canary_share = served.map_or(0.0, |(ours, theirs)| {
+            if ours + theirs > 0.0 {
+                ours / (ours + theirs)
+            } else {
+                0.0
+            }
+        });
+        if self.conclude_fleet(read, at_ms, &fingerprint, &source, canary_share) {
+            reloader.rebuild().await;
+            fleet.served = weights(&reloader.current().load().config);
+        }
+    }
+
+    /// Judges one local interval (`None`: the weights changed during it) and moves the run on.
     /// Returns whether the canary's weight changed.
     fn conclude(&self, interval: Option<&Interval<'_>>) -> bool {
         let mut guard = lock(&self.live);
@@ -243,6 +345,68 @@ impl Guard {
         totals.baseline_requests += interval.baseline.requests;
         totals.baseline_failures += interval.baseline.failures;
         let analysis = judge::analyse(&live.config, interval, totals.proportions());
+        self.take(live, analysis, None)
+    }
+
+    /// Judges the fleet's interval ending at `at_ms` from what Prometheus answered, unless
+    /// the run changed while the queries were out. Returns whether the canary's weight changed.
+    fn conclude_fleet(
+        &self,
+        read: Result<prometheus::Fleet, prometheus::SourceError>,
+        at_ms: u64,
+        fingerprint: &str,
+        source: &PrometheusSource,
+        canary_share: f64,
+    ) -> bool {
+        let mut guard = lock(&self.live);
+        let Some(live) = guard.as_mut() else {
+            return false;
+        };
+        if live.run.phase != Phase::Running || live.run.fingerprint != fingerprint {
+            return false;
+        }
+        let analysis = match read {
+            Ok(fleet) => {
+                live.source_error = None;
+                if let Some(counts) = fleet.since_step {
+                    live.run.totals = run::Totals {
+                        canary_requests: counts.canary_total,
+                        canary_failures: counts.canary_failures,
+                        baseline_requests: counts.baseline_total,
+                        baseline_failures: counts.baseline_failures,
+                    };
+                }
+                let interval = Interval {
+                    canary: fleet.canary,
+                    baseline: fleet.baseline,
+                    canary_share,
+                };
+                let analysis =
+                    judge::analyse(&live.config, &interval, live.run.totals.proportions());
+                judge::read_from(
+                    analysis,
+                    format!("fleet figures from Prometheus at {}", source.url),
+                )
+            }
+            Err(err) => {
+                let why = format!("no fleet figures from Prometheus at {}: {err}", source.url);
+                tracing::warn!(variant = %live.config.variant, reason = %why, "canary interval inconclusive");
+                live.source_error = Some(why.clone());
+                judge::unread(why)
+            }
+        };
+        self.take(live, analysis, Some((at_ms, source)))
+    }
+
+    /// Counts an analysis, moves the run on by it and keeps it for `/canary`. `fleet` holds
+    /// the judged interval's end and the source, for the fleet source. Returns whether the
+    /// canary's weight changed.
+    fn take(
+        &self,
+        live: &mut Live,
+        analysis: Analysis,
+        fleet: Option<(u64, &PrometheusSource)>,
+    ) -> bool {
         for check in &analysis.checks {
             live.metrics.check(check.check, check.outcome.as_str());
         }
@@ -254,11 +418,19 @@ impl Guard {
         );
         let before = live.run.weight(&live.config, live.file_weight);
         let event = live.run.take(&analysis, &live.config);
+        if let (Some(Event::Ramped), Some((at_ms, source))) = (event, fleet) {
+            // Every replica took the same decision at the same interval: all judge again
+            // from the same boundary, once all of them serve the new weight.
+            let settled = prometheus::settled_after(at_ms, &live.config, source);
+            live.run.step_since = Some(settled);
+            live.judge_from = live.judge_from.max(settled);
+        }
         if live.history.len() == HISTORY {
             live.history.pop_front();
         }
         live.history.push_back(Record {
             at: now_rfc3339(),
+            judged_until: fleet.map(|(at_ms, _)| rfc3339_ms(at_ms)),
             analysis,
         });
         match event {
@@ -335,6 +507,14 @@ impl Guard {
             })
         });
         let history: Vec<&Record> = live.history.iter().rev().collect();
+        let source = match &config.source {
+            CanarySource::Local => json!({ "kind": "local" }),
+            CanarySource::Prometheus(source) => json!({
+                "kind": "prometheus",
+                "url": source.url,
+                "last_error": live.source_error,
+            }),
+        };
         json!({
             "enabled": true,
             "variant": config.variant,
@@ -348,6 +528,7 @@ impl Guard {
             "failures_to_rollback": config.failures_to_rollback,
             "interval": humantime::format_duration(config.interval).to_string(),
             "run_started": run.started,
+            "source": source,
             "totals": run.totals,
             "last_checks": history,
         })
@@ -424,6 +605,29 @@ fn states() -> [&'static str; 4] {
 
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+fn now_ms() -> u64 {
+    prometheus::epoch_ms(SystemTime::now())
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `1700000010000` → `2023-11-14T22:13:30.000Z`.
+fn rfc3339_ms(ms: u64) -> String {
+    let time = SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// What the guard's loop remembers between fleet evaluations.
+#[derive(Default)]
+struct FleetLoop {
+    /// The end of the last interval evaluated: none is evaluated twice.
+    last_at: Option<u64>,
+    /// The canary's and baseline's weights served at the last evaluation.
+    served: Option<(f64, f64)>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -59,8 +59,13 @@ pub struct Run {
     pub reason: Option<String>,
     /// RFC 3339.
     pub started: String,
-    /// Requests and failures of both arms since the run began, for the sequential test.
+    /// Requests and failures of both arms since the step began, for the sequential test.
     pub totals: Totals,
+    /// Fleet source: where the current step's intervals begin (ms since the Unix epoch), the
+    /// start of the range the sequential test's counts are read over. Kept in the state file
+    /// so that a restarted replica reads the same counts as the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_since: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -140,6 +145,7 @@ impl Run {
             reason: None,
             started: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             totals: Totals::default(),
+            step_since: None,
         }
     }
 
@@ -198,6 +204,7 @@ impl Run {
                     self.step += 1;
                     // A new share: the sequential test starts again (see `judge`).
                     self.totals = Totals::default();
+                    self.step_since = None;
                     self.reason = Some(format!(
                         "ramped to {} % after {} passing analyses",
                         config.steps[self.step], config.analyses_per_step

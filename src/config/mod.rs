@@ -184,7 +184,38 @@ pub struct Canary {
     pub analyses_per_step: u32,
     pub state_file: Option<PathBuf>,
     pub webhook: Option<http::Uri>,
+    /// Where the two arms' figures come from.
+    pub source: CanarySource,
     pub checks: Checks,
+}
+
+/// `[canary] source`: what the guard judges.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CanarySource {
+    /// What this replica's own request path recorded.
+    Local,
+    /// The whole fleet's metrics, read from a Prometheus server, so that every replica
+    /// judges the same figures and reaches the same decision.
+    Prometheus(PrometheusSource),
+}
+
+/// `source = "prometheus"` and its `prometheus_*` keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrometheusSource {
+    /// The server's base URL: `http://host:port` and an optional path prefix, without a
+    /// trailing slash; `/api/v1/query` is appended.
+    pub url: String,
+    /// Bearer token for the queries, re-read at each query so a rotated secret needs no
+    /// restart.
+    pub token_file: Option<PathBuf>,
+    /// Bound on each query, connection included.
+    pub timeout: Duration,
+    /// How long after an interval ends it is queried, so that the scrapes from before its
+    /// end have landed in Prometheus and every replica reads the same samples.
+    pub query_offset: Duration,
+    /// Extra label matchers picking the fleet's series, normalized to
+    /// `name="value",name=~"regex"`; empty: every series of the variants' names.
+    pub selector: String,
 }
 
 /// `[canary.checks]`; a check left out is not made.

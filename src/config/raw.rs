@@ -183,6 +183,10 @@ pub(super) struct Canary {
     pub webhook: Option<Spanned<String>>,
     pub source: Option<Spanned<String>>,
     pub prometheus_url: Option<Spanned<String>>,
+    pub prometheus_token_file: Option<Spanned<String>>,
+    pub prometheus_timeout: Option<Spanned<String>>,
+    pub prometheus_query_offset: Option<Spanned<String>>,
+    pub prometheus_selector: Option<Spanned<String>>,
     #[serde(default)]
     pub checks: Checks,
 }

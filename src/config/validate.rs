@@ -12,9 +12,9 @@ use toml::Spanned;
 
 use super::raw::{self, Size};
 use super::{
-    percent_to_buckets, Assignment, Canary, CertificateFiles, Checks, ClientAuth, Config,
-    ConfigError, Limits, Location, Metrics, Protocol, Server, Shadow, SniCertificate, Tls,
-    Upstream, Variant, DEFAULT_PREDICTION_BUCKETS,
+    percent_to_buckets, Assignment, Canary, CanarySource, CertificateFiles, Checks, ClientAuth,
+    Config, ConfigError, Limits, Location, Metrics, PrometheusSource, Protocol, Server, Shadow,
+    SniCertificate, Tls, Upstream, Variant, DEFAULT_PREDICTION_BUCKETS,
 };
 use crate::assign::{OnMissing, UserIdSource};
 use crate::json_pointer::JsonPointer;
@@ -210,15 +210,17 @@ impl Validator<'_> {
     /// The token file must hold a token now, so that a typo is caught at `check`, not when an
     /// operator needs to roll back.
     fn token_file(&self, path: &Spanned<String>) -> Result<PathBuf> {
+        self.secret_file(path, "admin_token_file")
+    }
+
+    /// A file that must hold a secret (a bearer token) now; `key` names it in the error.
+    fn secret_file(&self, path: &Spanned<String>, key: &str) -> Result<PathBuf> {
         match std::fs::read_to_string(path.get_ref()) {
             Ok(token) if !token.trim().is_empty() => Ok(PathBuf::from(path.get_ref())),
-            Ok(_) => Err(self.error(
-                path.span(),
-                format!("admin_token_file {:?} is empty", path.get_ref()),
-            )),
+            Ok(_) => Err(self.error(path.span(), format!("{key} {:?} is empty", path.get_ref()))),
             Err(err) => Err(self.error(
                 path.span(),
-                format!("cannot read admin_token_file {:?}: {err}", path.get_ref()),
+                format!("cannot read {key} {:?}: {err}", path.get_ref()),
             )),
         }
     }
@@ -324,27 +326,8 @@ impl Validator<'_> {
             None => Vec::new(),
             Some(steps) => self.steps(steps, pool, buckets)?,
         };
-        if let Some(source) = &canary.source {
-            match source.get_ref().as_str() {
-                "local" => {}
-                "prometheus" => {
-                    return Err(self.error(
-                        source.span(),
-                        "source = \"prometheus\" (fleet-wide decisions) is not supported yet; \
-                         use \"local\"",
-                    ))
-                }
-                other => {
-                    return Err(self.error(
-                        source.span(),
-                        format!("source must be \"local\" or \"prometheus\", not {other:?}"),
-                    ))
-                }
-            }
-        }
-        if let Some(url) = &canary.prometheus_url {
-            return Err(self.error(url.span(), "prometheus_url needs source = \"prometheus\""));
-        }
+        let interval = self.duration(canary.interval.clone(), Duration::from_secs(60))?;
+        let source = self.source(&canary, interval)?;
         let webhook = canary
             .webhook
             .map(|url| {
@@ -364,7 +347,21 @@ impl Validator<'_> {
             })
             .transpose()?;
         let min_requests = self.count(canary.min_requests, 100, "min_requests")? as u64;
-        let checks = self.checks(canary.checks, min_requests)?;
+        if let (CanarySource::Prometheus(_), Some(srm)) = (&source, &canary.checks.srm_p_value) {
+            if *srm.get_ref() != 0.0 {
+                return Err(self.error(
+                    srm.span(),
+                    "source = \"prometheus\" cannot judge the sample ratio: the fleet's metrics \
+                     count requests, not users, and a request-level test would roll back healthy \
+                     canaries whenever users send unequal numbers of requests; leave srm_p_value \
+                     out or set it to 0",
+                ));
+            }
+        }
+        let mut checks = self.checks(canary.checks, min_requests)?;
+        if let CanarySource::Prometheus(_) = source {
+            checks.srm_p_value = None;
+        }
         let judges_something = checks.srm_p_value.is_some()
             || checks.max_error_rate.is_some()
             || checks.max_error_rate_increase.is_some()
@@ -380,7 +377,7 @@ impl Validator<'_> {
         Ok(Canary {
             variant: canary.variant.into_inner(),
             baseline: canary.baseline.into_inner(),
-            interval: self.duration(canary.interval, Duration::from_secs(60))?,
+            interval,
             min_requests,
             failures_to_rollback: self.count(
                 canary.failures_to_rollback,
@@ -391,8 +388,103 @@ impl Validator<'_> {
             analyses_per_step: self.count(canary.analyses_per_step, 5, "analyses_per_step")? as u32,
             state_file: canary.state_file.map(PathBuf::from),
             webhook,
+            source,
             checks,
         })
+    }
+
+    /// `source` and the `prometheus_*` keys, which make sense only together.
+    fn source(&self, canary: &raw::Canary, interval: Duration) -> Result<CanarySource> {
+        let prometheus = match &canary.source {
+            None => false,
+            Some(source) => match source.get_ref().as_str() {
+                "local" => false,
+                "prometheus" => true,
+                other => {
+                    return Err(self.error(
+                        source.span(),
+                        format!("source must be \"local\" or \"prometheus\", not {other:?}"),
+                    ))
+                }
+            },
+        };
+        if !prometheus {
+            let keys = [
+                ("prometheus_url", &canary.prometheus_url),
+                ("prometheus_token_file", &canary.prometheus_token_file),
+                ("prometheus_timeout", &canary.prometheus_timeout),
+                ("prometheus_query_offset", &canary.prometheus_query_offset),
+                ("prometheus_selector", &canary.prometheus_selector),
+            ];
+            if let Some((key, value)) = keys.iter().find_map(|(k, v)| v.as_ref().map(|v| (k, v))) {
+                return Err(
+                    self.error(value.span(), format!("{key} needs source = \"prometheus\""))
+                );
+            }
+            return Ok(CanarySource::Local);
+        }
+        let Some(url) = &canary.prometheus_url else {
+            let span = canary
+                .source
+                .as_ref()
+                .map(Spanned::span)
+                .unwrap_or_default();
+            return Err(self.error(
+                span,
+                "source = \"prometheus\" needs prometheus_url, the Prometheus server that scrapes \
+                 every replica (e.g. \"http://prometheus:9090\")",
+            ));
+        };
+        let base = url.get_ref().trim_end_matches('/');
+        let parsed: Option<Uri> = format!("{base}/api/v1/query").parse().ok();
+        let plain_http = parsed.as_ref().is_some_and(|uri| {
+            uri.scheme() == Some(&http::uri::Scheme::HTTP)
+                && uri.authority().is_some_and(|a| !a.host().is_empty())
+                && uri.query().is_none()
+        });
+        if !plain_http {
+            return Err(self.error(
+                url.span(),
+                format!(
+                    "prometheus_url {:?} must be an http:// URL such as \"http://prometheus:9090\" \
+                     (a path prefix is allowed, a query is not; abproxy's own calls are plain HTTP)",
+                    url.get_ref()
+                ),
+            ));
+        }
+        // Two scrapes at least must fall in an interval for `increase()` to see a change.
+        if interval < Duration::from_secs(1) {
+            let span = canary
+                .interval
+                .as_ref()
+                .map(Spanned::span)
+                .unwrap_or_default();
+            return Err(self.error(
+                span,
+                "with source = \"prometheus\" the interval must be at least 1s, and should be \
+                 at least four scrape intervals",
+            ));
+        }
+        let token_file = canary
+            .prometheus_token_file
+            .as_ref()
+            .map(|path| self.secret_file(path, "prometheus_token_file"))
+            .transpose()?;
+        let selector = match &canary.prometheus_selector {
+            None => String::new(),
+            Some(text) => crate::canary::prometheus::selector(text.get_ref())
+                .map_err(|why| self.error(text.span(), format!("prometheus_selector: {why}")))?,
+        };
+        Ok(CanarySource::Prometheus(PrometheusSource {
+            url: base.to_owned(),
+            token_file,
+            timeout: self.duration(canary.prometheus_timeout.clone(), Duration::from_secs(5))?,
+            query_offset: self.duration(
+                canary.prometheus_query_offset.clone(),
+                Duration::from_secs(5),
+            )?,
+            selector,
+        }))
     }
 
     /// Ramp steps: increasing, whole buckets, and within what the canary and its baseline

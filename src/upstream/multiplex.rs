@@ -299,7 +299,7 @@ impl Body for Returnable {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.unread.is_empty() && self.rest.as_ref().is_none_or(Body::is_end_stream)
+        self.unread.is_empty() && self.rest.as_ref().map_or(true, Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -11,6 +11,7 @@ pub mod config_file;
 pub mod grpc;
 pub mod pki;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod stream;
 pub mod tls;
@@ -19,6 +20,7 @@ pub use backend::{Backend, Model, Received};
 pub use client::{Client, Reply};
 pub use config_file::{ConfigFile, Edit};
 pub use grpc::{GrpcBackend, GrpcClient};
+pub use prometheus::Prometheus;
 pub use proxy::Proxy;
 
 use sha2::{Digest, Sha256};
