@@ -88,6 +88,13 @@ impl Code {
         NAMES[self.index()]
     }
 
+    /// The code a `grpc_code` label names.
+    pub fn named(name: &str) -> Option<Code> {
+        (0..Self::COUNT)
+            .map(Code::from_index)
+            .find(|code| code.name() == name)
+    }
+
     pub fn header_value(self) -> HeaderValue {
         HeaderValue::from(u16::from(self.0))
     }

@@ -176,8 +176,8 @@ fn check_prints_the_fleet_sources_plan_and_its_queries() {
         "from 100 requests an arm across the fleet",
         "Prometheus at http://prometheus:9090, queried 5s after each interval ends",
         "sample ratio: not judged",
-        "sum by (variant, code) (increase(abproxy_requests_total{variant=~\"treatment|control\",job=\"abproxy\"}[30s]))",
-        "histogram_quantile(0.99, sum by (variant, le) (increase(abproxy_request_duration_seconds_bucket{variant=~\"treatment|control\",job=\"abproxy\"}[30s])))",
+        "sum by (variant, code, grpc_code) (increase(abproxy_requests_total{variant=~\"treatment|control\",job=\"abproxy\"}[30s]))",
+        "histogram_quantile(0.99, sum by (variant, le) (increase(abproxy_response_duration_seconds_bucket{variant=~\"treatment|control\",job=\"abproxy\"}[30s])))",
     ] {
         assert!(stdout.contains(words), "{words:?} not in:\n{stdout}");
     }

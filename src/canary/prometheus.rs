@@ -21,18 +21,19 @@ use serde::Deserialize;
 
 use super::judge::{Arm, Predictions};
 use super::stats::Proportions;
-use super::window::is_failure;
 use crate::config::{Canary, PrometheusSource};
+use crate::grpc;
 use crate::http_client::{self, CallError};
+use crate::metrics::Answer;
 
 /// The series the queries read, as `crate::metrics` exports them.
 const REQUESTS: &str = "abproxy_requests_total";
-const LATENCY_BUCKETS: &str = "abproxy_request_duration_seconds_bucket";
+const LATENCY_BUCKETS: &str = "abproxy_response_duration_seconds_bucket";
 const PREDICTION_BUCKETS: &str = "abproxy_prediction_bucket";
 const PREDICTION_CLASSES: &str = "abproxy_prediction_class_total";
 
 /// Labels the queries filter or group by: a selector on them would change what is counted.
-const RESERVED_LABELS: [&str; 5] = ["__name__", "variant", "code", "le", "class"];
+const RESERVED_LABELS: [&str; 6] = ["__name__", "variant", "code", "grpc_code", "le", "class"];
 
 /// Why an interval's fleet figures could not be read. Each makes the interval inconclusive.
 #[derive(Debug, thiserror::Error)]
@@ -278,10 +279,13 @@ impl Queries {
         let latency = checks.max_p99.is_some() || checks.max_p99_ratio.is_some();
         let drift = checks.max_prediction_psi.is_some();
         Queries {
-            requests: format!("sum by (variant, code) ({})", increase(REQUESTS, window)),
+            requests: format!(
+                "sum by (variant, code, grpc_code) ({})",
+                increase(REQUESTS, window)
+            ),
             since_step: checks.max_error_rate_increase.is_some().then(|| {
                 format!(
-                    "sum by (variant, code) ({})",
+                    "sum by (variant, code, grpc_code) ({})",
                     increase(REQUESTS, since_step)
                 )
             }),
@@ -596,8 +600,8 @@ fn whole(value: f64) -> u64 {
     }
 }
 
-/// (requests, failures) of each named arm from `sum by (variant, code)`: failures are the
-/// codes the local source counts as failures too (5xx and 499).
+/// (requests, failures) of each named arm from `sum by (variant, code, grpc_code)`: failures
+/// are the answers the local source counts as failures too (5xx, 499, a gRPC server failure).
 fn counts(samples: &[Sample], names: [&str; 2]) -> [(u64, u64); 2] {
     names.map(|name| {
         let (mut requests, mut failures) = (0.0, 0.0);
@@ -613,7 +617,13 @@ fn counts(samples: &[Sample], names: [&str; 2]) -> [(u64, u64); 2] {
                 .parse::<u16>()
                 .ok()
                 .and_then(|code| StatusCode::from_u16(code).ok())
-                .is_some_and(is_failure);
+                .is_some_and(|status| {
+                    let answer = match grpc::Code::named(sample.label("grpc_code")) {
+                        Some(code) => Answer::grpc(status, code),
+                        None => Answer::http(status),
+                    };
+                    answer.is_failure()
+                });
             if failed {
                 failures += value;
             }
@@ -748,18 +758,20 @@ mod tests {
         let m = r#"{variant=~"model\\.v2|control",job="abproxy"}"#;
         assert_eq!(
             queries.requests,
-            format!("sum by (variant, code) (increase(abproxy_requests_total{m}[2s]))")
+            format!("sum by (variant, code, grpc_code) (increase(abproxy_requests_total{m}[2s]))")
         );
         assert_eq!(
             queries.since_step.as_deref(),
             Some(
-                format!("sum by (variant, code) (increase(abproxy_requests_total{m}[10s]))")
-                    .as_str()
+                format!(
+                    "sum by (variant, code, grpc_code) (increase(abproxy_requests_total{m}[10s]))"
+                )
+                .as_str()
             )
         );
         assert_eq!(
             queries.p99.as_deref(),
-            Some(format!("histogram_quantile(0.99, sum by (variant, le) (increase(abproxy_request_duration_seconds_bucket{m}[2s])))").as_str())
+            Some(format!("histogram_quantile(0.99, sum by (variant, le) (increase(abproxy_response_duration_seconds_bucket{m}[2s])))").as_str())
         );
         assert_eq!(
             queries.predictions.as_deref(),
@@ -785,7 +797,7 @@ mod tests {
         let queries = Queries::at(&canary, &source(&canary), 4_000, 2_000);
         assert_eq!(
             queries.requests,
-            r#"sum by (variant, code) (increase(abproxy_requests_total{variant=~"model\\.v2|control"}[2s]))"#
+            r#"sum by (variant, code, grpc_code) (increase(abproxy_requests_total{variant=~"model\\.v2|control"}[2s]))"#
         );
         assert_eq!(
             (
