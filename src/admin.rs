@@ -1,5 +1,5 @@
-//! The admin port: `/metrics`, `/healthz`, `/readyz`, `/status`, and the canary guard's
-//! `/canary` with its operator commands.
+//! The admin port: `/metrics`, `/healthz`, `/readyz`, `/status`, the canary guard's
+//! `/canary` with its operator commands, and the live page at `/` (`ui`).
 //!
 //! Kept off the client listener so that scrapes and probes never compete with, or are
 //! exposed alongside, model traffic.
@@ -25,6 +25,8 @@ use crate::canary::run::Command;
 use crate::canary::{CommandError, Guard};
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
+
+mod ui;
 
 /// Largest body an admin command reads (`{"action": "rollback"}`).
 const MAX_COMMAND_BODY: usize = 4096;
@@ -141,10 +143,13 @@ impl Admin {
             ),
             "/status" => json_response(StatusCode::OK, &self.status()),
             "/canary" => json_response(StatusCode::OK, &self.guard.status()),
-            _ => text(
-                StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz, /readyz, /status or /canary\n",
-            ),
+            "/ui/snapshot" => ui::snapshot_response(&self.metrics.render()),
+            _ => ui::asset(path).unwrap_or_else(|| {
+                text(
+                    StatusCode::NOT_FOUND,
+                    "not found: try / (the live page), /metrics, /healthz, /readyz, /status or /canary\n",
+                )
+            }),
         }
     }
 

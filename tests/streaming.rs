@@ -48,7 +48,7 @@ async fn each_event_arrives_as_it_is_sent(protocol: &str, h2c_client: bool) {
         let frame = frame.expect("frame");
         if let Some(data) = frame.data_ref() {
             let events = data.windows(2).filter(|pair| pair == b"\n\n").count();
-            arrivals.extend(std::iter::repeat_n(Instant::now(), events));
+            arrivals.extend(std::iter::repeat(Instant::now()).take(events));
         }
     }
     let sent = model.sent();

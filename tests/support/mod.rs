@@ -6,6 +6,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod backend;
+pub mod browser;
 pub mod client;
 pub mod config_file;
 pub mod grpc;
