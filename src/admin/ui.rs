@@ -16,6 +16,8 @@ use http::Response;
 use http_body_util::Full;
 use serde::Serialize;
 
+use crate::metrics::Answer;
+
 const PAGE: &str = include_str!("ui/page.html");
 const SCRIPT: &str = include_str!("ui/page.js");
 const STYLE: &str = include_str!("ui/page.css");
@@ -115,7 +117,7 @@ impl Snapshot {
                     };
                     let counters = snapshot.variants.entry(variant.to_owned()).or_default();
                     counters.requests += count;
-                    if is_failure(code) {
+                    if is_failure(code, sample.label("grpc_code")) {
                         counters.failures += count;
                     }
                 }
@@ -186,10 +188,21 @@ impl Snapshot {
     }
 }
 
-/// 5xx and 499 (the client gave up waiting): the failures of the canary guard's error rate.
-fn is_failure(code: &str) -> bool {
-    code.parse::<u16>()
-        .is_ok_and(|code| (500..600).contains(&code) || code == 499)
+/// 5xx, 499 (the client gave up waiting) and gRPC server failures: the failures of the
+/// canary guard's error rate.
+fn is_failure(code: &str, grpc_code: Option<&str>) -> bool {
+    let Some(status) = code
+        .parse::<u16>()
+        .ok()
+        .and_then(|code| http::StatusCode::from_u16(code).ok())
+    else {
+        return false;
+    };
+    let answer = match grpc_code.and_then(crate::grpc::Code::named) {
+        Some(grpc) => Answer::grpc(status, grpc),
+        None => Answer::http(status),
+    };
+    answer.is_failure()
 }
 
 /// One line of Prometheus text: `name{label="value",…} value [timestamp]`.
@@ -292,6 +305,8 @@ abproxy_requests_total{variant="control",code="200"} 90
 abproxy_requests_total{variant="control",code="503"} 4
 abproxy_requests_total{variant="control",code="499"} 1
 abproxy_requests_total{variant="control",code="404"} 5
+abproxy_requests_total{variant="control",code="200",grpc_code="Unavailable"} 2
+abproxy_requests_total{variant="control",code="200",grpc_code="InvalidArgument"} 3
 abproxy_requests_total{variant="none",code="400"} 2
 
 abproxy_request_duration_seconds_bucket{variant="control",le="0.1"} 80
@@ -312,8 +327,11 @@ abproxy_requests_in_flight 3
         let snapshot = Snapshot::from_prometheus(TEXT, at);
         assert_eq!(snapshot.at_ms, 1_234);
         let control = &snapshot.variants["control"];
-        assert_eq!(control.requests, 100);
-        assert_eq!(control.failures, 5, "503 and 499 fail, 404 does not");
+        assert_eq!(control.requests, 105);
+        assert_eq!(
+            control.failures, 7,
+            "503, 499 and Unavailable fail; 404 and InvalidArgument do not"
+        );
         assert_eq!(
             control.latency,
             Latency {
