@@ -226,8 +226,17 @@ fn check(path: &Path) -> CliResult {
         } else {
             format!("{}-{}", range.start, range.end - 1)
         };
+        let protocol = match variant.upstream.protocol {
+            crate::config::Protocol::Http1 => String::new(),
+            protocol => format!(" ({})", protocol.as_str()),
+        };
+        let fallback = variant
+            .fallback
+            .as_ref()
+            .map(|fallback| format!("; unreachable: served by {fallback}"))
+            .unwrap_or_default();
         println!(
-            "{:width$}  {:>6}%  {:>11}  {}",
+            "{:width$}  {:>6}%  {:>11}  {}{protocol}{fallback}",
             variant.name, variant.weight, range, variant.upstream
         );
     }

@@ -528,10 +528,11 @@ mod config {
     use proptest::prelude::*;
     use proptest::sample::select;
 
-    const EXAMPLES: [&str; 3] = [
+    const EXAMPLES: [&str; 4] = [
         include_str!("../config/demo.toml"),
         include_str!("../config/canary.toml"),
         include_str!("../config/shadow.toml"),
+        include_str!("../config/grpc.toml"),
     ];
 
     /// Errors about the file as a whole, which have no line to point at.
