@@ -281,3 +281,48 @@ async fn a_request_that_reached_the_upstream_is_never_sent_to_the_fallback() {
     assert_eq!(control.count(), 0);
     assert_eq!(proxy.upstream_errors("treatment", "reset").await, 1.0);
 }
+
+#[tokio::test]
+async fn shadows_reach_h2c_upstreams_too() {
+    let primary = Backend::start("primary").await;
+    let candidate = StreamServer::start(
+        "candidate",
+        Mode::Echo {
+            delay: Duration::ZERO,
+        },
+    )
+    .await;
+    let proxy = Proxy::start(&format!(
+        "[[variant]]\nname = \"primary\"\nupstream = \"{}\"\nweight = 100\n\n\
+         [[shadow]]\nname = \"candidate\"\nupstream = \"{}\"\nprotocol = \"h2c\"\n",
+        primary.url(),
+        candidate.url()
+    ))
+    .await;
+    for user in 0..5 {
+        let reply = proxy
+            .client
+            .post("/predict", "{}")
+            .user(&format!("user-{user}"))
+            .send()
+            .await;
+        assert_eq!(reply.model(), "primary");
+    }
+    support::proxy::eventually(Duration::from_secs(5), || async {
+        candidate.seen().len() == 5
+    })
+    .await;
+    assert!(candidate
+        .seen()
+        .iter()
+        .all(|seen| seen.version == Version::HTTP_2));
+    assert!(candidate
+        .seen()
+        .iter()
+        .all(|seen| seen.headers["x-abproxy-shadow"] == "1"));
+    support::proxy::eventually(Duration::from_secs(5), || async {
+        let ok = [("shadow", "candidate"), ("result", "ok")];
+        proxy.metric("abproxy_shadow_requests_total", &ok).await == 5.0
+    })
+    .await;
+}

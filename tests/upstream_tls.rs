@@ -121,3 +121,34 @@ async fn shadows_reach_https_upstreams_too() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_h2_upstream_is_reached_over_http2_negotiated_by_alpn() {
+    let pki = Pki::new();
+    let model = TlsModel::start("model", &pki.issue(&["localhost"]), None).await;
+    let proxy = Proxy::start(&https_variant(
+        &format!("https://localhost:{}", model.port),
+        &format!("protocol = \"h2\"\nca = {}", path(&pki.ca)),
+    ))
+    .await;
+    for user in 0..20 {
+        let reply = proxy
+            .client
+            .get("/")
+            .user(&format!("user-{user}"))
+            .send()
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.model(), "model");
+    }
+    let handshakes = model.handshakes();
+    assert!(
+        handshakes.full >= 1 && handshakes.full <= 2,
+        "{handshakes:?}"
+    );
+    assert_eq!(
+        handshakes.h2,
+        handshakes.full + handshakes.resumed,
+        "{handshakes:?}"
+    );
+}

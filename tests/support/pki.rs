@@ -79,10 +79,13 @@ pub struct Handshakes {
     pub resumed: usize,
     /// Clients that presented a certificate.
     pub with_client_certificate: usize,
+    /// Connections on which ALPN chose HTTP/2.
+    pub h2: usize,
 }
 
-/// A model server behind TLS that answers `{"model": NAME, "prediction": 0.5}`, one request a
-/// connection, so that each request is a handshake.
+/// A model server behind TLS that answers `{"model": NAME, "prediction": 0.5}`: over
+/// HTTP/1.1 one request a connection, so that each request is a handshake; over HTTP/2 (which
+/// it offers by ALPN beside HTTP/1.1) as many as the client sends.
 pub struct TlsModel {
     pub port: u16,
     pub handshakes: Arc<Mutex<Handshakes>>,
@@ -117,7 +120,8 @@ impl TlsModel {
             .map(|cert| cert.expect("certificate"))
             .collect();
         let key = PrivateKeyDer::from_pem_file(&identity.key).expect("key");
-        let config = builder.with_single_cert(chain, key).expect("server config");
+        let mut config = builder.with_single_cert(chain, key).expect("server config");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
@@ -151,6 +155,9 @@ impl TlsModel {
                         if connection.peer_certificates().is_some() {
                             seen.with_client_certificate += 1;
                         }
+                        if connection.alpn_protocol() == Some(b"h2") {
+                            seen.h2 += 1;
+                        }
                     }
                     let service = service_fn(move |_request: Request<Incoming>| {
                         let body =
@@ -164,8 +171,11 @@ impl TlsModel {
                             )
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(false)
+                    let mut builder = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    builder.http1().keep_alive(false);
+                    let _ = builder
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
