@@ -304,6 +304,14 @@ async fn scrape_a_running_abproxy() -> Exported {
             .send()
             .await;
     }
+    // A gRPC call (answered without a `grpc-status`: counted `Unknown`): a `grpc_code` series.
+    proxy
+        .client
+        .post("/predict", "")
+        .user("grpc-user")
+        .header("content-type", "application/grpc")
+        .send()
+        .await;
     // Refused before assignment: a `variant="none"` series.
     proxy
         .client
