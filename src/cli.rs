@@ -48,7 +48,8 @@ pub enum Command {
         /// The TOML config file.
         #[arg(short, long, env = "ABPROXY_CONFIG")]
         config: PathBuf,
-        /// Worker threads (default: one per CPU). 1 runs everything on one thread.
+        /// Worker threads (default: one per CPU this process may use, counting its affinity
+        /// mask and cgroup CPU quota; with one CPU, everything runs on one thread).
         #[arg(long)]
         threads: Option<usize>,
     },
@@ -151,20 +152,31 @@ fn init_logging(format: LogFormat) {
 }
 
 fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, String> {
-    let mut builder = match threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(0) => return Err("--threads must be at least 1".into()),
-        Some(n) => {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let mut builder = match worker_threads(threads, cpus)? {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             builder.worker_threads(n);
             builder
         }
-        None => tokio::runtime::Builder::new_multi_thread(),
     };
     builder
         .enable_all()
         .build()
         .map_err(|err| format!("cannot start the async runtime: {err}"))
+}
+
+/// Threads for the request runtime: `--threads`, else one per CPU the process may use
+/// (`available_parallelism` counts the affinity mask and a cgroup quota). On one CPU that is
+/// a current-thread runtime, which serves there with less CPU per request than a one-worker
+/// multi-thread runtime: no work-stealing, no cross-thread wake-ups.
+fn worker_threads(threads: Option<usize>, cpus: usize) -> Result<usize, String> {
+    match threads {
+        Some(0) => Err("--threads must be at least 1".into()),
+        Some(n) => Ok(n),
+        None => Ok(cpus.max(1)),
+    }
 }
 
 fn check(path: &Path) -> CliResult {
@@ -904,5 +916,18 @@ latest analysis (2026-11-30T16:03:00Z):
         assert!(read_token(&dir.path().join("missing"))
             .expect_err("missing")
             .contains("cannot read the token file"));
+    }
+
+    #[test]
+    fn one_cpu_gets_one_thread_and_more_get_one_each() {
+        assert_eq!(worker_threads(None, 1), Ok(1));
+        assert_eq!(worker_threads(None, 8), Ok(8));
+    }
+
+    #[test]
+    fn threads_overrides_the_cpu_count() {
+        assert_eq!(worker_threads(Some(1), 8), Ok(1));
+        assert_eq!(worker_threads(Some(4), 1), Ok(4));
+        assert!(worker_threads(Some(0), 4).is_err());
     }
 }

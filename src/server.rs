@@ -176,8 +176,14 @@ impl Server {
             });
         }
         self.health.set_ready();
+        let runtime = tokio::runtime::Handle::current();
         tracing::info!(
             %listen,
+            runtime = match runtime.runtime_flavor() {
+                tokio::runtime::RuntimeFlavor::CurrentThread => "current-thread",
+                _ => "multi-thread",
+            },
+            workers = runtime.metrics().num_workers(),
             listen_plain = listen_plain.map(tracing::field::display),
             tls = self.tls.is_some(),
             admin = %admin_addr,

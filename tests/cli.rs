@@ -424,3 +424,29 @@ async fn the_demo_serves_two_variants_from_its_mock_models() {
     child.kill().expect("stop demo");
     let _ = child.wait();
 }
+
+#[tokio::test]
+async fn on_one_cpu_the_default_runtime_is_current_thread_and_threads_overrides_it() {
+    let backend = Backend::start("control").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!(
+        "{}{}",
+        with_server(""),
+        variants(&[("control", &backend, 100.0)])
+    );
+    let path = write_config(dir.path(), &config);
+    let pinned = |extra: &[&str]| {
+        let mut command = Command::new("taskset");
+        command
+            .args(["--cpu-list", "0", env!("CARGO_BIN_EXE_abproxy")])
+            .args(["--log-format", "json", "run", "--config", &path])
+            .args(extra);
+        support::process::spawn_command(command)
+    };
+    let (_child, ready) = pinned(&[]);
+    assert_eq!(ready["fields"]["runtime"], "current-thread", "{ready}");
+    assert_eq!(ready["fields"]["workers"], 1, "{ready}");
+    let (_child, ready) = pinned(&["--threads", "3"]);
+    assert_eq!(ready["fields"]["runtime"], "multi-thread", "{ready}");
+    assert_eq!(ready["fields"]["workers"], 3, "{ready}");
+}

@@ -38,10 +38,23 @@ pub fn spawn_run(config: &str) -> (Running, SocketAddr, SocketAddr) {
 
 /// Starts `abproxy ARGS…` and waits for it to log that it is ready.
 pub fn spawn(args: &[&str]) -> (Running, SocketAddr, SocketAddr) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_abproxy"));
+    command.args(["--log-format", "json"]).args(args);
+    let (child, ready) = spawn_command(command);
+    let addr = |key: &str| {
+        ready["fields"][key]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .expect("address in log")
+    };
+    (child, addr("listen"), addr("admin"))
+}
+
+/// Starts `command` (an abproxy with `--log-format json`, possibly behind a wrapper such as
+/// `taskset`) and returns it with its "abproxy ready" log line.
+pub fn spawn_command(mut command: Command) -> (Running, serde_json::Value) {
     let mut child = Running(
-        Command::new(env!("CARGO_BIN_EXE_abproxy"))
-            .args(["--log-format", "json"])
-            .args(args)
+        command
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -58,13 +71,7 @@ pub fn spawn(args: &[&str]) -> (Running, SocketAddr, SocketAddr) {
         .expect("abproxy logs that it is ready");
     // Keep draining stderr so the child never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
-    let addr = |key: &str| {
-        ready["fields"][key]
-            .as_str()
-            .and_then(|a| a.parse().ok())
-            .expect("address in log")
-    };
-    (child, addr("listen"), addr("admin"))
+    (child, ready)
 }
 
 /// The resident memory of process `pid`, from /proc.
