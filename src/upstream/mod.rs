@@ -243,23 +243,30 @@ impl Upstream {
         match connection.try_send_request(request).await {
             Ok(response) => Ok((response, connection)),
             Err(mut failed) => match failed.take_message() {
-                Some(request) if pooled => {
-                    let mut connection = match self.connect_http1().await {
-                        Ok(connection) => connection,
-                        Err(err) => return Err(SendError::not_sent(err, request)),
-                    };
-                    let response = connection
-                        .send_request(request)
-                        .await
-                        .map_err(|err| SendError::from_hyper(&err))?;
-                    Ok((response, connection))
-                }
+                Some(request) if pooled => self.send_on_new_http1(request, false).await,
                 _ => Err(SendError::from_hyper(failed.error())),
             },
         }
     }
 
     /// A new HTTP/1.1 connection, driven on a task of its own.
+    /// `request` on a new HTTP/1.1 connection (one that may be upgraded, with `upgrades`).
+    async fn send_on_new_http1(
+        &self,
+        request: Request<UpstreamBody>,
+        upgrades: bool,
+    ) -> Result<(Response<Incoming>, SendRequest<UpstreamBody>), SendError> {
+        let mut connection = match self.dial_http1(upgrades).await {
+            Ok(connection) => connection,
+            Err(err) => return Err(SendError::not_sent(err, request)),
+        };
+        let response = connection
+            .send_request(request)
+            .await
+            .map_err(|err| SendError::from_hyper(&err))?;
+        Ok((response, connection))
+    }
+
     async fn connect_http1(&self) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
         self.dial_http1(false).await
     }
@@ -309,14 +316,7 @@ impl Upstream {
                 .acquire_owned()
                 .await
                 .map_err(|_| UpstreamError::closed())?;
-            let mut connection = match self.dial_http1(true).await {
-                Ok(connection) => connection,
-                Err(err) => return Err(SendError::not_sent(err, request)),
-            };
-            let response = connection
-                .send_request(request)
-                .await
-                .map_err(|err| SendError::from_hyper(&err))?;
+            let (response, _connection) = self.send_on_new_http1(request, true).await?;
             let lease = Lease {
                 returns: None,
                 _permit: permit,
