@@ -41,7 +41,7 @@
 # predict: it runs within the split's repetitions, next to abproxy's split run (order alternating
 # too), and the report compares the two runs' CPU per request, as a ratio and in µs.
 # Everything listens on 127.0.0.1 only. A Markdown report goes to stdout, progress to stderr.
-# With the defaults a run takes about 13 minutes (h2c: 4 of them); --quick about 2.
+# With the defaults a run takes about 13 minutes (h2c: 3.5 of them); --quick about 2.
 #
 # Needs: cargo, taskset, curl, ss (iproute2), jq or python3, nginx with its grpc module
 # (Debian nginx-light has it; installed with apt-get when missing and running as root).
