@@ -2,12 +2,15 @@
 # compare.sh: abproxy against nginx, side by side, on one machine.
 #
 # Usage: bash loadtest/compare.sh [--duration 10s] [--rate 5000] [--repeats 3] [--quick]
-#                                 [--port-base 18100] [--skip-build] [--keep]
+#                                 [--scenarios split,mirror,h2c] [--port-base 18100]
+#                                 [--skip-build] [--keep]
 #
 #   --duration D   length of each measured run: N, Ns or Nm (default 10s)
 #   --rate R       request rate of the fixed-rate (latency) runs, req/s (default 5000)
 #   --repeats N    measurements per proxy and scenario; the median is reported (default 3)
 #   --quick        smoke test: --duration 3s --repeats 1
+#   --scenarios L  comma-separated, any of split (with predict and direct), mirror, h2c
+#                  (default: all three; `--scenarios h2c` runs the h2c scenario alone)
 #   --port-base P  loopback ports P+1 .. P+21 are used (default 18100)
 #   --skip-build   use the release binaries already built
 #   --keep         keep the temp dir (configs, logs, every run's JSON); always kept on failure
@@ -18,27 +21,37 @@
 #   predict the split + [metrics] prediction = "/prediction" and a [canary] guard of
 #           treatment against control (no steps: weights stay 80/20)       abproxy
 #   mirror  the split + every request mirrored to candidate     nginx, abproxy
-# and each proxy (nginx: 1 worker; abproxy: --threads 1) measures
+#   h2c     the split with HTTP/2 cleartext (prior knowledge) to the backends:
+#           abproxy-h2c (`protocol = "h2c"` on both variants, default h2_connections = 2),
+#           abproxy-h1 (the split's config, HTTP/1.1 upstreams) and nginx-grpc (`grpc_pass
+#           grpc://`, nginx's only HTTP/2 upstream; one stream per connection, keepalive 64);
+#           abproxy runs with its defaults here (`run --config FILE`, no --threads); no RSS
+#           run
+# and each proxy (nginx: 1 worker; abproxy: --threads 1 but in h2c) measures
 #   throughput  loadtest --mode max, 64 connections, --duration
 #   p99         loadtest --rate R, 64 connections, --duration (latency from the due time)
 #   CPU us/req  the proxy's utime+stime (/proc/PID/stat) over the max run / answers, and the
 #               stime (kernel) part of it
 #   peak RSS    VmHWM of the proxy after a 1000-connection run
+#   upstream    TCP segments per request between proxy and backends (max and rate runs): segs_in
+#   segments    + segs_out (ss -ti) of the proxy's sockets to the backend ports, read before and
+#               after the run, per connection (4-tuple), the proxy still running
 # The proxy runs on CPU 0, backends and the load generator on CPU 1 (taskset). Proxies are
 # restarted for every repetition and the nginx/abproxy order alternates. nginx has nothing like
 # predict: it runs within the split's repetitions, next to abproxy's split run (order alternating
 # too), and the report compares the two runs' CPU per request, as a ratio and in µs.
 # Everything listens on 127.0.0.1 only. A Markdown report goes to stdout, progress to stderr.
-# With the defaults a run takes about 10 minutes; --quick about 1.
+# With the defaults a run takes about 13 minutes (h2c: 3.5 of them); --quick about 2.
 #
-# Needs: cargo, taskset, curl, jq or python3, nginx (Debian nginx-light; installed with
-# apt-get when missing and running as root).
+# Needs: cargo, taskset, curl, ss (iproute2), jq or python3, nginx with its grpc module
+# (Debian nginx-light has it; installed with apt-get when missing and running as root).
 
 set -euo pipefail
 
 DURATION=10s
 RATE=5000
 REPEATS=3
+SCENARIOS=split,mirror,h2c
 PORT_BASE=18100
 SKIP_BUILD=0
 KEEP=0
@@ -59,6 +72,7 @@ while (($# > 0)); do
         --duration) DURATION=${2:?--duration needs a value}; shift 2 ;;
         --rate) RATE=${2:?--rate needs a value}; shift 2 ;;
         --repeats) REPEATS=${2:?--repeats needs a value}; shift 2 ;;
+        --scenarios) SCENARIOS=${2:?--scenarios needs a value}; shift 2 ;;
         --port-base) PORT_BASE=${2:?--port-base needs a value}; shift 2 ;;
         --quick) DURATION=3s; REPEATS=1; shift ;;
         --skip-build) SKIP_BUILD=1; shift ;;
@@ -83,6 +97,16 @@ fi
 if ! [[ $REPEATS =~ ^[0-9]+$ ]] || ((REPEATS == 0)); then
     die "--repeats must be a positive integer, got $REPEATS"
 fi
+declare -A SELECTED=()  # scenario -> 1 when --scenarios names it
+IFS=, read -ra names <<<"$SCENARIOS"
+for name in "${names[@]}"; do
+    case $name in
+        split | mirror | h2c) SELECTED[$name]=1 ;;
+        *) die "--scenarios takes split, mirror and h2c, comma-separated; got $name" ;;
+    esac
+done
+((${#SELECTED[@]} > 0)) || die "--scenarios names no scenario"
+selected() { [[ -n ${SELECTED[$1]:-} ]]; }
 if ! [[ $PORT_BASE =~ ^[0-9]+$ ]] || ((PORT_BASE < 1024 || PORT_BASE > 65499)); then
     die "--port-base must be between 1024 and 65499, got $PORT_BASE"
 fi
@@ -144,7 +168,7 @@ if [[ -z $NGINX ]]; then
     fi
 fi
 [[ -x $NGINX ]] || die "nginx not found at $NGINX"
-for tool in taskset curl getconf cargo; do
+for tool in taskset curl getconf cargo ss; do
     have "$tool" || die "$tool is missing"
 done
 if have jq; then
@@ -189,19 +213,32 @@ done
 start_backend control "$PORT_CONTROL"
 start_backend treatment "$PORT_TREATMENT"
 start_backend candidate "$PORT_CANDIDATE"
+BACKEND_PIDS=("${PIDS[@]}")
 log "backends up on 127.0.0.1:$PORT_CONTROL-$PORT_CANDIDATE"
 
 # ---------------------------------------------------------------------------------------------
 # Proxy configs
 
-# $1 scenario (split | mirror)
+# $1 scenario (split | mirror | h2c)
 write_nginx_conf() {
-    local dir=$TMP/nginx-$1 mirror=""
+    local dir=$TMP/nginx-$1 mirror="" pass
     mkdir -p "$dir"
     if [[ $1 == mirror ]]; then
         mirror='
             mirror /mirror;
             mirror_request_body on;'
+    fi
+    # h2c: HTTP/2 with prior knowledge to the backends. grpc_pass is nginx's only HTTP/2
+    # upstream (proxy_pass speaks HTTP/1.x only); it takes any request, gRPC or not, and
+    # sends it as one HTTP/2 stream on a connection of its own (no multiplexing), which goes
+    # back to the keepalive cache when the stream ends.
+    # shellcheck disable=SC2016 # $variant is nginx's
+    if [[ $1 == h2c ]]; then
+        pass='grpc_pass grpc://$variant;'
+    else
+        pass='proxy_pass http://$variant;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";'
     fi
     cat >"$dir/nginx.conf" <<EOF
 # Generated by loadtest/compare.sh ($1 scenario).
@@ -252,9 +289,7 @@ http {
         listen 127.0.0.1:$PORT_NGINX backlog=1024;
 
         location / {
-            proxy_pass http://\$variant;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            $pass
             add_header x-variant \$variant always;$mirror
         }
 
@@ -269,9 +304,14 @@ http {
 EOF
 }
 
-# $1 scenario (split | mirror | predict)
+# $1 scenario (split | mirror | predict | h2c)
 write_abproxy_conf() {
-    local file=$TMP/abproxy-$1.toml
+    local file=$TMP/abproxy-$1.toml protocol=""
+    # h2c: the split's config with both variants on HTTP/2 cleartext; [limits] h2_connections
+    # keeps its default (2 connections per upstream), max_upstream_connections still caps the
+    # requests in flight per upstream (streams, here).
+    [[ $1 == h2c ]] && protocol='
+protocol = "h2c"'
     cat >"$file" <<EOF
 # Generated by loadtest/compare.sh ($1 scenario).
 [server]
@@ -292,12 +332,12 @@ sources = ["header:x-user-id"]
 [[variant]]
 name = "control"
 upstream = "http://127.0.0.1:$PORT_CONTROL"
-weight = 80
+weight = 80$protocol
 
 [[variant]]
 name = "treatment"
 upstream = "http://127.0.0.1:$PORT_TREATMENT"
-weight = 20
+weight = 20$protocol
 EOF
     if [[ $1 == mirror ]]; then
         cat >>"$file" <<EOF
@@ -335,11 +375,16 @@ EOF
     fi
 }
 
-for scenario in split mirror predict; do
+CONFIGS=()
+selected split && CONFIGS+=(split predict)
+selected mirror && CONFIGS+=(mirror)
+selected h2c && CONFIGS+=(split h2c)  # abproxy-h1 runs the split's config
+for scenario in "${CONFIGS[@]}"; do
     if [[ $scenario != predict ]]; then
         write_nginx_conf "$scenario"
         "$NGINX" -t -q -e "$TMP/nginx-$scenario/error.log" -c "$TMP/nginx-$scenario/nginx.conf" \
-            >&2 || die "nginx rejects its $scenario config"
+            >&2 || die "nginx rejects its $scenario config$([[ $scenario == h2c ]] &&
+                echo ' (grpc_pass needs ngx_http_grpc_module: see nginx -V)')"
     fi
     write_abproxy_conf "$scenario"
     RUST_LOG=warn "$ABPROXY" check --config "$TMP/abproxy-$scenario.toml" >/dev/null ||
@@ -352,10 +397,10 @@ done
 PROXY_PID=""
 PROXY_URL=""
 
-# $1 proxy (nginx | abproxy), $2 scenario
+# $1 proxy (nginx | abproxy | nginx-grpc | abproxy-h1 | abproxy-h2c), $2 scenario
 start_proxy() {
     case $1 in
-        nginx)
+        nginx | nginx-grpc)
             local dir=$TMP/nginx-$2
             taskset -c 0 "$NGINX" -e "$dir/error.log" -c "$dir/nginx.conf" >>"$dir/stderr.log" 2>&1 &
             PROXY_URL=http://127.0.0.1:$PORT_NGINX
@@ -365,6 +410,15 @@ start_proxy() {
                 >>"$TMP/abproxy-$2.log" 2>&1 &
             PROXY_URL=http://127.0.0.1:$PORT_ABPROXY
             ;;
+        abproxy-h1 | abproxy-h2c)
+            # The h2c scenario: abproxy's defaults (one worker thread per CPU it may run on,
+            # one here). abproxy-h1 runs the split's config, abproxy-h2c the h2c one.
+            local config=$TMP/abproxy-h2c.toml
+            [[ $1 == abproxy-h1 ]] && config=$TMP/abproxy-split.toml
+            RUST_LOG=warn taskset -c 0 "$ABPROXY" run --config "$config" >>"$TMP/$1-$2.log" 2>&1 &
+            PROXY_URL=http://127.0.0.1:$PORT_ABPROXY
+            ;;
+        *) die "unknown proxy $1" ;;
     esac
     PROXY_PID=$!
     PIDS+=("$PROXY_PID")
@@ -374,7 +428,7 @@ start_proxy() {
 stop_proxy() {
     # nginx: QUIT is a graceful stop. abproxy: TERM drains (shutdown_grace 2 s).
     local signal=TERM
-    [[ $1 == nginx ]] && signal=QUIT
+    [[ $1 == nginx* ]] && signal=QUIT
     kill "-$signal" "$PROXY_PID" 2>/dev/null || true
     stop_wait "$PROXY_PID" 10
     forget_pid "$PROXY_PID"
@@ -399,6 +453,40 @@ proxy_cpu_ticks() {
         system=$((system + fields[12]))
     done
     echo "$user $system"
+}
+
+# CPU time of the three backends in clock ticks: "user system".
+backend_cpu_ticks() {
+    local pid stat rest fields user=0 system=0
+    for pid in "${BACKEND_PIDS[@]}"; do
+        { stat=$(<"/proc/$pid/stat"); } 2>/dev/null || continue
+        rest=${stat##*) }
+        read -ra fields <<<"$rest"
+        user=$((user + fields[11]))
+        system=$((system + fields[12]))
+    done
+    echo "$user $system"
+}
+
+# The proxy's established connections to the backends, one line each: "local peer segments",
+# segments being segs_in + segs_out of the proxy's end (both directions, each segment once;
+# the backend's end of the same connection has the backend port as its source, not matched).
+upstream_segments() {
+    ss -tinHO state established \
+        "( dport = :$PORT_CONTROL or dport = :$PORT_TREATMENT or dport = :$PORT_CANDIDATE )" |
+        awk '{ n = 0
+               for (i = 1; i <= NF; i++) if ($i ~ /^segs_(in|out):[0-9]+$/) { split($i, kv, ":"); n += kv[2] }
+               print $3, $4, n }'
+}
+
+# Segments between two upstream_segments snapshots $1 (before) and $2 (after): "segments
+# connections closed", counting each connection's growth (a new one from 0). A connection
+# closed in between loses its segments since $1, hence the count of those.
+segment_delta() {
+    awk 'NR == FNR { before[$1 " " $2] = $3; next }
+         { key = $1 " " $2; segs += $3 - before[key]; conns++; seen[key] = 1 }
+         END { for (key in before) if (!(key in seen)) closed++
+               print segs + 0, conns + 0, closed + 0 }' "$1" "$2"
 }
 
 # Peak RSS in KiB of the process serving traffic: abproxy, or the nginx worker (the largest).
@@ -487,9 +575,11 @@ measure_proxy() {
     local scenario=$1 proxy=$2 rep=$3 key=$1/$2 out=$TMP/$1-$2-$3
     local user_before system_before user_after system_after system_ticks ticks
     local opens_before line tput p99 answers elapsed control_pct dropped=0 predictions=0
-    local mirroring=0 predicting=0
+    local mirroring=0 predicting=0 full=1 segs conns closed backend_before backend_after
     [[ $proxy == abproxy && $scenario == mirror ]] && mirroring=1
     [[ $scenario == predict ]] && predicting=1
+    # h2c: no 1000-connection RSS run.
+    [[ $scenario == h2c ]] && full=0
     log "$scenario / $proxy (repetition $rep of $REPEATS)"
     start_proxy "$proxy" "$scenario"
 
@@ -498,12 +588,17 @@ measure_proxy() {
 
     ((mirroring)) && dropped=$(abproxy_shadow_dropped)
     ((predicting)) && predictions=$(abproxy_predictions)
+    upstream_segments >"$out-segments-before.txt"
     opens_before=$(tcp_active_opens)
+    backend_before=$(backend_cpu_ticks)
     read -r user_before system_before < <(proxy_cpu_ticks)
     load "$out-max.json" "$PROXY_URL" --mode max --duration "$DURATION" \
         --connections "$CONNECTIONS"
     read -r user_after system_after < <(proxy_cpu_ticks)
+    backend_after=$(backend_cpu_ticks)
     record "$key/opens" $(($(tcp_active_opens) - opens_before))
+    upstream_segments >"$out-segments-after.txt"
+    read -r segs conns closed < <(segment_delta "$out-segments-before.txt" "$out-segments-after.txt")
     line=$(summary "$out-max.json")
     check_errors "$key" "max run $rep" "$line"
     read -r tput _ answers _ elapsed control_pct _ <<<"$line"
@@ -519,8 +614,18 @@ measure_proxy() {
     record "$key/control_pct" "$control_pct"
     record "$key/opens_per_k" "$(awk -v o="${RESULTS[$key/opens]##* }" -v n="$answers" \
         'BEGIN { printf "%.1f", (n > 0 ? o * 1000 / n : 0) }')"
+    record "$key/backend_us" "$(awk -v b="$backend_before" -v a="$backend_after" -v hz="$CLK_TCK" \
+        -v n="$answers" 'BEGIN { split(b, x, " "); split(a, y, " ")
+            printf "%.2f", (n > 0 ? (y[1] + y[2] - x[1] - x[2]) * 1e6 / hz / n : 0) }')"
+    record "$key/segs_per_req" "$(awk -v s="$segs" -v n="$answers" \
+        'BEGIN { printf "%.3f", (n > 0 ? s / n : 0) }')"
+    record "$key/upstream_conns" "$conns"
+    if ((closed > 0)); then
+        note "$key" "max run $rep: $closed upstream connections closed during the run (their segments are not counted)"
+    fi
     log "  max:  $(printf '%.0f' "$tput") req/s, $ticks ticks of proxy CPU for $answers answers," \
-        "${RESULTS[$key/opens]##* } TCP connections opened"
+        "${RESULTS[$key/opens]##* } TCP connections opened; upstream: $conns connections," \
+        "$segs segments ($closed closed)"
     if ((mirroring)); then
         # Every request is mirrored (percent = 100), so drops / answers is the share not mirrored.
         dropped=$(($(abproxy_shadow_dropped) - dropped))
@@ -539,10 +644,14 @@ measure_proxy() {
     # Lets a mirror backlog from the max run drain before latency is measured.
     sleep 1
     ((mirroring)) && dropped=$(abproxy_shadow_dropped)
+    upstream_segments >"$out-rate-segments-before.txt"
     read -r user_before system_before < <(proxy_cpu_ticks)
     load "$out-rate.json" "$PROXY_URL" --mode rate --rate "$RATE" --duration "$DURATION" \
         --connections "$CONNECTIONS"
     read -r user_after system_after < <(proxy_cpu_ticks)
+    upstream_segments >"$out-rate-segments-after.txt"
+    read -r segs _ closed < <(segment_delta "$out-rate-segments-before.txt" \
+        "$out-rate-segments-after.txt")
     line=$(summary "$out-rate.json")
     check_errors "$key" "rate run $rep" "$line"
     read -r tput p99 answers _ <<<"$line"
@@ -551,7 +660,13 @@ measure_proxy() {
     # At a fixed rate both proxies mirror every request, so this is the like-for-like CPU cost.
     record "$key/rate_cpu_us" "$(us_per \
         $((user_after - user_before + system_after - system_before)) "$answers")"
-    log "  rate: p99 ${p99} us at $(printf '%.0f' "$tput") req/s"
+    record "$key/rate_sys_us" "$(us_per $((system_after - system_before)) "$answers")"
+    record "$key/rate_segs_per_req" "$(awk -v s="$segs" -v n="$answers" \
+        'BEGIN { printf "%.3f", (n > 0 ? s / n : 0) }')"
+    if ((closed > 0)); then
+        note "$key" "rate run $rep: $closed upstream connections closed during the run (their segments are not counted)"
+    fi
+    log "  rate: p99 ${p99} us at $(printf '%.0f' "$tput") req/s; upstream: $segs segments"
     if ((mirroring)); then
         dropped=$(($(abproxy_shadow_dropped) - dropped))
         record "$key/drop_rate_pct" "$(awk -v d="$dropped" -v n="$answers" \
@@ -559,11 +674,13 @@ measure_proxy() {
         log "  rate: $dropped shadow requests dropped"
     fi
 
-    load "$out-rss.json" "$PROXY_URL" --mode max --duration "$RSS_DURATION" \
-        --connections "$RSS_CONNECTIONS"
-    check_errors "$key" "$RSS_CONNECTIONS-connection run $rep" "$(summary "$out-rss.json")"
-    record "$key/rss_kib" "$(proxy_hwm_kib)"
-    log "  rss:  peak $(proxy_hwm_kib) KiB after $RSS_CONNECTIONS connections"
+    if ((full)); then
+        load "$out-rss.json" "$PROXY_URL" --mode max --duration "$RSS_DURATION" \
+            --connections "$RSS_CONNECTIONS"
+        check_errors "$key" "$RSS_CONNECTIONS-connection run $rep" "$(summary "$out-rss.json")"
+        record "$key/rss_kib" "$(proxy_hwm_kib)"
+        log "  rss:  peak $(proxy_hwm_kib) KiB after $RSS_CONNECTIONS connections"
+    fi
 
     if ((mirroring)); then
         curl -sf --max-time 5 "http://127.0.0.1:$PORT_ADMIN/metrics" |
@@ -589,13 +706,13 @@ measure_proxy() {
         fi
         log "  guard: ${state:-unknown} at ${weight:-?} %, $failed failed checks"
     fi
-    if [[ $proxy == nginx ]]; then
+    if [[ $proxy == nginx* ]]; then
         local master_kib
         master_kib=$(awk '/^VmHWM:/ {print $2}' "/proc/$PROXY_PID/status" 2>/dev/null || echo 0)
         record "$key/master_kib" "$master_kib"
     fi
     stop_proxy "$proxy"
-    if [[ $proxy == nginx ]]; then
+    if [[ $proxy == nginx* ]]; then
         local nerr
         nerr=$(grep -c '\[error\]' "$TMP/nginx-$scenario/error.log" || true)
         if ((nerr > 0)); then
@@ -627,11 +744,18 @@ measure_direct() {
 }
 
 STARTED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-for scenario in split mirror; do
+for scenario in split mirror h2c; do
+    selected "$scenario" || continue
     for ((rep = 1; rep <= REPEATS; rep++)); do
         # "scenario/proxy" runs: nginx next to abproxy, and in the split's repetitions abproxy's
-        # predict run next to its split run; every other repetition in reverse order.
-        runs=("$scenario/nginx" "$scenario/abproxy")
+        # predict run next to its split run; in h2c's, abproxy-h1 between nginx-grpc and
+        # abproxy-h2c, so that abproxy's two protocols always run back to back. Every other
+        # repetition in reverse order.
+        if [[ $scenario == h2c ]]; then
+            runs=(h2c/nginx-grpc h2c/abproxy-h1 h2c/abproxy-h2c)
+        else
+            runs=("$scenario/nginx" "$scenario/abproxy")
+        fi
         [[ $scenario == split ]] && runs+=(predict/abproxy)
         if ((rep % 2 == 0)); then
             order=()
@@ -651,66 +775,16 @@ done
 cpu_model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 nginx_version=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')
 
-echo "## abproxy vs nginx"
-echo
-echo "- date: $STARTED"
-echo "- machine: $(nproc) CPUs, ${cpu_model:-unknown CPU}, $(uname -sr)"
-echo "- abproxy: $revision, \`run --threads 1\`, RUST_LOG=warn, \`max_upstream_connections = 64\`" \
-    "(requests in flight per upstream; default 256); nginx: $nginx_version, \`worker_processes 1\`," \
-    "\`keepalive 64\` (idle connections kept per upstream; no cap on open ones)"
-echo "- pinning: proxy on CPU 0; load generator and the three backends (loadtest-backend, one thread each) on CPU 1"
-echo "- runs: $DURATION each; throughput with \`--mode max --connections $CONNECTIONS\`;" \
-    "p99 with \`--rate $RATE --connections $CONNECTIONS\` (from the due time);" \
-    "peak RSS (VmHWM) after a $RSS_DURATION run with $RSS_CONNECTIONS connections;" \
-    "$USERS users by \`x-user-id\`; median of $REPEATS"
-echo "- command: \`$COMMAND_LINE\`"
-echo
-echo "| scenario | proxy | throughput (req/s) | p99 at $RATE req/s (µs) | proxy CPU at max (µs/req) | of which kernel (µs/req) | proxy CPU at $RATE req/s (µs/req) | proxy CPU busy (cores) | peak RSS (MiB) |"
-echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-for scenario in split mirror predict; do
-    case $scenario in
-        split) proxies=(nginx abproxy direct) ;;
-        mirror) proxies=(nginx abproxy) ;;
-        predict) proxies=(abproxy) ;;
-    esac
-    for proxy in "${proxies[@]}"; do
-        key=$scenario/$proxy
-        rss=$(med "$key/rss_kib")
-        [[ $rss != nan ]] && rss=$(awk -v k="$rss" 'BEGIN { print k / 1024 }')
-        printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$scenario" "$proxy" \
-            "$(fmt '%.0f' "$(med "$key/tput")")" "$(fmt '%.0f' "$(med "$key/p99")")" \
-            "$(fmt '%.1f' "$(med "$key/cpu_us")")" "$(fmt '%.1f' "$(med "$key/sys_us")")" \
-            "$(fmt '%.1f' "$(med "$key/rate_cpu_us")")" \
-            "$(fmt '%.2f' "$(med "$key/busy")")" "$(fmt '%.1f' "$rss")"
-    done
-    # abproxy against nginx; predict, which nginx has no equivalent of, against abproxy's split.
-    over=$scenario/abproxy under=$scenario/nginx label="abproxy / nginx"
-    [[ $scenario == predict ]] && under=split/abproxy label="predict / split (abproxy)"
-    printf '| %s | **%s** | %s | %s | %s | %s | %s | | %s |\n' "$scenario" "$label" \
-        "$(ratio "$(med "$over/tput")" "$(med "$under/tput")")" \
-        "$(ratio "$(med "$over/p99")" "$(med "$under/p99")")" \
-        "$(ratio "$(med "$over/cpu_us")" "$(med "$under/cpu_us")")" \
-        "$(ratio "$(med "$over/sys_us")" "$(med "$under/sys_us")")" \
-        "$(ratio "$(med "$over/rate_cpu_us")" "$(med "$under/rate_cpu_us")")" \
-        "$(ratio "$(med "$over/rss_kib")" "$(med "$under/rss_kib")")"
-done
 # Ratios of the two runs of each repetition, which ran minutes apart at most: this machine's
 # speed drifts over minutes, and a ratio of neighbours shows how far that moves the figure.
-pair_ratios() {
-    awk -v a="${RESULTS[$1/abproxy/$2]:-}" -v b="${RESULTS[$1/nginx/$2]:-}" 'BEGIN {
+# $1 key over, $2 key under, $3 metric.
+pair_ratio_of() {
+    awk -v a="${RESULTS[$1/$3]:-}" -v b="${RESULTS[$2/$3]:-}" 'BEGIN {
         n = split(a, x, " "); split(b, y, " ")
         for (i = 1; i <= n; i++) printf "%s%.2f", (i > 1 ? ", " : ""), (y[i] + 0 ? x[i] / y[i] : 0)
     }'
 }
-echo
-echo "abproxy / nginx within each repetition (the two runs next to each other):"
-for scenario in split mirror; do
-    echo "$scenario: throughput $(pair_ratios "$scenario" tput); CPU at max $(pair_ratios \
-        "$scenario" cpu_us); p99 $(pair_ratios "$scenario" p99)."
-done
-
-# predict against split, both abproxy: per repetition (the two runs next to each other), then
-# the medians of the runs and of the per-repetition ratios and differences.
+pair_ratios() { pair_ratio_of "$1/abproxy" "$1/nginx" "$2"; } # $1 scenario, $2 metric
 nth() { # $1 key, $2 repetition from 1: that repetition's value, or nan
     local values
     read -ra values <<<"${RESULTS[$1]:-}"
@@ -734,74 +808,242 @@ span() { # the smallest and largest of the space-separated numbers $1: "a to b",
     printf '%s\n' $1 | awk 'NF && $1 != "nan"' | sort -g | sed -n '1p;$p' | uniq | paste -sd ' ' |
         sed 's/ / to /'
 }
-declare -A PAIRED=()  # metric/ratio and metric/diff -> space-separated values, one per repetition
+ran() { [[ -n ${RESULTS[$1/tput]:-} ]]; } # $1 key: whether it was measured
+# The keys among $@ that were measured, each as "key value, " with value printf $1 of metric $2.
+measured() {
+    local format=$1 metric=$2 key
+    shift 2
+    for key in "$@"; do
+        if ran "$key"; then printf '%s %s, ' "$key" "$(fmt "$format" "$(med "$key/$metric")")"; fi
+    done | sed 's/, $//'
+}
+# The split-and-mirror table's scenarios, in the order reported (predict comes with split).
+TABLE_SCENARIOS=()
+selected split && TABLE_SCENARIOS+=(split)
+selected mirror && TABLE_SCENARIOS+=(mirror)
+selected split && TABLE_SCENARIOS+=(predict)
+
+echo "## abproxy vs nginx"
 echo
-echo "predict against split, abproxy (the two runs of each repetition next to each other): CPU per"
-echo "request at max load, in all and in user space (the kernel's part is the rest), and at $RATE req/s:"
-echo
-echo "| repetition | throughput split / predict (req/s) | CPU split / predict (µs/req) | predict / split | predict − split (µs/req) | user CPU split / predict (µs/req) | predict / split | predict − split (µs/req) | at $RATE req/s: predict − split (µs/req) |"
-echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-for ((rep = 1; rep <= REPEATS; rep++)); do
-    row=()
-    for metric in cpu_us user_us rate_cpu_us; do
-        a=$(nth "predict/abproxy/$metric" "$rep") b=$(nth "split/abproxy/$metric" "$rep")
-        q=$(quotient "$a" "$b") d=$(difference "$a" "$b")
-        PAIRED[$metric/ratio]="${PAIRED[$metric/ratio]:-} $q"
-        PAIRED[$metric/diff]="${PAIRED[$metric/diff]:-} $d"
-        row+=("$(fmt '%.2f' "$b") / $(fmt '%.2f' "$a")" "$(fmt '%.3f×' "$q")" "$(fmt '%+.2f' "$d")")
+echo "- date: $STARTED"
+echo "- machine: $(nproc) CPUs, ${cpu_model:-unknown CPU}, $(uname -sr)"
+if ((${#TABLE_SCENARIOS[@]} == 0)); then
+    abproxy_run="\`run\` with no tuning flags"
+elif selected h2c; then
+    abproxy_run="\`run --threads 1\` (h2c scenario: \`run\` with no tuning flags)"
+else
+    abproxy_run="\`run --threads 1\`"
+fi
+echo "- abproxy: $revision, $abproxy_run," \
+    "RUST_LOG=warn, \`max_upstream_connections = 64\`" \
+    "(requests in flight per upstream; default 256); nginx: $nginx_version, \`worker_processes 1\`," \
+    "\`keepalive 64\` (idle connections kept per upstream; no cap on open ones)"
+echo "- pinning: proxy on CPU 0; load generator and the three backends (loadtest-backend, one thread each) on CPU 1"
+echo "- runs: $DURATION each; throughput with \`--mode max --connections $CONNECTIONS\`;" \
+    "p99 with \`--rate $RATE --connections $CONNECTIONS\` (from the due time);" \
+    "peak RSS (VmHWM) after a $RSS_DURATION run with $RSS_CONNECTIONS connections;" \
+    "$USERS users by \`x-user-id\`; median of $REPEATS$(selected h2c &&
+        printf '; h2c scenario: no RSS run')"
+echo "- command: \`$COMMAND_LINE\`"
+if ((${#TABLE_SCENARIOS[@]} > 0)); then
+    echo
+    echo "| scenario | proxy | throughput (req/s) | p99 at $RATE req/s (µs) | proxy CPU at max (µs/req) | of which kernel (µs/req) | proxy CPU at $RATE req/s (µs/req) | proxy CPU busy (cores) | peak RSS (MiB) |"
+    echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    for scenario in "${TABLE_SCENARIOS[@]}"; do
+        case $scenario in
+            split) proxies=(nginx abproxy direct) ;;
+            mirror) proxies=(nginx abproxy) ;;
+            predict) proxies=(abproxy) ;;
+        esac
+        for proxy in "${proxies[@]}"; do
+            key=$scenario/$proxy
+            rss=$(med "$key/rss_kib")
+            [[ $rss != nan ]] && rss=$(awk -v k="$rss" 'BEGIN { print k / 1024 }')
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$scenario" "$proxy" \
+                "$(fmt '%.0f' "$(med "$key/tput")")" "$(fmt '%.0f' "$(med "$key/p99")")" \
+                "$(fmt '%.1f' "$(med "$key/cpu_us")")" "$(fmt '%.1f' "$(med "$key/sys_us")")" \
+                "$(fmt '%.1f' "$(med "$key/rate_cpu_us")")" \
+                "$(fmt '%.2f' "$(med "$key/busy")")" "$(fmt '%.1f' "$rss")"
+        done
+        # abproxy against nginx; predict, which nginx has no equivalent of, against abproxy's split.
+        over=$scenario/abproxy under=$scenario/nginx label="abproxy / nginx"
+        [[ $scenario == predict ]] && under=split/abproxy label="predict / split (abproxy)"
+        printf '| %s | **%s** | %s | %s | %s | %s | %s | | %s |\n' "$scenario" "$label" \
+            "$(ratio "$(med "$over/tput")" "$(med "$under/tput")")" \
+            "$(ratio "$(med "$over/p99")" "$(med "$under/p99")")" \
+            "$(ratio "$(med "$over/cpu_us")" "$(med "$under/cpu_us")")" \
+            "$(ratio "$(med "$over/sys_us")" "$(med "$under/sys_us")")" \
+            "$(ratio "$(med "$over/rate_cpu_us")" "$(med "$under/rate_cpu_us")")" \
+            "$(ratio "$(med "$over/rss_kib")" "$(med "$under/rss_kib")")"
     done
-    printf '| %s | %s / %s | %s | %s | %s | %s | %s | %s | %s |\n' "$rep" \
-        "$(fmt '%.0f' "$(nth split/abproxy/tput "$rep")")" \
-        "$(fmt '%.0f' "$(nth predict/abproxy/tput "$rep")")" "${row[@]:0:6}" "${row[8]}"
-done
-printf '| median | %s / %s | %s / %s | %s | %s | %s / %s | %s | %s | %s |\n' \
-    "$(fmt '%.0f' "$(med split/abproxy/tput)")" "$(fmt '%.0f' "$(med predict/abproxy/tput)")" \
-    "$(fmt '%.2f' "$(med split/abproxy/cpu_us)")" "$(fmt '%.2f' "$(med predict/abproxy/cpu_us)")" \
-    "$(fmt '%.3f×' "$(median "${PAIRED[cpu_us/ratio]}")")" \
-    "$(fmt '%+.2f' "$(median "${PAIRED[cpu_us/diff]}")")" \
-    "$(fmt '%.2f' "$(med split/abproxy/user_us)")" "$(fmt '%.2f' "$(med predict/abproxy/user_us)")" \
-    "$(fmt '%.3f×' "$(median "${PAIRED[user_us/ratio]}")")" \
-    "$(fmt '%+.2f' "$(median "${PAIRED[user_us/diff]}")")" \
-    "$(fmt '%+.2f' "$(median "${PAIRED[rate_cpu_us/diff]}")")"
-echo
-echo "The median row: medians of the runs, then of the per-repetition ratios and differences."
-cpu_diff=$(median "${PAIRED[cpu_us/diff]}")
-user_diff=$(median "${PAIRED[user_us/diff]}")
-verdict=$(awk -v d="$cpu_diff" 'BEGIN { if (d == "nan") print "not measured";
-    else if (d < 1) print "met"; else print "not met" }')
-echo "Aim of issue 11, predict under 1 µs of CPU per request more than split: median difference" \
-    "$(fmt '%+.2f' "$cpu_diff") µs (user space $(fmt '%+.2f' "$user_diff") µs; repetitions" \
-    "$(span "${PAIRED[cpu_us/diff]}") µs): $verdict."
-echo "Share of answers whose prediction abproxy read, predict max runs:" \
-    "$(commas "${RESULTS[predict/abproxy/read_pct]:-}") %. The canary guard after each predict run" \
-    "(state@weight): $(commas "${RESULTS[predict/abproxy/guard]:-}"); checks judged:" \
-    "$(commas "${RESULTS[predict/abproxy/checks]:-}"), of which failed:" \
-    "$(commas "${RESULTS[predict/abproxy/failed]:-}")."
-echo
-echo "Throughput: higher is better; p99, CPU and RSS: lower is better. \"CPU busy\" is the proxy's"
-echo "CPU time over the max run's wall time: near 1.00 the proxy was the bottleneck, well below it"
-echo "the load generator or backends on CPU 1 were. nginx CPU counts master and worker; its RSS is"
-echo "the worker's (master: $(fmt '%.1f' "$(awk -v k="$(med split/nginx/master_kib)" \
-    'BEGIN { if (k == "nan") print "nan"; else print k / 1024 }')") MiB more)."
-echo "nginx splits with \`split_clients\` (MurmurHash2), abproxy with SHA-256 buckets: same 80/20"
-echo "shares, different users per variant. Control share of requests seen in the max runs:"
-echo "nginx $(fmt '%.1f' "$(med split/nginx/control_pct)") %, abproxy $(fmt '%.1f' "$(med split/abproxy/control_pct)") %," \
-    "abproxy predict $(fmt '%.1f' "$(med predict/abproxy/control_pct)") %."
-echo "In the rate runs the achieved rate was: $(for key in split/nginx split/abproxy split/direct \
-    mirror/nginx mirror/abproxy predict/abproxy; do printf '%s %s, ' "$key" "$(fmt '%.0f' "$(med "$key/rate_tput")")"; done |
-    sed 's/, $//') req/s."
-echo "TCP connections opened per 1000 requests during the max runs (system-wide ActiveOpens, so"
-echo "the load generator's $CONNECTIONS count too; near 0 means upstream keep-alive works):" \
-    "$(for key in split/nginx split/abproxy mirror/nginx mirror/abproxy predict/abproxy; do
-        printf '%s %s, ' "$key" "$(fmt '%.1f' "$(med "$key/opens_per_k")")"
-    done | sed 's/, $//')."
-echo "Mirroring: nginx mirrors every request (the next request on a client connection waits for"
-echo "the mirror to finish); abproxy drops what does not fit its shadow queue (max_queue 4096,"
-echo "max_concurrency 64) and counts it. abproxy's share of requests not mirrored:" \
-    "$(fmt '%.1f' "$(med mirror/abproxy/drop_max_pct)") % in the max runs," \
-    "$(fmt '%.1f' "$(med mirror/abproxy/drop_rate_pct)") % at $RATE req/s."
+    echo
+    echo "abproxy / nginx within each repetition (the two runs next to each other):"
+    for scenario in split mirror; do
+        selected "$scenario" || continue
+        echo "$scenario: throughput $(pair_ratios "$scenario" tput); CPU at max $(pair_ratios \
+            "$scenario" cpu_us); p99 $(pair_ratios "$scenario" p99)."
+    done
+fi
+
+# predict against split, both abproxy: per repetition (the two runs next to each other), then
+# the medians of the runs and of the per-repetition ratios and differences.
+if selected split; then
+    declare -A PAIRED=()  # metric/ratio and metric/diff -> space-separated values, one per repetition
+    echo
+    echo "predict against split, abproxy (the two runs of each repetition next to each other): CPU per"
+    echo "request at max load, in all and in user space (the kernel's part is the rest), and at $RATE req/s:"
+    echo
+    echo "| repetition | throughput split / predict (req/s) | CPU split / predict (µs/req) | predict / split | predict − split (µs/req) | user CPU split / predict (µs/req) | predict / split | predict − split (µs/req) | at $RATE req/s: predict − split (µs/req) |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    for ((rep = 1; rep <= REPEATS; rep++)); do
+        row=()
+        for metric in cpu_us user_us rate_cpu_us; do
+            a=$(nth "predict/abproxy/$metric" "$rep") b=$(nth "split/abproxy/$metric" "$rep")
+            q=$(quotient "$a" "$b") d=$(difference "$a" "$b")
+            PAIRED[$metric/ratio]="${PAIRED[$metric/ratio]:-} $q"
+            PAIRED[$metric/diff]="${PAIRED[$metric/diff]:-} $d"
+            row+=("$(fmt '%.2f' "$b") / $(fmt '%.2f' "$a")" "$(fmt '%.3f×' "$q")" "$(fmt '%+.2f' "$d")")
+        done
+        printf '| %s | %s / %s | %s | %s | %s | %s | %s | %s | %s |\n' "$rep" \
+            "$(fmt '%.0f' "$(nth split/abproxy/tput "$rep")")" \
+            "$(fmt '%.0f' "$(nth predict/abproxy/tput "$rep")")" "${row[@]:0:6}" "${row[8]}"
+    done
+    printf '| median | %s / %s | %s / %s | %s | %s | %s / %s | %s | %s | %s |\n' \
+        "$(fmt '%.0f' "$(med split/abproxy/tput)")" "$(fmt '%.0f' "$(med predict/abproxy/tput)")" \
+        "$(fmt '%.2f' "$(med split/abproxy/cpu_us)")" "$(fmt '%.2f' "$(med predict/abproxy/cpu_us)")" \
+        "$(fmt '%.3f×' "$(median "${PAIRED[cpu_us/ratio]}")")" \
+        "$(fmt '%+.2f' "$(median "${PAIRED[cpu_us/diff]}")")" \
+        "$(fmt '%.2f' "$(med split/abproxy/user_us)")" "$(fmt '%.2f' "$(med predict/abproxy/user_us)")" \
+        "$(fmt '%.3f×' "$(median "${PAIRED[user_us/ratio]}")")" \
+        "$(fmt '%+.2f' "$(median "${PAIRED[user_us/diff]}")")" \
+        "$(fmt '%+.2f' "$(median "${PAIRED[rate_cpu_us/diff]}")")"
+    echo
+    echo "The median row: medians of the runs, then of the per-repetition ratios and differences."
+    cpu_diff=$(median "${PAIRED[cpu_us/diff]}")
+    user_diff=$(median "${PAIRED[user_us/diff]}")
+    verdict=$(awk -v d="$cpu_diff" 'BEGIN { if (d == "nan") print "not measured";
+        else if (d < 1) print "met"; else print "not met" }')
+    echo "Aim of issue 11, predict under 1 µs of CPU per request more than split: median difference" \
+        "$(fmt '%+.2f' "$cpu_diff") µs (user space $(fmt '%+.2f' "$user_diff") µs; repetitions" \
+        "$(span "${PAIRED[cpu_us/diff]}") µs): $verdict."
+    echo "Share of answers whose prediction abproxy read, predict max runs:" \
+        "$(commas "${RESULTS[predict/abproxy/read_pct]:-}") %. The canary guard after each predict run" \
+        "(state@weight): $(commas "${RESULTS[predict/abproxy/guard]:-}"); checks judged:" \
+        "$(commas "${RESULTS[predict/abproxy/checks]:-}"), of which failed:" \
+        "$(commas "${RESULTS[predict/abproxy/failed]:-}")."
+fi
+if ((${#TABLE_SCENARIOS[@]} > 0)); then
+    echo
+    echo "Throughput: higher is better; p99, CPU and RSS: lower is better. \"CPU busy\" is the proxy's"
+    echo "CPU time over the max run's wall time: near 1.00 the proxy was the bottleneck, well below it"
+    echo "the load generator or backends on CPU 1 were. nginx CPU counts master and worker; its RSS is"
+    echo "the worker's (master: $(fmt '%.1f' "$(awk -v k="$(med "${TABLE_SCENARIOS[0]}/nginx/master_kib")" \
+        'BEGIN { if (k == "nan") print "nan"; else print k / 1024 }')") MiB more)."
+    if selected split; then
+        echo "nginx splits with \`split_clients\` (MurmurHash2), abproxy with SHA-256 buckets: same 80/20"
+        echo "shares, different users per variant. Control share of requests seen in the max runs:"
+        echo "nginx $(fmt '%.1f' "$(med split/nginx/control_pct)") %, abproxy $(fmt '%.1f' "$(med split/abproxy/control_pct)") %," \
+            "abproxy predict $(fmt '%.1f' "$(med predict/abproxy/control_pct)") %."
+    fi
+    echo "In the rate runs the achieved rate was: $(measured '%.0f' rate_tput split/nginx split/abproxy \
+        split/direct mirror/nginx mirror/abproxy predict/abproxy) req/s."
+    echo "TCP connections opened per 1000 requests during the max runs (system-wide ActiveOpens, so"
+    echo "the load generator's $CONNECTIONS count too; near 0 means upstream keep-alive works):" \
+        "$(measured '%.1f' opens_per_k split/nginx split/abproxy mirror/nginx mirror/abproxy \
+            predict/abproxy)."
+    echo "Upstream TCP segments per request in the max runs (proxy to backends, both directions," \
+        "shadows included): $(measured '%.2f' segs_per_req split/nginx split/abproxy mirror/nginx \
+            mirror/abproxy predict/abproxy)."
+    if selected mirror; then
+        echo "Mirroring: nginx mirrors every request (the next request on a client connection waits for"
+        echo "the mirror to finish); abproxy drops what does not fit its shadow queue (max_queue 4096,"
+        echo "max_concurrency 64) and counts it. abproxy's share of requests not mirrored:" \
+            "$(fmt '%.1f' "$(med mirror/abproxy/drop_max_pct)") % in the max runs," \
+            "$(fmt '%.1f' "$(med mirror/abproxy/drop_rate_pct)") % at $RATE req/s."
+    fi
+fi
+if selected h2c; then
+    echo
+    echo "### h2c upstream: abproxy over HTTP/2 cleartext against HTTP/1.1, and nginx grpc_pass"
+    echo
+    echo "The split, with HTTP/1.1 clients as above ($CONNECTIONS connections; $DURATION max and"
+    echo "$RATE req/s runs); only the proxy's upstream side changes. abproxy runs \`run --config"
+    echo "FILE\` with no tuning flags; abproxy-h2c adds \`protocol = \"h2c\"\` to both variants"
+    echo "(\`h2_connections\` default 2 per upstream). nginx-grpc sends each request as an HTTP/2"
+    echo "stream with \`grpc_pass grpc://\$variant\`, one stream at a time per connection,"
+    echo "\`keepalive 64\`. Upstream segments: segs_in + segs_out of the proxy's sockets to the"
+    echo "backends (ss -ti) over the run, per request; upstream connections: those established at"
+    echo "the end of the max run. Backends' CPU: the three loadtest-backend processes (on CPU 1)."
+    echo
+    echo "At max load:"
+    echo
+    echo "| proxy | upstream | throughput (req/s) | proxy CPU (µs/req) | user (µs/req) | kernel (µs/req) | proxy CPU busy (cores) | backends' CPU (µs/req) | upstream connections | upstream segments per request | TCP opens per 1000 requests |"
+    echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    h2c_proxies=(nginx-grpc abproxy-h1 abproxy-h2c)
+    h2c_pairs=(abproxy-h2c/abproxy-h1 abproxy-h2c/nginx-grpc abproxy-h1/nginx-grpc)
+    for proxy in "${h2c_proxies[@]}"; do
+        key=h2c/$proxy
+        case $proxy in
+            nginx-grpc) upstream="HTTP/2 (grpc_pass), 1 stream per connection" ;;
+            abproxy-h1) upstream="HTTP/1.1" ;;
+            abproxy-h2c) upstream="h2c, multiplexed" ;;
+        esac
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$proxy" "$upstream" \
+            "$(fmt '%.0f' "$(med "$key/tput")")" "$(fmt '%.1f' "$(med "$key/cpu_us")")" \
+            "$(fmt '%.1f' "$(med "$key/user_us")")" "$(fmt '%.1f' "$(med "$key/sys_us")")" \
+            "$(fmt '%.2f' "$(med "$key/busy")")" "$(fmt '%.1f' "$(med "$key/backend_us")")" \
+            "$(fmt '%.0f' "$(med "$key/upstream_conns")")" \
+            "$(fmt '%.2f' "$(med "$key/segs_per_req")")" "$(fmt '%.1f' "$(med "$key/opens_per_k")")"
+    done
+    for pair in "${h2c_pairs[@]}"; do
+        over=h2c/${pair%/*} under=h2c/${pair#*/}
+        printf '| **%s / %s** | | %s | %s | %s | %s | | %s | | %s | |\n' "${pair%/*}" "${pair#*/}" \
+            "$(ratio "$(med "$over/tput")" "$(med "$under/tput")")" \
+            "$(ratio "$(med "$over/cpu_us")" "$(med "$under/cpu_us")")" \
+            "$(ratio "$(med "$over/user_us")" "$(med "$under/user_us")")" \
+            "$(ratio "$(med "$over/sys_us")" "$(med "$under/sys_us")")" \
+            "$(ratio "$(med "$over/backend_us")" "$(med "$under/backend_us")")" \
+            "$(ratio "$(med "$over/segs_per_req")" "$(med "$under/segs_per_req")")"
+    done
+    echo
+    echo "At $RATE req/s (no proxy saturated, so the same work for each):"
+    echo
+    echo "| proxy | p99 (µs) | proxy CPU (µs/req) | kernel (µs/req) | upstream segments per request |"
+    echo "| --- | ---: | ---: | ---: | ---: |"
+    for proxy in "${h2c_proxies[@]}"; do
+        key=h2c/$proxy
+        printf '| %s | %s | %s | %s | %s |\n' "$proxy" "$(fmt '%.0f' "$(med "$key/p99")")" \
+            "$(fmt '%.1f' "$(med "$key/rate_cpu_us")")" "$(fmt '%.1f' "$(med "$key/rate_sys_us")")" \
+            "$(fmt '%.2f' "$(med "$key/rate_segs_per_req")")"
+    done
+    for pair in "${h2c_pairs[@]}"; do
+        over=h2c/${pair%/*} under=h2c/${pair#*/}
+        printf '| **%s / %s** | %s | %s | %s | %s |\n' "${pair%/*}" "${pair#*/}" \
+            "$(ratio "$(med "$over/p99")" "$(med "$under/p99")")" \
+            "$(ratio "$(med "$over/rate_cpu_us")" "$(med "$under/rate_cpu_us")")" \
+            "$(ratio "$(med "$over/rate_sys_us")" "$(med "$under/rate_sys_us")")" \
+            "$(ratio "$(med "$over/rate_segs_per_req")" "$(med "$under/rate_segs_per_req")")"
+    done
+    echo
+    echo "Within each repetition (runs back to back), at max load:"
+    for pair in abproxy-h2c/abproxy-h1 abproxy-h2c/nginx-grpc; do
+        over=h2c/${pair%/*} under=h2c/${pair#*/}
+        echo "${pair%/*} / ${pair#*/}: throughput $(pair_ratio_of "$over" "$under" tput); CPU" \
+            "$(pair_ratio_of "$over" "$under" cpu_us); upstream segments" \
+            "$(pair_ratio_of "$over" "$under" segs_per_req)."
+    done
+    echo "Upstream segments per request, every max run: $(for proxy in "${h2c_proxies[@]}"; do
+        printf '%s %s; ' "$proxy" "$(commas "${RESULTS[h2c/$proxy/segs_per_req]:-}")"
+    done | sed 's/; $//'); every $RATE req/s run: $(for proxy in "${h2c_proxies[@]}"; do
+        printf '%s %s; ' "$proxy" "$(commas "${RESULTS[h2c/$proxy/rate_segs_per_req]:-}")"
+    done | sed 's/; $//')."
+    echo "Achieved rate in the $RATE req/s runs: $(measured '%.0f' rate_tput h2c/nginx-grpc \
+        h2c/abproxy-h1 h2c/abproxy-h2c) req/s. Control share of requests seen in the max runs:" \
+        "$(measured '%.1f' control_pct h2c/nginx-grpc h2c/abproxy-h1 h2c/abproxy-h2c) %."
+fi
 remarks=0
-for key in split/nginx split/abproxy split/direct mirror/nginx mirror/abproxy predict/abproxy; do
+for key in split/nginx split/abproxy split/direct mirror/nginx mirror/abproxy predict/abproxy \
+    h2c/nginx-grpc h2c/abproxy-h1 h2c/abproxy-h2c; do
     if [[ -n ${NOTES[$key]:-} ]]; then
         ((remarks++)) || { echo; echo "Remarks:"; echo; }
         while IFS= read -r line; do

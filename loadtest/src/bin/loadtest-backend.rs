@@ -1,9 +1,10 @@
 //! A fast stand-in for a model server, for benchmarks such as `loadtest/compare.sh`.
 //!
-//! Listens on `--listen` (plain HTTP/1.1, keep-alive) and answers every request, whatever its
-//! method or path, with `200` and `{"model":"NAME","prediction":0.5}` after reading and
-//! discarding the request body. One thread (a `current_thread` runtime) so it costs little
-//! next to the proxy under test.
+//! Listens on `--listen` (plain HTTP/1.1 with keep-alive, or h2c with prior knowledge, told
+//! apart by the connection's first bytes) and answers every request, whatever its method or
+//! path, with `200` and `{"model":"NAME","prediction":0.5}` after reading and discarding the
+//! request body. One thread (a `current_thread` runtime) so it costs little next to the proxy
+//! under test; on h2c each stream is a task of its own on that thread.
 //!
 //! ```sh
 //! loadtest-backend --listen 127.0.0.1:9101 --name control
@@ -21,7 +22,8 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 /// Answers every HTTP request with a small fixed JSON prediction.
@@ -77,8 +79,9 @@ async fn serve(args: Args) -> std::io::Result<()> {
         let answer = answer.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| respond(request, answer.clone()));
-            // A client that goes away mid-request is not the backend's problem.
-            let _ = hyper::server::conn::http1::Builder::new()
+            // A client that goes away mid-request is not the backend's problem. hyper's h2
+            // defaults stand (200 concurrent streams per connection, 1 MiB windows).
+            let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
