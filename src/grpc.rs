@@ -10,10 +10,15 @@ pub static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 pub static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// Whether a request is a gRPC call (`application/grpc`, `application/grpc+proto`, …).
+/// gRPC-Web (`application/grpc-web…`) is not: its status travels inside the body, and to
+/// abproxy it is an ordinary HTTP exchange.
 pub fn is_call(headers: &HeaderMap) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
+    headers.get(CONTENT_TYPE).is_some_and(|value| {
+        value
+            .as_bytes()
+            .strip_prefix(b"application/grpc")
+            .is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
+    })
 }
 
 /// A gRPC status code (0 to 16); codes outside the spec's range are read as `Unknown`.
@@ -172,5 +177,15 @@ mod tests {
         assert!(is_call(&headers));
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         assert!(!is_call(&headers));
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc-web+proto"),
+        );
+        assert!(
+            !is_call(&headers),
+            "gRPC-Web carries its status in the body"
+        );
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        assert!(is_call(&headers));
     }
 }

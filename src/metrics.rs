@@ -93,6 +93,7 @@ impl Metrics {
             ("abproxy_requests_total", "Requests answered, by variant and HTTP status returned to the client (499: the client hung up first), and gRPC code for gRPC calls."),
             ("abproxy_upstream_errors_total", "Failed upstream exchanges, by variant and kind (connect, timeout, reset, protocol, tls)."),
             ("abproxy_fallbacks_total", "Requests a variant could not send to its upstream, served by its fallback variant instead."),
+            ("abproxy_abandoned_answers_total", "Answers whose client hung up after their head, mid-body (counted as 499 in abproxy_requests_total too, but not as the variant's failure)."),
             ("abproxy_shadow_requests_total", "Mirrored requests, by shadow and result (ok, error, timeout, dropped)."),
             ("abproxy_shadow_comparisons_total", "Comparisons of primary and shadow answers, by outcome."),
             ("abproxy_config_reloads_total", "Config reload attempts, by result."),
@@ -212,6 +213,7 @@ impl Metrics {
             duration: self.histogram("abproxy_request_duration_seconds", &[("variant", name)]),
             complete: self.histogram("abproxy_response_duration_seconds", &[("variant", name)]),
             upstream_errors: UpstreamErrorKind::ALL.map(|kind| error(kind.as_str())),
+            left_mid_answer: self.counter("abproxy_abandoned_answers_total", &[("variant", name)]),
             fallbacks: match fallback {
                 Some(fallback) => self.counter(
                     "abproxy_fallbacks_total",
@@ -236,6 +238,7 @@ impl Metrics {
             complete: self.histogram("abproxy_response_duration_seconds", &[("variant", "none")]),
             upstream_errors: UpstreamErrorKind::ALL.map(|_| Counter::noop()),
             fallbacks: Counter::noop(),
+            left_mid_answer: Counter::noop(),
             weight: Gauge::noop(),
             window: None,
         }
@@ -339,6 +342,12 @@ fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
 /// Status codes 100..=599 get a slot each.
 const STATUS_CODES: usize = 500;
 
+/// nginx's "client closed request": no standard code exists for an answer nobody waited for.
+pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(code) => code,
+    Err(_) => unreachable!(),
+};
+
 /// How a request ended, as the metrics judge it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Answer {
@@ -346,27 +355,44 @@ pub struct Answer {
     pub status: StatusCode,
     /// The `grpc-status` a gRPC call ended with.
     pub grpc: Option<grpc::Code>,
+    /// The client hung up after the answer's head, mid-body (a 499 too).
+    pub left_mid_answer: bool,
 }
 
 impl Answer {
     pub fn http(status: StatusCode) -> Answer {
-        Answer { status, grpc: None }
+        Answer {
+            status,
+            grpc: None,
+            left_mid_answer: false,
+        }
     }
 
     pub fn grpc(status: StatusCode, code: grpc::Code) -> Answer {
         Answer {
             status,
             grpc: Some(code),
+            left_mid_answer: false,
+        }
+    }
+
+    /// A client that stopped reading a streamed answer: a user who stopped a generation, or
+    /// closed an endless event stream. Counted as 499, but the variant did not fail it.
+    pub fn left_mid_answer() -> Answer {
+        Answer {
+            left_mid_answer: true,
+            ..Answer::http(CLIENT_CLOSED_REQUEST)
         }
     }
 
     /// What counts as the variant failing a request: the server errors it answered, the
-    /// upstream errors abproxy answered for it (502, 504), clients giving up on it (499), and
-    /// gRPC calls that ended with a server-side failure code.
+    /// upstream errors abproxy answered for it (502, 504), clients giving up on it before its
+    /// answer began (499), and gRPC calls that ended with a server-side failure code.
     pub fn is_failure(&self) -> bool {
-        self.status.is_server_error()
-            || self.status.as_u16() == 499
-            || self.grpc.is_some_and(grpc::Code::is_server_failure)
+        !self.left_mid_answer
+            && (self.status.is_server_error()
+                || self.status == CLIENT_CLOSED_REQUEST
+                || self.grpc.is_some_and(grpc::Code::is_server_failure))
     }
 }
 
@@ -385,6 +411,7 @@ pub struct VariantMetrics {
     complete: Histogram,
     upstream_errors: [Counter; 5],
     fallbacks: Counter,
+    left_mid_answer: Counter,
     weight: Gauge,
     window: Option<Arc<ArmWindow>>,
 }
@@ -404,6 +431,9 @@ impl VariantMetrics {
             window.record(answer, elapsed, unit);
         }
         self.complete.record(elapsed.as_secs_f64());
+        if answer.left_mid_answer {
+            self.left_mid_answer.increment(1);
+        }
         let status = answer.status;
         match answer.grpc {
             Some(code) if status == StatusCode::OK => {
@@ -435,10 +465,10 @@ impl VariantMetrics {
 
     /// A request this variant could not send was served by its fallback: for the canary
     /// guard, a failure of this variant all the same (its answer counts under the fallback).
-    pub fn fell_back(&self, unit: route::Unit) {
+    pub fn fell_back(&self, elapsed: Duration, unit: route::Unit) {
         self.fallbacks.increment(1);
         if let (Some(window), false) = (&self.window, unit == route::Unit::Fixed) {
-            window.record(Answer::http(StatusCode::BAD_GATEWAY), Duration::ZERO, unit);
+            window.record(Answer::http(StatusCode::BAD_GATEWAY), elapsed, unit);
         }
     }
 

@@ -107,6 +107,13 @@ async fn a_client_leaving_mid_stream_is_499_and_stops_the_model(protocol: &str, 
         "the model learnt {stopped:?} after the client left"
     );
     proxy.wait_for_requests("model", "499", 1.0).await;
+    let abandoned = proxy
+        .metric("abproxy_abandoned_answers_total", &[("variant", "model")])
+        .await;
+    assert_eq!(
+        abandoned, 1.0,
+        "a user who stops a stream is not the variant's failure"
+    );
     assert_eq!(proxy.requests("model", "200").await, 0.0);
     assert_eq!(proxy.upstream_errors("model", "reset").await, 0.0);
 }

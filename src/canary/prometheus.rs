@@ -29,6 +29,11 @@ use crate::metrics::Answer;
 /// The series the queries read, as `crate::metrics` exports them.
 const REQUESTS: &str = "abproxy_requests_total";
 const LATENCY_BUCKETS: &str = "abproxy_response_duration_seconds_bucket";
+const FALLBACKS: &str = "abproxy_fallbacks_total";
+const ABANDONED: &str = "abproxy_abandoned_answers_total";
+/// Pseudo-codes of the answers query for the two series beside `abproxy_requests_total`.
+const FALLBACK: &str = "fallback";
+const LEFT: &str = "left_mid_answer";
 const PREDICTION_BUCKETS: &str = "abproxy_prediction_bucket";
 const PREDICTION_CLASSES: &str = "abproxy_prediction_class_total";
 
@@ -278,17 +283,25 @@ impl Queries {
         let checks = &canary.checks;
         let latency = checks.max_p99.is_some() || checks.max_p99_ratio.is_some();
         let drift = checks.max_prediction_psi.is_some();
+        // Answers by code, and beside them (as pseudo-codes) the requests a variant could
+        // not send and that its fallback answered (its failures, counted under the fallback),
+        // and the answers its clients left mid-body (499s that are not its failures).
+        let answers = |range: &str| {
+            format!(
+                "sum by (variant, code, grpc_code) ({}) \
+                 or label_replace(sum by (variant) ({}), \"code\", \"{FALLBACK}\", \"\", \"\") \
+                 or label_replace(sum by (variant) ({}), \"code\", \"{LEFT}\", \"\", \"\")",
+                increase(REQUESTS, range),
+                increase(FALLBACKS, range),
+                increase(ABANDONED, range),
+            )
+        };
         Queries {
-            requests: format!(
-                "sum by (variant, code, grpc_code) ({})",
-                increase(REQUESTS, window)
-            ),
-            since_step: checks.max_error_rate_increase.is_some().then(|| {
-                format!(
-                    "sum by (variant, code, grpc_code) ({})",
-                    increase(REQUESTS, since_step)
-                )
-            }),
+            requests: answers(window),
+            since_step: checks
+                .max_error_rate_increase
+                .is_some()
+                .then(|| answers(since_step)),
             p99: latency.then(|| {
                 format!(
                     "histogram_quantile(0.99, sum by (variant, le) ({}))",
@@ -600,8 +613,9 @@ fn whole(value: f64) -> u64 {
     }
 }
 
-/// (requests, failures) of each named arm from `sum by (variant, code, grpc_code)`: failures
-/// are the answers the local source counts as failures too (5xx, 499, a gRPC server failure).
+/// (requests, failures) of each named arm from the answers query: failures are the answers
+/// the local source counts as failures too (5xx, 499 before the answer began, a gRPC server
+/// failure, a request that fell back).
 fn counts(samples: &[Sample], names: [&str; 2]) -> [(u64, u64); 2] {
     names.map(|name| {
         let (mut requests, mut failures) = (0.0, 0.0);
@@ -611,6 +625,19 @@ fn counts(samples: &[Sample], names: [&str; 2]) -> [(u64, u64); 2] {
             } else {
                 0.0
             };
+            match sample.label("code") {
+                FALLBACK => {
+                    requests += value;
+                    failures += value;
+                    continue;
+                }
+                // Already among the 499s, counted as failures below: take them back out.
+                LEFT => {
+                    failures -= value;
+                    continue;
+                }
+                _ => {}
+            }
             requests += value;
             let failed = sample
                 .label("code")
@@ -628,7 +655,7 @@ fn counts(samples: &[Sample], names: [&str; 2]) -> [(u64, u64); 2] {
                 failures += value;
             }
         }
-        (whole(requests), whole(failures))
+        (whole(requests), whole(failures.max(0.0)))
     })
 }
 
@@ -756,19 +783,15 @@ mod tests {
             1_700_000_000_000,
         );
         let m = r#"{variant=~"model\\.v2|control",job="abproxy"}"#;
-        assert_eq!(
-            queries.requests,
-            format!("sum by (variant, code, grpc_code) (increase(abproxy_requests_total{m}[2s]))")
-        );
-        assert_eq!(
-            queries.since_step.as_deref(),
-            Some(
-                format!(
-                    "sum by (variant, code, grpc_code) (increase(abproxy_requests_total{m}[10s]))"
-                )
-                .as_str()
+        let answers = |range: &str| {
+            format!(
+                "sum by (variant, code, grpc_code) (increase(abproxy_requests_total{m}[{range}])) \
+                 or label_replace(sum by (variant) (increase(abproxy_fallbacks_total{m}[{range}])), \"code\", \"fallback\", \"\", \"\") \
+                 or label_replace(sum by (variant) (increase(abproxy_abandoned_answers_total{m}[{range}])), \"code\", \"left_mid_answer\", \"\", \"\")"
             )
-        );
+        };
+        assert_eq!(queries.requests, answers("2s"));
+        assert_eq!(queries.since_step.as_deref(), Some(answers("10s").as_str()));
         assert_eq!(
             queries.p99.as_deref(),
             Some(format!("histogram_quantile(0.99, sum by (variant, le) (increase(abproxy_response_duration_seconds_bucket{m}[2s])))").as_str())
@@ -795,9 +818,12 @@ mod tests {
     fn only_the_configured_checks_are_queried() {
         let canary = canary("", "max_error_rate = 0.05");
         let queries = Queries::at(&canary, &source(&canary), 4_000, 2_000);
-        assert_eq!(
-            queries.requests,
-            r#"sum by (variant, code, grpc_code) (increase(abproxy_requests_total{variant=~"model\\.v2|control"}[2s]))"#
+        assert!(
+            queries.requests.starts_with(
+                r#"sum by (variant, code, grpc_code) (increase(abproxy_requests_total{variant=~"model\\.v2|control"}[2s]))"#
+            ),
+            "{}",
+            queries.requests
         );
         assert_eq!(
             (
@@ -812,7 +838,9 @@ mod tests {
         // interval, and fractions of seconds are written in milliseconds.
         let stepped = Queries::new(&canary, "", &range(2_500), &range(500));
         assert!(
-            stepped.requests.ends_with("[2500ms]))"),
+            stepped
+                .requests
+                .starts_with(r#"sum by (variant, code, grpc_code) (increase(abproxy_requests_total{variant=~"model\\.v2|control"}[2500ms]))"#),
             "{}",
             stepped.requests
         );
@@ -1119,6 +1147,14 @@ mod tests {
         let requests = vector(json!([
             sample(json!({"variant": "model.v2", "code": "200"}), "95"),
             sample(json!({"variant": "model.v2", "code": "500"}), "5"),
+            // Fell back to control: the canary's requests and failures.
+            sample(json!({"variant": "model.v2", "code": "fallback"}), "10"),
+            // Three gave up, two of them mid-answer: one failure.
+            sample(json!({"variant": "model.v2", "code": "499"}), "3"),
+            sample(
+                json!({"variant": "model.v2", "code": "left_mid_answer"}),
+                "2"
+            ),
             sample(json!({"variant": "control", "code": "200"}), "400"),
         ]));
         let since_step = vector(json!([
@@ -1145,7 +1181,7 @@ mod tests {
                     StatusCode::OK,
                     vector(json!([])),
                 ),
-                ("[2s]))\ntime", StatusCode::OK, requests),
+                ("[2s])) or label_replace", StatusCode::OK, requests),
                 ("abproxy_requests_total", StatusCode::OK, since_step),
             ],
             Duration::ZERO,
@@ -1162,7 +1198,7 @@ mod tests {
         let fleet = read(&canary, &source, 1_700_000_010_000, 1_700_000_000_000)
             .await
             .expect("figures");
-        assert_eq!((fleet.canary.requests, fleet.canary.failures), (100, 5));
+        assert_eq!((fleet.canary.requests, fleet.canary.failures), (113, 16));
         assert_eq!((fleet.baseline.requests, fleet.baseline.failures), (400, 0));
         assert_eq!(
             fleet.since_step,
@@ -1271,6 +1307,6 @@ mod tests {
         assert!(plan.contains("sample ratio: not judged"), "{plan}");
         assert!(plan.contains("[<since the step began>]"), "{plan}");
         assert!(plan.contains("histogram_quantile(0.99"), "{plan}");
-        assert_eq!(plan.matches("job=\"abproxy\"").count(), 5, "{plan}");
+        assert_eq!(plan.matches("job=\"abproxy\"").count(), 9, "{plan}");
     }
 }

@@ -187,8 +187,14 @@ impl Body for ResponseBody {
                 stall.set(None);
                 // hyper stops polling once the body reports its end.
                 let ended = match &frame {
-                    // Trailers come last; hyper polls no further after them.
-                    Some(Ok(frame)) => frame.is_trailers() || body.is_end_stream(),
+                    // Trailers come last; hyper polls no further after them, nor, once the
+                    // declared length is written to an HTTP/1.1 client, after the last byte
+                    // (whose stream may end only in a later, empty frame).
+                    Some(Ok(frame)) => {
+                        frame.is_trailers()
+                            || body.is_end_stream()
+                            || body.size_hint().exact() == Some(0)
+                    }
                     None => true,
                     Some(Err(_)) => false,
                 };

@@ -9,11 +9,7 @@ use crate::grpc;
 use crate::route::AssignError;
 use crate::upstream::{UpstreamError, UpstreamErrorKind};
 
-/// nginx's "client closed request": no standard code exists for an answer nobody waited for.
-pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
-    Ok(code) => code,
-    Err(_) => unreachable!(),
-};
+pub use crate::metrics::CLIENT_CLOSED_REQUEST;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {

@@ -242,7 +242,7 @@ impl<'a> Exchange<'a> {
         let fallback = &self.generation.routes[fallback];
         tracing::debug!(variant = %route.name, fallback = %fallback.name, error = %source, "upstream unreachable, falling back");
         route.metrics.upstream_error(source.kind);
-        route.metrics.fell_back(tally.unit());
+        route.metrics.fell_back(tally.elapsed(), tally.unit());
         tally.served_by(fallback.metrics.clone());
         let body = request.0.into_body();
         let request = forward::upstream_request(

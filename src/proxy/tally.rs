@@ -12,9 +12,8 @@ use std::time::Instant;
 
 use http::{HeaderMap, StatusCode};
 
-use super::error::CLIENT_CLOSED_REQUEST;
 use crate::grpc;
-use crate::metrics::{Answer, VariantMetrics};
+use crate::metrics::{Answer, VariantMetrics, CLIENT_CLOSED_REQUEST};
 use crate::route::Unit;
 use crate::upstream::UpstreamErrorKind;
 
@@ -55,6 +54,10 @@ impl Tally {
 
     pub fn unit(&self) -> Unit {
         self.unit
+    }
+
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.started.elapsed()
     }
 
     /// The request was served by a fallback variant: counted there, but not as the split's
@@ -137,6 +140,13 @@ impl Ending {
         self.tally.finish(answer);
     }
 
+    /// The client left mid-answer: counted as 499, not as the variant's failure.
+    fn left(&mut self) {
+        if !self.tally.counted {
+            self.tally.finish(Answer::left_mid_answer());
+        }
+    }
+
     /// The upstream broke off its answer (reset, protocol error) or stalled mid-body: the
     /// variant's failure, counted as the 502 or 504 it would have been before the head.
     pub fn upstream_failed(mut self, kind: UpstreamErrorKind) {
@@ -146,5 +156,11 @@ impl Ending {
             _ => StatusCode::BAD_GATEWAY,
         };
         self.tally.finish(Answer::http(status));
+    }
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        self.left();
     }
 }

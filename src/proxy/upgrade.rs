@@ -1,4 +1,4 @@
-//! HTTP/1.1 `Upgrade` (WebSocket): passed through to the assigned variant. Once its upstream
+//! WebSocket (HTTP/1.1 `Upgrade: websocket`): passed through to the assigned variant. Once its upstream
 //! answers `101 Switching Protocols`, the client's connection and a connection of the
 //! upstream's own become one tunnel, copied both ways until either side closes.
 //!
@@ -20,10 +20,20 @@ pub struct Upgrade {
 }
 
 impl Upgrade {
-    /// The upgrade an HTTP/1.1 request asks for, if any: `Connection: upgrade` and the
-    /// protocol it names in `Upgrade`.
+    /// The WebSocket upgrade an HTTP/1.1 request asks for, if any: `Connection: upgrade` and
+    /// `Upgrade: websocket`. Other upgrades (`h2c`, which `curl --http2` offers) are only
+    /// offers: the request is served as it is, over HTTP/1.1.
     pub fn requested(parts: &mut Parts) -> Option<Upgrade> {
         if parts.version != Version::HTTP_11 {
+            return None;
+        }
+        let websocket = parts.headers.get_all(header::UPGRADE).iter().any(|value| {
+            value
+                .as_bytes()
+                .split(|&byte| byte == b',')
+                .any(|protocol| protocol.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+        });
+        if !websocket {
             return None;
         }
         let asks = parts

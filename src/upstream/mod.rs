@@ -114,7 +114,8 @@ impl Upstream {
                     builder
                         .timer(TokioTimer::new())
                         .keep_alive_interval(H2_KEEP_ALIVE)
-                        .keep_alive_timeout(H2_KEEP_ALIVE / 2);
+                        .keep_alive_timeout(H2_KEEP_ALIVE / 2)
+                        .keep_alive_while_idle(true);
                     Transport::Http2 {
                         connections: Multiplexed::new(target.h2_connections),
                         builder,

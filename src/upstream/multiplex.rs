@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
@@ -31,7 +32,9 @@ const REPLAY_LIMIT: usize = 256 * 1024;
 /// Sends of one request, the first included, before a refusal is given up as an error.
 const ATTEMPTS: usize = 6;
 /// How long a refused request waits for the connection to let go of its body.
-const HAND_BACK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+const HAND_BACK_WAIT: Duration = Duration::from_secs(1);
+/// How long a failed dial answers for the requests to its slot.
+const FAILED_DIAL_HOLD: Duration = Duration::from_millis(100);
 
 pub(super) struct Multiplexed {
     slots: Box<[Slot]>,
@@ -47,6 +50,10 @@ struct Slot {
     /// Held while the slot's connection is dialled, so that one request dials and the rest
     /// wait for it.
     dialling: tokio::sync::Mutex<()>,
+    /// The last dial's failure: the requests that waited on that dial, and those that come
+    /// within `FAILED_DIAL_HOLD` of it, fail with it at once rather than each dialling (and
+    /// timing out) in turn, so that a dead upstream's requests can fall back at once.
+    failed: Mutex<Option<(Instant, UpstreamError)>>,
 }
 
 /// A slot's connection lent to one request.
@@ -76,12 +83,25 @@ impl Multiplexed {
         if let Some(lent) = slot.live(index) {
             return Ok(lent);
         }
+        if let Some(failed) = slot.recent_failure(FAILED_DIAL_HOLD) {
+            return Err(failed);
+        }
+        let waited = Instant::now();
         let _dialling = slot.dialling.lock().await;
         // Another request may have dialled while this one waited.
         if let Some(lent) = slot.live(index) {
             return Ok(lent);
         }
-        let sender = dial().await?;
+        if let Some(failed) = slot.recent_failure(waited.elapsed() + FAILED_DIAL_HOLD) {
+            return Err(failed);
+        }
+        let sender = match dial().await {
+            Ok(sender) => sender,
+            Err(err) => {
+                *slot.failures() = Some((Instant::now(), err.clone()));
+                return Err(err);
+            }
+        };
         let number = self.dialled.fetch_add(1, Ordering::Relaxed);
         *slot.lock() = Some((number, sender.clone()));
         Ok(Lent {
@@ -107,16 +127,24 @@ impl Multiplexed {
             Err(err) => return Err(SendError::not_sent(err, request)),
         };
         let (mut request, mut replay) = Replay::keep(request.map(Returnable::new));
-        for attempt in 1.. {
+        let mut attempt = 1;
+        loop {
             let mut failed = match lent.sender.try_send_request(request).await {
                 Ok(response) => return Ok(response),
                 Err(failed) => failed,
             };
-            let unprocessed = failed.error().is_canceled() || refused_unprocessed(failed.error());
-            if !unprocessed || attempt == ATTEMPTS {
+            let refused = if failed.error().is_canceled() {
+                Some(Refused::Connection)
+            } else {
+                refused_unprocessed(failed.error())
+            };
+            let Some(refused) = refused.filter(|_| attempt < ATTEMPTS) else {
                 return Err(SendError::from_hyper(failed.error()));
+            };
+            // A refused stream says nothing of its connection; a GOAWAY or a closing one does.
+            if refused == Refused::Connection {
+                self.slots[lent.slot].evict(lent.number);
             }
-            self.slots[lent.slot].evict(lent.number);
             let again = match failed.take_message() {
                 // Never handed to the connection: nothing of it was read.
                 Some(request) => Some(request),
@@ -126,9 +154,11 @@ impl Multiplexed {
                 return Err(SendError::from_hyper(failed.error()));
             };
             (request, replay) = Replay::keep(again);
-            lent = self.connection(&dial).await?;
+            if refused == Refused::Connection {
+                lent = self.connection(&dial).await?;
+            }
+            attempt += 1;
         }
-        unreachable!("the last attempt returns")
     }
 }
 
@@ -149,6 +179,18 @@ impl Slot {
         }
     }
 
+    /// The failure of a dial that ended less than `within` ago.
+    fn recent_failure(&self, within: Duration) -> Option<UpstreamError> {
+        match &*self.failures() {
+            Some((at, err)) if at.elapsed() < within => Some(err.clone()),
+            _ => None,
+        }
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, Option<(Instant, UpstreamError)>> {
+        self.failed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Drops connection `number` from the slot, if it is still there: it is going away.
     fn evict(&self, number: u64) {
         let mut connection = self.lock();
@@ -164,18 +206,28 @@ impl Slot {
     }
 }
 
-/// Whether the upstream refused a stream without processing it: one above the last stream
-/// a GOAWAY accepted (or opened after the GOAWAY), or one reset with `REFUSED_STREAM`.
-fn refused_unprocessed(err: &hyper::Error) -> bool {
+/// How the upstream turned a request away without processing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// This stream only (`REFUSED_STREAM`): the connection still serves.
+    Stream,
+    /// The connection is going away: a stream above the last one a GOAWAY accepted (or opened
+    /// after it), or one that met the connection closing.
+    Connection,
+}
+
+fn refused_unprocessed(err: &hyper::Error) -> Option<Refused> {
     let mut source = std::error::Error::source(err);
     while let Some(cause) = source {
         if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            return (h2.is_go_away() && h2.is_remote())
-                || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            if h2.is_go_away() && h2.is_remote() {
+                return Some(Refused::Connection);
+            }
+            return (h2.reason() == Some(h2::Reason::REFUSED_STREAM)).then_some(Refused::Stream);
         }
         source = cause.source();
     }
-    false
+    None
 }
 
 /// What it takes to send a request again: a copy of its head, and its body as the
@@ -260,6 +312,16 @@ impl Returnable {
         if self.kept == usize::MAX {
             return;
         }
+        // The exchange has its answer (a stream going on after it): no replay will be asked.
+        if self
+            .handed_back
+            .as_ref()
+            .map_or(true, oneshot::Sender::is_closed)
+        {
+            self.kept = usize::MAX;
+            self.read = VecDeque::new();
+            return;
+        }
         let size = frame.data_ref().map_or(0, Bytes::len);
         if self.kept + size > REPLAY_LIMIT {
             self.kept = usize::MAX;
@@ -313,10 +375,11 @@ impl Body for Returnable {
             .rest
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
-        hint.set_lower(hint.lower() + unread);
+        // The upper bound first: `set_lower` asserts it stays at or below the upper.
         if let Some(upper) = hint.upper() {
             hint.set_upper(upper + unread);
         }
+        hint.set_lower(hint.lower() + unread);
         hint
     }
 }
@@ -337,5 +400,44 @@ impl Drop for Returnable {
             rest: self.rest.take(),
         };
         let _ = handed_back.send(replayed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Either, Full};
+
+    /// A body replayed after its first send read all of it: the frames kept, then nothing.
+    fn replayed(body: &'static [u8]) -> Returnable {
+        let mut first = Returnable::new(Either::Right(Full::new(Bytes::from_static(body))));
+        let (sender, receiver) = oneshot::channel();
+        first.handed_back = Some(sender);
+        let mut receiver = receiver;
+        let frame = block_on(first.frame()).and_then(|frame| frame.ok()?.into_data().ok());
+        assert_eq!(frame.as_deref(), Some(body));
+        drop(first);
+        let Ok(Replayed { read, rest }) = receiver.try_recv() else {
+            panic!("the body was handed back");
+        };
+        let mut again = Returnable::new_from(rest);
+        again.unread = read;
+        again
+    }
+
+    #[test]
+    fn a_replayed_body_declares_and_yields_what_was_read() {
+        let body = replayed(b"{\"input\": 1}");
+        let hint = body.size_hint();
+        assert_eq!(hint.exact(), Some(12));
+        let collected = block_on(body.collect()).expect("body").to_bytes();
+        assert_eq!(&collected[..], b"{\"input\": 1}");
+    }
+
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(future)
     }
 }
