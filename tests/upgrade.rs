@@ -76,6 +76,11 @@ async fn handshake(proxy: &Proxy) -> (String, TcpStream) {
         )
         .await
         .expect("handshake");
+    (read_head(&mut stream).await, stream)
+}
+
+/// The response head, lower-cased, read byte by byte so nothing after it is consumed.
+async fn read_head(stream: &mut TcpStream) -> String {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -85,7 +90,7 @@ async fn handshake(proxy: &Proxy) -> (String, TcpStream) {
             _ => head.push(byte[0]),
         }
     }
-    (String::from_utf8_lossy(&head).to_lowercase(), stream)
+    String::from_utf8_lossy(&head).to_lowercase()
 }
 
 async fn read_exactly(stream: &mut TcpStream, length: usize) -> String {
@@ -135,4 +140,26 @@ async fn an_upgrade_to_an_http2_variant_is_refused_with_a_reason() {
         .expect("a content-length");
     let body = read_exactly(&mut stream, length).await;
     assert!(body.contains("HTTP/2"), "{body}");
+}
+
+#[tokio::test]
+async fn an_h2c_upgrade_offer_is_served_as_a_plain_request() {
+    // The model switches protocols whenever it sees `Upgrade`, and answers 426 otherwise.
+    let model = websocket_model("control", false).await;
+    let proxy = Proxy::start(&variant("control", model, "")).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(
+            b"GET /predict HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\n\
+              connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n\
+              http2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+        )
+        .await
+        .expect("request");
+    let head = read_head(&mut stream).await;
+    assert!(
+        head.starts_with("http/1.1 426"),
+        "the model saw no upgrade: {head}"
+    );
+    assert_eq!(proxy.requests("control", "101").await, 0.0);
 }
