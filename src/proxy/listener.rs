@@ -287,6 +287,9 @@ impl Connection {
             // theirs) while the shutdown token asks this one to finish.
             Protocol::Http1 => {
                 let _drained_after = watcher;
+                // A token of its own: polled at every wake of the connection, it must not
+                // share a lock with every other connection's.
+                let shutdown = shutdown.child_token();
                 let connection = protocols
                     .http1
                     .serve_connection(io, service)
