@@ -3,7 +3,7 @@
 #
 # Usage: bash loadtest/compare.sh [--duration 10s] [--rate 5000] [--repeats 3] [--quick]
 #                                 [--scenarios split,mirror,h2c] [--port-base 18100]
-#                                 [--skip-build] [--keep]
+#                                 [--skip-build] [--keep] [--tuned]
 #
 #   --duration D   length of each measured run: N, Ns or Nm (default 10s)
 #   --rate R       request rate of the fixed-rate (latency) runs, req/s (default 5000)
@@ -14,6 +14,10 @@
 #   --port-base P  loopback ports P+1 .. P+21 are used (default 18100)
 #   --skip-build   use the release binaries already built
 #   --keep         keep the temp dir (configs, logs, every run's JSON); always kept on failure
+#   --tuned        also run abproxy-tuned in split and mirror, beside (never instead of) abproxy
+#                  on its defaults: `--threads 1`, `max_upstream_connections = 64`, shadow
+#                  `max_queue = 4096`, `max_concurrency = 64` (the settings of the figures
+#                  before issue 15)
 #
 # What it does: builds the release binaries, starts three loadtest-backend processes
 # (control, treatment, candidate), then for each scenario
@@ -25,13 +29,15 @@
 #           abproxy-h2c (`protocol = "h2c"` on both variants, default h2_connections = 2),
 #           abproxy-h1 (the split's config, HTTP/1.1 upstreams) and nginx-grpc (`grpc_pass
 #           grpc://`, nginx's only HTTP/2 upstream; one stream per connection, keepalive 64);
-#           abproxy runs with its defaults here (`run --config FILE`, no --threads); no RSS
-#           run
-# and each proxy (nginx: 1 worker; abproxy: --threads 1 but in h2c) measures
+#           no RSS run
+# and each proxy (nginx: 1 worker; abproxy: `run --config FILE` with no tuning flags and no
+# tuned config keys, its defaults; pinned to one CPU it picks its current-thread runtime) measures
 #   throughput  loadtest --mode max, 64 connections, --duration
 #   p99         loadtest --rate R, 64 connections, --duration (latency from the due time)
-#   CPU us/req  the proxy's utime+stime (/proc/PID/stat) over the max run / answers, and the
-#               stime (kernel) part of it
+#   CPU us/req  the proxy's utime+stime (/proc/PID/stat) over the max run / answers, with the
+#               utime (user) and stime (kernel) parts; the same at the fixed rate
+#   switches    context switches per request of the proxy's threads at the fixed rate
+#               (voluntary + involuntary, /proc/PID/task/*/status)
 #   peak RSS    VmHWM of the proxy after a 1000-connection run
 #   upstream    TCP segments per request between proxy and backends (max and rate runs): segs_in
 #   segments    + segs_out (ss -ti) of the proxy's sockets to the backend ports, read before and
@@ -55,6 +61,7 @@ SCENARIOS=split,mirror,h2c
 PORT_BASE=18100
 SKIP_BUILD=0
 KEEP=0
+TUNED=0
 CONNECTIONS=64
 USERS=10000
 RSS_CONNECTIONS=1000
@@ -77,6 +84,7 @@ while (($# > 0)); do
         --quick) DURATION=3s; REPEATS=1; shift ;;
         --skip-build) SKIP_BUILD=1; shift ;;
         --keep) KEEP=1; shift ;;
+        --tuned) TUNED=1; shift ;;
         -h | --help) usage 0 ;;
         *) printf 'unknown option: %s\n\n' "$1" >&2; usage 2 ;;
     esac
@@ -304,9 +312,21 @@ http {
 EOF
 }
 
-# $1 scenario (split | mirror | predict | h2c)
+# $1 scenario (split | mirror | predict | h2c), $2 "tuned" for abproxy-tuned's config.
+# abproxy's own config sets no limit but shutdown_grace: it runs on its defaults.
 write_abproxy_conf() {
-    local file=$TMP/abproxy-$1.toml protocol=""
+    local file=$TMP/abproxy-$1.toml protocol="" limits="" shadow_limits=""
+    if [[ ${2:-} == tuned ]]; then
+        file=$TMP/abproxy-tuned-$1.toml
+        # Each backend answers one request at a time (one thread): more in flight only queue in
+        # its socket. (nginx caches 64 idle connections per upstream, `keepalive 64`, but opens
+        # as many as it has requests in flight.)
+        limits='
+max_upstream_connections = 64'
+        shadow_limits='
+max_queue = 4096
+max_concurrency = 64'
+    fi
     # h2c: the split's config with both variants on HTTP/2 cleartext; [limits] h2_connections
     # keeps its default (2 connections per upstream), max_upstream_connections still caps the
     # requests in flight per upstream (streams, here).
@@ -320,11 +340,7 @@ admin = "127.0.0.1:$PORT_ADMIN"
 variant_header = "x-variant"
 
 [limits]
-shutdown_grace = "2s"
-# Each backend answers one request at a time (one thread): more in flight only queue in its
-# socket, and each upstream connection costs ~35 KiB. (nginx caches 64 idle connections per
-# upstream, \`keepalive 64\`, but opens as many as it has requests in flight.)
-max_upstream_connections = 64
+shutdown_grace = "2s"$limits
 
 [assignment]
 sources = ["header:x-user-id"]
@@ -345,9 +361,7 @@ EOF
 [[shadow]]
 name = "candidate"
 upstream = "http://127.0.0.1:$PORT_CANDIDATE"
-percent = 100
-max_queue = 4096
-max_concurrency = 64
+percent = 100$shadow_limits
 EOF
     fi
     if [[ $1 == predict ]]; then
@@ -389,6 +403,11 @@ for scenario in "${CONFIGS[@]}"; do
     write_abproxy_conf "$scenario"
     RUST_LOG=warn "$ABPROXY" check --config "$TMP/abproxy-$scenario.toml" >/dev/null ||
         die "abproxy rejects its $scenario config"
+    if ((TUNED)) && [[ $scenario == split || $scenario == mirror ]]; then
+        write_abproxy_conf "$scenario" tuned
+        RUST_LOG=warn "$ABPROXY" check --config "$TMP/abproxy-tuned-$scenario.toml" >/dev/null ||
+            die "abproxy rejects its tuned $scenario config"
+    fi
 done
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +416,7 @@ done
 PROXY_PID=""
 PROXY_URL=""
 
-# $1 proxy (nginx | abproxy | nginx-grpc | abproxy-h1 | abproxy-h2c), $2 scenario
+# $1 proxy (nginx | abproxy | abproxy-tuned | nginx-grpc | abproxy-h1 | abproxy-h2c), $2 scenario
 start_proxy() {
     case $1 in
         nginx | nginx-grpc)
@@ -406,13 +425,19 @@ start_proxy() {
             PROXY_URL=http://127.0.0.1:$PORT_NGINX
             ;;
         abproxy)
-            RUST_LOG=warn taskset -c 0 "$ABPROXY" run --config "$TMP/abproxy-$2.toml" --threads 1 \
+            # Defaults: no flags; pinned to CPU 0 it picks its current-thread runtime itself.
+            RUST_LOG=warn taskset -c 0 "$ABPROXY" run --config "$TMP/abproxy-$2.toml" \
                 >>"$TMP/abproxy-$2.log" 2>&1 &
             PROXY_URL=http://127.0.0.1:$PORT_ABPROXY
             ;;
+        abproxy-tuned)
+            RUST_LOG=warn taskset -c 0 "$ABPROXY" run --config "$TMP/abproxy-tuned-$2.toml" \
+                --threads 1 >>"$TMP/abproxy-tuned-$2.log" 2>&1 &
+            PROXY_URL=http://127.0.0.1:$PORT_ABPROXY
+            ;;
         abproxy-h1 | abproxy-h2c)
-            # The h2c scenario: abproxy's defaults (one worker thread per CPU it may run on,
-            # one here). abproxy-h1 runs the split's config, abproxy-h2c the h2c one.
+            # The h2c scenario, on abproxy's defaults too. abproxy-h1 runs the split's config,
+            # abproxy-h2c the h2c one.
             local config=$TMP/abproxy-h2c.toml
             [[ $1 == abproxy-h1 ]] && config=$TMP/abproxy-split.toml
             RUST_LOG=warn taskset -c 0 "$ABPROXY" run --config "$config" >>"$TMP/$1-$2.log" 2>&1 &
@@ -453,6 +478,16 @@ proxy_cpu_ticks() {
         system=$((system + fields[12]))
     done
     echo "$user $system"
+}
+
+# Context switches so far of every thread of the proxy's processes: "voluntary involuntary".
+proxy_ctxt_switches() {
+    local pid
+    for pid in $(proxy_pids); do
+        cat /proc/"$pid"/task/*/status 2>/dev/null || true
+    done | awk '$1 == "voluntary_ctxt_switches:" { v += $2 }
+                $1 == "nonvoluntary_ctxt_switches:" { n += $2 }
+                END { print v + 0, n + 0 }'
 }
 
 # CPU time of the three backends in clock ticks: "user system".
@@ -576,7 +611,8 @@ measure_proxy() {
     local user_before system_before user_after system_after system_ticks ticks
     local opens_before line tput p99 answers elapsed control_pct dropped=0 predictions=0
     local mirroring=0 predicting=0 full=1 segs conns closed backend_before backend_after
-    [[ $proxy == abproxy && $scenario == mirror ]] && mirroring=1
+    local vol_before invol_before vol_after invol_after
+    [[ $proxy == abproxy* && $scenario == mirror ]] && mirroring=1
     [[ $scenario == predict ]] && predicting=1
     # h2c: no 1000-connection RSS run.
     [[ $scenario == h2c ]] && full=0
@@ -645,10 +681,12 @@ measure_proxy() {
     sleep 1
     ((mirroring)) && dropped=$(abproxy_shadow_dropped)
     upstream_segments >"$out-rate-segments-before.txt"
+    read -r vol_before invol_before < <(proxy_ctxt_switches)
     read -r user_before system_before < <(proxy_cpu_ticks)
     load "$out-rate.json" "$PROXY_URL" --mode rate --rate "$RATE" --duration "$DURATION" \
         --connections "$CONNECTIONS"
     read -r user_after system_after < <(proxy_cpu_ticks)
+    read -r vol_after invol_after < <(proxy_ctxt_switches)
     upstream_segments >"$out-rate-segments-after.txt"
     read -r segs _ closed < <(segment_delta "$out-rate-segments-before.txt" \
         "$out-rate-segments-after.txt")
@@ -661,6 +699,11 @@ measure_proxy() {
     record "$key/rate_cpu_us" "$(us_per \
         $((user_after - user_before + system_after - system_before)) "$answers")"
     record "$key/rate_sys_us" "$(us_per $((system_after - system_before)) "$answers")"
+    record "$key/rate_user_us" "$(us_per $((user_after - user_before)) "$answers")"
+    record "$key/rate_vcsw" "$(awk -v d=$((vol_after - vol_before)) -v n="$answers" \
+        'BEGIN { printf "%.3f", (n > 0 ? d / n : 0) }')"
+    record "$key/rate_ivcsw" "$(awk -v d=$((invol_after - invol_before)) -v n="$answers" \
+        'BEGIN { printf "%.3f", (n > 0 ? d / n : 0) }')"
     record "$key/rate_segs_per_req" "$(awk -v s="$segs" -v n="$answers" \
         'BEGIN { printf "%.3f", (n > 0 ? s / n : 0) }')"
     if ((closed > 0)); then
@@ -755,6 +798,7 @@ for scenario in split mirror h2c; do
             runs=(h2c/nginx-grpc h2c/abproxy-h1 h2c/abproxy-h2c)
         else
             runs=("$scenario/nginx" "$scenario/abproxy")
+            ((TUNED)) && runs+=("$scenario/abproxy-tuned")
         fi
         [[ $scenario == split ]] && runs+=(predict/abproxy)
         if ((rep % 2 == 0)); then
@@ -827,17 +871,13 @@ echo "## abproxy vs nginx"
 echo
 echo "- date: $STARTED"
 echo "- machine: $(nproc) CPUs, ${cpu_model:-unknown CPU}, $(uname -sr)"
-if ((${#TABLE_SCENARIOS[@]} == 0)); then
-    abproxy_run="\`run\` with no tuning flags"
-elif selected h2c; then
-    abproxy_run="\`run --threads 1\` (h2c scenario: \`run\` with no tuning flags)"
-else
-    abproxy_run="\`run --threads 1\`"
+abproxy_run="\`run --config FILE\` with no tuning flags and no tuned config keys (its defaults)"
+if ((TUNED)); then
+    abproxy_run+="; abproxy-tuned: \`run --threads 1\`, \`max_upstream_connections = 64\`, shadow"
+    abproxy_run+=" \`max_queue = 4096\`, \`max_concurrency = 64\`"
 fi
-echo "- abproxy: $revision, $abproxy_run," \
-    "RUST_LOG=warn, \`max_upstream_connections = 64\`" \
-    "(requests in flight per upstream; default 256); nginx: $nginx_version, \`worker_processes 1\`," \
-    "\`keepalive 64\` (idle connections kept per upstream; no cap on open ones)"
+echo "- abproxy: $revision, $abproxy_run, RUST_LOG=warn; nginx: $nginx_version," \
+    "\`worker_processes 1\`, \`keepalive 64\` (idle connections kept per upstream; no cap on open ones)"
 echo "- pinning: proxy on CPU 0; load generator and the three backends (loadtest-backend, one thread each) on CPU 1"
 echo "- runs: $DURATION each; throughput with \`--mode max --connections $CONNECTIONS\`;" \
     "p99 with \`--rate $RATE --connections $CONNECTIONS\` (from the due time);" \
@@ -847,42 +887,80 @@ echo "- runs: $DURATION each; throughput with \`--mode max --connections $CONNEC
 echo "- command: \`$COMMAND_LINE\`"
 if ((${#TABLE_SCENARIOS[@]} > 0)); then
     echo
-    echo "| scenario | proxy | throughput (req/s) | p99 at $RATE req/s (µs) | proxy CPU at max (µs/req) | of which kernel (µs/req) | proxy CPU at $RATE req/s (µs/req) | proxy CPU busy (cores) | peak RSS (MiB) |"
-    echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    echo "CPU in µs per request: at max load (\"max\") and at $RATE req/s (\"rate\"), each in all, user"
+    echo "space and kernel; switches: the proxy's context switches per request at $RATE req/s,"
+    echo "voluntary + involuntary."
+    echo
+    echo "| scenario | proxy | throughput (req/s) | p99 at $RATE req/s (µs) | CPU max | user max | kernel max | CPU rate | user rate | kernel rate | switches rate | proxy CPU busy (cores) | peak RSS (MiB) |"
+    echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     for scenario in "${TABLE_SCENARIOS[@]}"; do
         case $scenario in
-            split) proxies=(nginx abproxy direct) ;;
-            mirror) proxies=(nginx abproxy) ;;
+            split) proxies=(nginx abproxy abproxy-tuned direct) ;;
+            mirror) proxies=(nginx abproxy abproxy-tuned) ;;
             predict) proxies=(abproxy) ;;
         esac
         for proxy in "${proxies[@]}"; do
             key=$scenario/$proxy
+            ran "$key" || continue
             rss=$(med "$key/rss_kib")
             [[ $rss != nan ]] && rss=$(awk -v k="$rss" 'BEGIN { print k / 1024 }')
-            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$scenario" "$proxy" \
+            switches=$(awk -v v="$(med "$key/rate_vcsw")" -v i="$(med "$key/rate_ivcsw")" \
+                'BEGIN { if (v == "nan") print "nan"; else printf "%.3f\n", v + i }')
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' \
+                "$scenario" "$proxy" \
                 "$(fmt '%.0f' "$(med "$key/tput")")" "$(fmt '%.0f' "$(med "$key/p99")")" \
-                "$(fmt '%.1f' "$(med "$key/cpu_us")")" "$(fmt '%.1f' "$(med "$key/sys_us")")" \
-                "$(fmt '%.1f' "$(med "$key/rate_cpu_us")")" \
+                "$(fmt '%.2f' "$(med "$key/cpu_us")")" "$(fmt '%.2f' "$(med "$key/user_us")")" \
+                "$(fmt '%.2f' "$(med "$key/sys_us")")" "$(fmt '%.2f' "$(med "$key/rate_cpu_us")")" \
+                "$(fmt '%.2f' "$(med "$key/rate_user_us")")" "$(fmt '%.2f' "$(med "$key/rate_sys_us")")" \
+                "$(fmt '%.2f' "$switches")" \
                 "$(fmt '%.2f' "$(med "$key/busy")")" "$(fmt '%.1f' "$rss")"
         done
         # abproxy against nginx; predict, which nginx has no equivalent of, against abproxy's split.
-        over=$scenario/abproxy under=$scenario/nginx label="abproxy / nginx"
-        [[ $scenario == predict ]] && under=split/abproxy label="predict / split (abproxy)"
-        printf '| %s | **%s** | %s | %s | %s | %s | %s | | %s |\n' "$scenario" "$label" \
-            "$(ratio "$(med "$over/tput")" "$(med "$under/tput")")" \
-            "$(ratio "$(med "$over/p99")" "$(med "$under/p99")")" \
-            "$(ratio "$(med "$over/cpu_us")" "$(med "$under/cpu_us")")" \
-            "$(ratio "$(med "$over/sys_us")" "$(med "$under/sys_us")")" \
-            "$(ratio "$(med "$over/rate_cpu_us")" "$(med "$under/rate_cpu_us")")" \
-            "$(ratio "$(med "$over/rss_kib")" "$(med "$under/rss_kib")")"
+        pairs=("$scenario/abproxy $scenario/nginx abproxy / nginx")
+        ran "$scenario/abproxy-tuned" &&
+            pairs+=("$scenario/abproxy-tuned $scenario/nginx abproxy-tuned / nginx")
+        [[ $scenario == predict ]] && pairs=("predict/abproxy split/abproxy predict / split (abproxy)")
+        for pair in "${pairs[@]}"; do
+            read -r over under label <<<"$pair"
+            printf '| %s | **%s** | %s | %s | %s | %s | %s | %s | %s | %s | | | %s |\n' "$scenario" "$label" \
+                "$(ratio "$(med "$over/tput")" "$(med "$under/tput")")" \
+                "$(ratio "$(med "$over/p99")" "$(med "$under/p99")")" \
+                "$(ratio "$(med "$over/cpu_us")" "$(med "$under/cpu_us")")" \
+                "$(ratio "$(med "$over/user_us")" "$(med "$under/user_us")")" \
+                "$(ratio "$(med "$over/sys_us")" "$(med "$under/sys_us")")" \
+                "$(ratio "$(med "$over/rate_cpu_us")" "$(med "$under/rate_cpu_us")")" \
+                "$(ratio "$(med "$over/rate_user_us")" "$(med "$under/rate_user_us")")" \
+                "$(ratio "$(med "$over/rate_sys_us")" "$(med "$under/rate_sys_us")")" \
+                "$(ratio "$(med "$over/rss_kib")" "$(med "$under/rss_kib")")"
+        done
     done
     echo
-    echo "abproxy / nginx within each repetition (the two runs next to each other):"
+    echo "abproxy / nginx within each repetition (the runs of one repetition ran back to back):"
     for scenario in split mirror; do
         selected "$scenario" || continue
-        echo "$scenario: throughput $(pair_ratios "$scenario" tput); CPU at max $(pair_ratios \
-            "$scenario" cpu_us); p99 $(pair_ratios "$scenario" p99)."
+        for proxy in abproxy abproxy-tuned; do
+            ran "$scenario/$proxy" || continue
+            echo "$scenario, $proxy: throughput $(pair_ratio_of "$scenario/$proxy" "$scenario/nginx" tput);" \
+                "CPU at max $(pair_ratio_of "$scenario/$proxy" "$scenario/nginx" cpu_us);" \
+                "user CPU at max $(pair_ratio_of "$scenario/$proxy" "$scenario/nginx" user_us);" \
+                "CPU at $RATE req/s $(pair_ratio_of "$scenario/$proxy" "$scenario/nginx" rate_cpu_us);" \
+                "p99 $(pair_ratio_of "$scenario/$proxy" "$scenario/nginx" p99)."
+        done
     done
+    if selected split && selected mirror; then
+        echo
+        echo "What mirroring every request adds at $RATE req/s (both proxies mirror all of them there):"
+        echo "mirror's CPU per request minus split's, medians, and that over split's."
+        for proxy in nginx abproxy abproxy-tuned; do
+            ran "mirror/$proxy" || continue
+            a=$(med "mirror/$proxy/rate_cpu_us") b=$(med "split/$proxy/rate_cpu_us")
+            echo "- $proxy: $(fmt '%.2f' "$a") − $(fmt '%.2f' "$b") = $(fmt '%+.2f' "$(difference "$a" "$b")") µs," \
+                "$(awk -v a="$a" -v b="$b" 'BEGIN { if (a == "nan" || b == "nan" || b + 0 == 0) printf "—";
+                    else printf "%.2f×", (a - b) / b }') of a split request" \
+                "(user $(fmt '%+.2f' "$(difference "$(med "mirror/$proxy/rate_user_us")" "$(med "split/$proxy/rate_user_us")")")," \
+                "kernel $(fmt '%+.2f' "$(difference "$(med "mirror/$proxy/rate_sys_us")" "$(med "split/$proxy/rate_sys_us")")") µs)"
+        done
+    fi
 fi
 
 # predict against split, both abproxy: per repetition (the two runs next to each other), then
@@ -945,21 +1023,27 @@ if ((${#TABLE_SCENARIOS[@]} > 0)); then
         echo "nginx $(fmt '%.1f' "$(med split/nginx/control_pct)") %, abproxy $(fmt '%.1f' "$(med split/abproxy/control_pct)") %," \
             "abproxy predict $(fmt '%.1f' "$(med predict/abproxy/control_pct)") %."
     fi
-    echo "In the rate runs the achieved rate was: $(measured '%.0f' rate_tput split/nginx split/abproxy \
-        split/direct mirror/nginx mirror/abproxy predict/abproxy) req/s."
+    ALL_KEYS=(split/nginx split/abproxy split/abproxy-tuned split/direct mirror/nginx mirror/abproxy
+        mirror/abproxy-tuned predict/abproxy)
+    echo "In the rate runs the achieved rate was: $(measured '%.0f' rate_tput "${ALL_KEYS[@]}") req/s."
     echo "TCP connections opened per 1000 requests during the max runs (system-wide ActiveOpens, so"
     echo "the load generator's $CONNECTIONS count too; near 0 means upstream keep-alive works):" \
-        "$(measured '%.1f' opens_per_k split/nginx split/abproxy mirror/nginx mirror/abproxy \
-            predict/abproxy)."
+        "$(measured '%.1f' opens_per_k "${ALL_KEYS[@]/split\/direct/}")."
     echo "Upstream TCP segments per request in the max runs (proxy to backends, both directions," \
-        "shadows included): $(measured '%.2f' segs_per_req split/nginx split/abproxy mirror/nginx \
-            mirror/abproxy predict/abproxy)."
+        "shadows included): $(measured '%.2f' segs_per_req "${ALL_KEYS[@]/split\/direct/}")."
+    echo "Upstream connections at the end of the max runs: $(measured '%.0f' upstream_conns \
+        "${ALL_KEYS[@]/split\/direct/}")."
     if selected mirror; then
         echo "Mirroring: nginx mirrors every request (the next request on a client connection waits for"
-        echo "the mirror to finish); abproxy drops what does not fit its shadow queue (max_queue 4096,"
-        echo "max_concurrency 64) and counts it. abproxy's share of requests not mirrored:" \
-            "$(fmt '%.1f' "$(med mirror/abproxy/drop_max_pct)") % in the max runs," \
-            "$(fmt '%.1f' "$(med mirror/abproxy/drop_rate_pct)") % at $RATE req/s."
+        echo "the mirror to finish); abproxy drops what does not fit its shadow queue and counts it."
+        for proxy in abproxy abproxy-tuned; do
+            ran "mirror/$proxy" || continue
+            echo "$proxy's share of requests not mirrored:" \
+                "$(fmt '%.1f' "$(med "mirror/$proxy/drop_max_pct")") % in the max runs" \
+                "($(commas "${RESULTS[mirror/$proxy/drop_max_pct]:-}"))," \
+                "$(fmt '%.1f' "$(med "mirror/$proxy/drop_rate_pct")") % at $RATE req/s" \
+                "($(commas "${RESULTS[mirror/$proxy/drop_rate_pct]:-}"))."
+        done
     fi
 fi
 if selected h2c; then
@@ -1042,8 +1126,8 @@ if selected h2c; then
         "$(measured '%.1f' control_pct h2c/nginx-grpc h2c/abproxy-h1 h2c/abproxy-h2c) %."
 fi
 remarks=0
-for key in split/nginx split/abproxy split/direct mirror/nginx mirror/abproxy predict/abproxy \
-    h2c/nginx-grpc h2c/abproxy-h1 h2c/abproxy-h2c; do
+for key in split/nginx split/abproxy split/abproxy-tuned split/direct mirror/nginx mirror/abproxy \
+    mirror/abproxy-tuned predict/abproxy h2c/nginx-grpc h2c/abproxy-h1 h2c/abproxy-h2c; do
     if [[ -n ${NOTES[$key]:-} ]]; then
         ((remarks++)) || { echo; echo "Remarks:"; echo; }
         while IFS= read -r line; do

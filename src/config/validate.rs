@@ -574,9 +574,12 @@ impl Validator<'_> {
             max_body: self.size(limits.max_body, MIB)?,
             request_timeout: self.duration(limits.request_timeout, Duration::from_secs(30))?,
             connect_timeout: self.duration(limits.connect_timeout, Duration::from_secs(1))?,
+            // 64: each upstream connection holds ~35 KiB while open; with 1,000 clients at
+            // once, 256 cost 8 MiB more peak RSS than 64 for no throughput (BENCHMARKS.md,
+            // issue 15). A batching model server wanting more in flight raises it.
             max_upstream_connections: self.count(
                 limits.max_upstream_connections,
-                256,
+                64,
                 "max_upstream_connections",
             )?,
             h2_connections: match limits.h2_connections {

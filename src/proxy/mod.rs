@@ -84,7 +84,7 @@ impl Proxy {
         // 1. Read the body only when a `json:` source needs it; otherwise it streams through.
         let limits = &config.limits;
         let mut body = if generation.needs_body(&parts) {
-            match read_body(&parts, body, limits).await {
+            match Box::pin(read_body(&parts, body, limits)).await {
                 Ok(bytes) => RequestBody::Buffered(bytes),
                 Err(err) => return refuse(err, tally),
             }
@@ -106,7 +106,7 @@ impl Proxy {
             Some(_) => Mirrors::none(),
         };
         if !mirrors.is_empty() {
-            if let Err(err) = body.buffer_for_mirror(&parts, limits).await {
+            if let Err(err) = Box::pin(body.buffer_for_mirror(&parts, limits)).await {
                 let response = err.into_response(tally.is_grpc());
                 return answered(route, response, tally, config);
             }
@@ -135,7 +135,9 @@ impl Proxy {
         };
         let (route, response) = match (request, upgrade) {
             (Ok(request), Some(upgrade)) => {
-                let response = exchange.upgrade(route, request, upgrade).await;
+                // Boxed, as the other rare paths here (a JSON body, a mirror's copy, the
+                // fallback variant): inline, their futures would size every request's.
+                let response = Box::pin(exchange.upgrade(route, request, upgrade)).await;
                 return answered(route, response, tally, config);
             }
             (Ok(request), None) => exchange.send(route, request, spare, &mut tally).await,
@@ -253,7 +255,7 @@ impl<'a> Exchange<'a> {
             config.server.preserve_host,
         );
         let answer = match request {
-            Ok(request) => match fallback.upstream.send(request, timeout).await {
+            Ok(request) => match Box::pin(fallback.upstream.send(request, timeout)).await {
                 Ok(answer) => Ok(answer),
                 Err(failed) => Err(self.failure(fallback, failed)),
             },

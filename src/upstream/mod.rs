@@ -208,7 +208,9 @@ impl Upstream {
                     ))
                 }
                 Transport::Http2 { connections, .. } => {
-                    let response = connections.send(request, || self.connect_http2()).await?;
+                    let response = connections
+                        .send(request, || Box::pin(self.connect_http2()))
+                        .await?;
                     Ok((
                         response,
                         Lease {
@@ -236,7 +238,9 @@ impl Upstream {
         };
         let (mut connection, pooled) = match idle.take().await {
             Some(connection) => (connection, true),
-            None => match self.connect_http1().await {
+            // Boxed, as every connect below: opening a connection (TCP, maybe TLS) is the
+            // rare path, and inline its future would size every request's future.
+            None => match Box::pin(self.connect_http1()).await {
                 Ok(connection) => (connection, false),
                 Err(err) => return Err(SendError::not_sent(err, request)),
             },
@@ -257,7 +261,7 @@ impl Upstream {
         request: Request<UpstreamBody>,
         upgrades: bool,
     ) -> Result<(Response<Incoming>, SendRequest<UpstreamBody>), SendError> {
-        let mut connection = match self.dial_http1(upgrades).await {
+        let mut connection = match Box::pin(self.dial_http1(upgrades)).await {
             Ok(connection) => connection,
             Err(err) => return Err(SendError::not_sent(err, request)),
         };
