@@ -358,18 +358,7 @@ stop_proxy() {
 }
 
 # CPU time of the proxy's processes in clock ticks: "user system" (utime, stime).
-proxy_cpu_ticks() {
-    local pid stat rest fields user=0 system=0
-    for pid in "${PROXY_PIDS[@]}"; do
-        { stat=$(<"/proc/$pid/stat"); } 2>/dev/null || continue
-        rest=${stat##*) }
-        read -ra fields <<<"$rest"
-        # Fields 14 and 15 of stat(5); `rest` starts at field 3.
-        user=$((user + fields[11]))
-        system=$((system + fields[12]))
-    done
-    echo "$user $system"
-}
+proxy_cpu_ticks() { cpu_ticks "${PROXY_PIDS[@]}"; }
 
 # The TCP connections between a proxy and the backends now in TIME-WAIT, that is closed in the
 # last minute: "local peer", sorted. Those new at the end of a phase were closed during it

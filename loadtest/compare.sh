@@ -467,18 +467,8 @@ proxy_pids() {
 }
 
 # CPU time of the proxy's processes in clock ticks: "user system" (utime, stime).
-proxy_cpu_ticks() {
-    local pid stat rest fields user=0 system=0
-    for pid in $(proxy_pids); do
-        { stat=$(<"/proc/$pid/stat"); } 2>/dev/null || continue
-        rest=${stat##*) }
-        read -ra fields <<<"$rest"
-        # Fields 14 and 15 of stat(5); `rest` starts at field 3.
-        user=$((user + fields[11]))
-        system=$((system + fields[12]))
-    done
-    echo "$user $system"
-}
+# shellcheck disable=SC2046 # one word per PID
+proxy_cpu_ticks() { cpu_ticks $(proxy_pids); }
 
 # Context switches so far of every thread of the proxy's processes: "voluntary involuntary".
 proxy_ctxt_switches() {
@@ -491,17 +481,7 @@ proxy_ctxt_switches() {
 }
 
 # CPU time of the three backends in clock ticks: "user system".
-backend_cpu_ticks() {
-    local pid stat rest fields user=0 system=0
-    for pid in "${BACKEND_PIDS[@]}"; do
-        { stat=$(<"/proc/$pid/stat"); } 2>/dev/null || continue
-        rest=${stat##*) }
-        read -ra fields <<<"$rest"
-        user=$((user + fields[11]))
-        system=$((system + fields[12]))
-    done
-    echo "$user $system"
-}
+backend_cpu_ticks() { cpu_ticks "${BACKEND_PIDS[@]}"; }
 
 # The proxy's established connections to the backends, one line each: "local peer segments",
 # segments being segs_in + segs_out of the proxy's end (both directions, each segment once;

@@ -87,6 +87,21 @@ start_backend() {
 # ---------------------------------------------------------------------------------------------
 # Results and the report
 
+# CPU time of processes $@ in clock ticks, summed: "user system" (utime, stime). A process
+# that has exited counts nothing.
+cpu_ticks() {
+    local pid stat rest fields user=0 system=0
+    for pid in "$@"; do
+        { stat=$(<"/proc/$pid/stat"); } 2>/dev/null || continue
+        rest=${stat##*) }
+        read -ra fields <<<"$rest"
+        # Fields 14 and 15 of stat(5); `rest` starts at field 3.
+        user=$((user + fields[11]))
+        system=$((system + fields[12]))
+    done
+    echo "$user $system"
+}
+
 # Microseconds per unit (answer, request or handshake) of CPU ticks $1 over $2 units.
 us_per() {
     awk -v t="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { printf "%.2f", (n > 0 ? t * 1e6 / hz / n : 0) }'
