@@ -38,7 +38,7 @@ pub use upload::{Upload, UploadError, UploadProgress};
 use crate::config::{self, Protocol};
 use crate::detach;
 use connect::dial;
-use multiplex::{Http2Body, Multiplexed};
+use multiplex::{Multiplexed, Returnable};
 
 /// What abproxy sends upstream: the client's body streamed through, or one it buffered.
 pub type UpstreamBody = Either<Upload, Full<Bytes>>;
@@ -292,16 +292,10 @@ impl Upstream {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|err| self.handshake_failed(&err))?;
-        let authority = self.target.authority.clone();
-        let ended = move |result: hyper::Result<()>| {
-            if let Err(err) = result {
-                tracing::debug!(upstream = %authority, error = %err, "upstream connection ended");
-            }
-        };
         if upgrades {
-            tokio::spawn(async move { ended(driver.with_upgrades().await) });
+            self.drive(driver.with_upgrades());
         } else {
-            tokio::spawn(async move { ended(driver.await) });
+            self.drive(driver);
         }
         Ok(connection)
     }
@@ -334,7 +328,7 @@ impl Upstream {
     }
 
     /// A new HTTP/2 connection, driven on a task of its own.
-    async fn connect_http2(&self) -> Result<http2::SendRequest<Http2Body>, UpstreamError> {
+    async fn connect_http2(&self) -> Result<http2::SendRequest<Returnable>, UpstreamError> {
         let Transport::Http2 { builder, .. } = &self.transport else {
             unreachable!("an HTTP/2 connection is dialled for an HTTP/2 upstream only")
         };
@@ -343,13 +337,21 @@ impl Upstream {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|err| self.handshake_failed(&err))?;
+        self.drive(driver);
+        Ok(connection)
+    }
+
+    /// Drives a connection on a task of its own until it ends.
+    fn drive<F>(&self, driver: F)
+    where
+        F: std::future::Future<Output = hyper::Result<()>> + Send + 'static,
+    {
         let authority = self.target.authority.clone();
         tokio::spawn(async move {
             if let Err(err) = driver.await {
                 tracing::debug!(upstream = %authority, error = %err, "upstream connection ended");
             }
         });
-        Ok(connection)
     }
 
     fn handshake_failed(&self, err: &hyper::Error) -> UpstreamError {

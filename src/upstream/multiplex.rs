@@ -46,7 +46,7 @@ pub(super) struct Multiplexed {
 struct Slot {
     /// The connection and its dial number, so that a request evicts only the connection that
     /// refused it, never a newer one another request dialled since.
-    connection: Mutex<Option<(u64, SendRequest<Http2Body>)>>,
+    connection: Mutex<Option<(u64, SendRequest<Returnable>)>>,
     /// Held while the slot's connection is dialled, so that one request dials and the rest
     /// wait for it.
     dialling: tokio::sync::Mutex<()>,
@@ -60,7 +60,7 @@ struct Slot {
 struct Lent {
     slot: usize,
     number: u64,
-    sender: SendRequest<Http2Body>,
+    sender: SendRequest<Returnable>,
 }
 
 impl Multiplexed {
@@ -76,7 +76,7 @@ impl Multiplexed {
     async fn connection<F, Fut>(&self, dial: F) -> Result<Lent, UpstreamError>
     where
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<SendRequest<Http2Body>, UpstreamError>>,
+        Fut: std::future::Future<Output = Result<SendRequest<Returnable>, UpstreamError>>,
     {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let slot = &self.slots[index];
@@ -120,7 +120,7 @@ impl Multiplexed {
     ) -> Result<Response<Incoming>, SendError>
     where
         F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<SendRequest<Http2Body>, UpstreamError>>,
+        Fut: std::future::Future<Output = Result<SendRequest<Returnable>, UpstreamError>>,
     {
         let mut lent = match self.connection(&dial).await {
             Ok(lent) => lent,
@@ -199,7 +199,7 @@ impl Slot {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, SendRequest<Http2Body>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, SendRequest<Returnable>)>> {
         self.connection
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -290,8 +290,6 @@ pub(super) struct Returnable {
     kept: usize,
     handed_back: Option<oneshot::Sender<Replayed>>,
 }
-
-pub(super) type Http2Body = Returnable;
 
 impl Returnable {
     fn new(body: UpstreamBody) -> Returnable {
