@@ -657,12 +657,7 @@ mod simulation {
         limit: usize,
     ) -> Ending {
         let mut run = Run::new("simulated".into());
-        let mut totals = Proportions {
-            canary_failures: 0,
-            canary_total: 0,
-            baseline_failures: 0,
-            baseline_total: 0,
-        };
+        let mut totals = Proportions::default();
         let mut judged = 0;
         for _ in 0..limit {
             if run.phase != Phase::Running {
@@ -812,16 +807,7 @@ mod simulation {
             baseline: Arm::sampled(&theirs),
             canary_share: 0.5,
         };
-        let analysis = analyse(
-            &config,
-            &interval,
-            Proportions {
-                canary_failures: 0,
-                canary_total: 0,
-                baseline_failures: 0,
-                baseline_total: 0,
-            },
-        );
+        let analysis = analyse(&config, &interval, Proportions::default());
         assert_eq!(analysis.verdict, Verdict::Fail);
         let outcomes: Vec<(&str, Outcome)> = analysis
             .checks
@@ -859,12 +845,7 @@ mod simulation {
             baseline: Arm::sampled(&theirs),
             canary_share: 0.5,
         };
-        let zero = Proportions {
-            canary_failures: 0,
-            canary_total: 0,
-            baseline_failures: 0,
-            baseline_total: 0,
-        };
+        let zero = Proportions::default();
         let analysis = analyse(&config, &interval, zero);
         assert_eq!(analysis.verdict, Verdict::Inconclusive);
         assert_eq!(
@@ -906,12 +887,7 @@ mod simulation {
             baseline: binned(baseline),
             canary_share: 0.2,
         };
-        let zero = Proportions {
-            canary_failures: 0,
-            canary_total: 0,
-            baseline_failures: 0,
-            baseline_total: 0,
-        };
+        let zero = Proportions::default();
         let analysis = analyse(config, &interval, zero);
         let check = analysis
             .checks
@@ -973,12 +949,7 @@ mod simulation {
             baseline: binned(vec![800]),
             canary_share: 0.2,
         };
-        let zero = Proportions {
-            canary_failures: 0,
-            canary_total: 0,
-            baseline_failures: 0,
-            baseline_total: 0,
-        };
+        let zero = Proportions::default();
         let analysis = analyse(&config, &interval, zero);
         assert_eq!(analysis.verdict, Verdict::Inconclusive);
         assert_eq!(analysis.summary, "srm: no count of users from this source");

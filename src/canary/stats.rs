@@ -45,7 +45,7 @@ fn erfc_scaled(z: f64) -> f64 {
 }
 
 /// Failures out of totals for the two arms, cumulative since the canary's run began.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Proportions {
     pub canary_failures: u64,
     pub canary_total: u64,
