@@ -37,6 +37,22 @@ where
     sender
 }
 
+/// One GET for each user, all sent before any answer is awaited.
+async fn all_at_once(proxy: &Proxy, users: &[String]) -> Vec<support::Reply> {
+    let calls: Vec<_> = users
+        .iter()
+        .map(|user| {
+            let call = proxy.client.get("/predict").user(user);
+            tokio::spawn(call.send())
+        })
+        .collect();
+    let mut replies = Vec::with_capacity(calls.len());
+    for call in calls {
+        replies.push(call.await.expect("task"));
+    }
+    replies
+}
+
 #[tokio::test]
 async fn two_hundred_requests_in_flight_share_the_configured_connections() {
     let model = StreamServer::start(
@@ -51,18 +67,8 @@ async fn two_hundred_requests_in_flight_share_the_configured_connections() {
         h2c_variant("model", &model, "")
     ))
     .await;
-    let calls = (0..200).map(|user| {
-        let client = proxy.client.clone();
-        tokio::spawn(async move {
-            client
-                .get("/predict")
-                .user(&format!("user-{user}"))
-                .send()
-                .await
-        })
-    });
-    for call in calls {
-        let reply = call.await.expect("task");
+    let users: Vec<String> = (0..200).map(|user| format!("user-{user}")).collect();
+    for reply in all_at_once(&proxy, &users).await {
         assert_eq!(reply.status, 200, "{}", reply.text());
         assert_eq!(reply.model(), "model");
     }
@@ -90,20 +96,8 @@ async fn an_upstream_that_says_goaway_mid_load_fails_no_request() {
     .await;
     let proxy = Proxy::start(&h2c_variant("model", &model, "")).await;
     for wave in 0..4 {
-        let calls: Vec<_> = (0..50)
-            .map(|user| {
-                let client = proxy.client.clone();
-                tokio::spawn(async move {
-                    client
-                        .get("/predict")
-                        .user(&format!("user-{wave}-{user}"))
-                        .send()
-                        .await
-                })
-            })
-            .collect();
-        for call in calls {
-            let reply = call.await.expect("task");
+        let users: Vec<String> = (0..50).map(|user| format!("user-{wave}-{user}")).collect();
+        for reply in all_at_once(&proxy, &users).await {
             assert_eq!(reply.status, 200, "{}", reply.text());
         }
     }
