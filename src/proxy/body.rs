@@ -198,50 +198,36 @@ impl Body for ResponseBody {
                     None => true,
                     Some(Err(_)) => false,
                 };
+                let (data, trailers, failure) = match &frame {
+                    Some(Ok(frame)) => (frame.data_ref(), frame.trailers_ref(), None),
+                    Some(Err(err)) => (None, None, Some(err)),
+                    None => (None, None, None),
+                };
+                if let Some(data) = data {
+                    if let Some(inspection) = inspection.as_mut() {
+                        inspection.push(data);
+                    }
+                    if let Some(capture) = capture.as_mut() {
+                        capture.push(data);
+                    }
+                }
+                if let (Some(trailers), Some(ending)) = (trailers, ending.as_mut()) {
+                    ending.trailers(trailers);
+                }
                 if ended {
                     lease.release();
-                }
-                if let Some(Ok(frame)) = &frame {
-                    if let (Some(trailers), Some(ending)) = (frame.trailers_ref(), ending.as_mut())
-                    {
-                        ending.trailers(trailers);
-                    }
-                }
-                match &frame {
-                    _ if ended => {
-                        if let Some(ending) = ending.take() {
-                            ending.complete();
-                        }
-                    }
-                    Some(Err(err)) => {
-                        if let Some(ending) = ending.take() {
-                            ending.upstream_failed(body_error_kind(err));
-                        }
-                    }
-                    Some(Ok(_)) | None => {}
-                }
-                if let Some(inspection) = inspection {
-                    if let Some(Ok(frame)) = &frame {
-                        if let Some(data) = frame.data_ref() {
-                            inspection.push(data);
-                        }
-                    }
-                    if ended {
+                    if let Some(inspection) = inspection.as_mut() {
                         inspection.complete();
                     }
-                }
-                if let Some(capture) = capture {
-                    match &frame {
-                        Some(Ok(frame)) => {
-                            if let Some(data) = frame.data_ref() {
-                                capture.push(data);
-                            }
-                            if ended {
-                                capture.finish();
-                            }
-                        }
-                        None => capture.finish(),
-                        Some(Err(_)) => {}
+                    if let Some(capture) = capture.as_mut() {
+                        capture.finish();
+                    }
+                    if let Some(ending) = ending.take() {
+                        ending.complete();
+                    }
+                } else if let Some(err) = failure {
+                    if let Some(ending) = ending.take() {
+                        ending.upstream_failed(body_error_kind(err));
                     }
                 }
                 Poll::Ready(frame.map(|frame| frame.map_err(BodyError::Upstream)))
