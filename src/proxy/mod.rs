@@ -148,15 +148,13 @@ impl Proxy {
         //    passes.
         let mut response = match response {
             Ok((upstream_response, lease)) => {
-                let (mut parts, body) = upstream_response.into_parts();
-                forward::client_response_headers(&mut parts.headers);
-                let mut body = ResponseBody::upstream(body, limits.request_timeout, lease);
-                if let Some(predictions) = &route.predictions {
-                    if parts.status.is_success() && !head {
-                        body = body.inspect(predictions.clone());
+                let response = client_response(upstream_response, limits.request_timeout, lease);
+                match &route.predictions {
+                    Some(predictions) if response.status().is_success() && !head => {
+                        response.map(|body| body.inspect(predictions.clone()))
                     }
+                    _ => response,
                 }
-                Response::from_parts(parts, body)
             }
             Err(err) => err.into_response(tally.is_grpc()),
         };
@@ -207,6 +205,18 @@ fn answered(
         response.body_mut().count_at_end(ending);
     }
     response
+}
+
+/// The upstream's answer as the client gets it: without its connection-level headers, its
+/// body streamed through (and failing if the upstream pauses past `idle_timeout`).
+fn client_response(
+    upstream: Response<Incoming>,
+    idle_timeout: Duration,
+    lease: Lease,
+) -> Response<ResponseBody> {
+    let (mut parts, body) = upstream.into_parts();
+    forward::client_response_headers(&mut parts.headers);
+    Response::from_parts(parts, ResponseBody::upstream(body, idle_timeout, lease))
 }
 
 /// One request's exchange with its variant's upstream, and its fallback's.
@@ -286,12 +296,7 @@ impl<'a> Exchange<'a> {
                 Response::from_parts(parts, ResponseBody::full(Bytes::new()))
             }
             // Refused: an ordinary answer, with the connection back in no pool.
-            Ok((response, lease)) => {
-                let (mut parts, body) = response.into_parts();
-                forward::client_response_headers(&mut parts.headers);
-                let body = ResponseBody::upstream(body, timeout, lease);
-                Response::from_parts(parts, body)
-            }
+            Ok((response, lease)) => client_response(response, timeout, lease),
             Err(failed) => self.failure(route, failed).into_response(false),
         }
     }

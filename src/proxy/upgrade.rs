@@ -7,7 +7,7 @@
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
-use http::{Response, StatusCode, Version};
+use http::{Response, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
@@ -56,13 +56,10 @@ impl Upgrade {
         headers.insert(header::UPGRADE, self.protocol.clone());
     }
 
-    /// When the upstream agreed (`101`), joins the two connections into a tunnel that lives
-    /// on its own task, holding the upstream's `lease` until it ends; the `101` goes back to
-    /// the client with the upgrade headers restored.
+    /// The upstream agreed (`101`): joins the two connections into a tunnel that lives on its
+    /// own task, holding the upstream's `lease` until it ends; the `101` goes back to the
+    /// client with the upgrade headers restored.
     pub fn tunnel<B>(self, upstream: &mut Response<B>, lease: Lease) {
-        if upstream.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return;
-        }
         let Some(upstream_side) = upstream.extensions_mut().remove::<OnUpgrade>() else {
             return;
         };
