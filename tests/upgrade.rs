@@ -140,6 +140,9 @@ async fn an_upgrade_to_an_http2_variant_is_refused_with_a_reason() {
         .expect("a content-length");
     let body = read_exactly(&mut stream, length).await;
     assert!(body.contains("HTTP/2"), "{body}");
+    // The config cannot serve it: not the variant's failure.
+    proxy.wait_for_requests("none", "501", 1.0).await;
+    assert_eq!(proxy.requests("control", "501").await, 0.0);
 }
 
 #[tokio::test]

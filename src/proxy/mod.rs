@@ -98,6 +98,11 @@ impl Proxy {
             Err(err) => return refuse(err.into(), tally),
         };
         let route = &generation.routes[assignment.route];
+        // A WebSocket for a variant on HTTP/2 is refused as unassigned: the config cannot
+        // serve it, and that is no failure of the variant's.
+        if upgrade.is_some() && route.upstream.is_http2() {
+            return refuse(ProxyError::UpgradeOverHttp2(route.name.clone()), tally);
+        }
         tally.assign(route.metrics.clone(), assignment.unit);
 
         // 3. Choose the shadows that mirror this user; they need the body in memory.
@@ -274,17 +279,14 @@ impl<'a> Exchange<'a> {
         (fallback, answer)
     }
 
-    /// Passes an `Upgrade` (WebSocket) to the route's upstream on a connection of its own; a
-    /// `101` turns both connections into a tunnel. HTTP/2 upstreams have no `Upgrade`.
+    /// Passes an `Upgrade` (WebSocket) to the route's HTTP/1.1 upstream on a connection of its
+    /// own; a `101` turns both connections into a tunnel.
     async fn upgrade(
         &self,
         route: &Route,
         mut request: Request<UpstreamBody>,
         upgrade: Upgrade,
     ) -> Response<ResponseBody> {
-        if route.upstream.is_http2() {
-            return ProxyError::UpgradeOverHttp2(route.name.clone()).into_response(false);
-        }
         upgrade.ask(request.headers_mut());
         let timeout = self.generation.config.limits.request_timeout;
         match route.upstream.upgrade(request, timeout).await {
