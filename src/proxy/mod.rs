@@ -138,15 +138,22 @@ impl Proxy {
             client,
             progress,
         };
-        let (route, response) = match (request, upgrade) {
-            (Ok(request), Some(upgrade)) => {
-                // Boxed, as the other rare paths here (a JSON body, a mirror's copy, the
-                // fallback variant): inline, their futures would size every request's.
-                let response = Box::pin(exchange.upgrade(route, request, upgrade)).await;
+        let request = match request {
+            Ok(request) => request,
+            Err(err) => {
+                let response = ProxyError::BadTarget(err).into_response(tally.is_grpc());
                 return answered(route, response, tally, config);
             }
-            (Ok(request), None) => exchange.send(route, request, spare, &mut tally).await,
-            (Err(err), _) => (route, Err(ProxyError::BadTarget(err))),
+        };
+        if let Some(upgrade) = upgrade {
+            // Boxed, as the other rare paths here (a JSON body, a mirror's copy, the fallback
+            // variant): inline, their futures would size every request's.
+            let response = Box::pin(exchange.upgrade(route, request, upgrade)).await;
+            return answered(route, response, tally, config);
+        }
+        let (route, response) = match route.upstream.send(request, limits.request_timeout).await {
+            Ok(answer) => (route, Ok(answer)),
+            Err(failed) => Box::pin(exchange.recover(route, failed, spare, &mut tally)).await,
         };
 
         // 5. Build the client's response; a successful answer's prediction is read as it
@@ -234,22 +241,17 @@ struct Exchange<'a> {
 type Answered = Result<(Response<Incoming>, Lease), ProxyError>;
 
 impl<'a> Exchange<'a> {
-    /// Sends the request to the route's upstream. One that could not be sent at all (no
+    /// Answers a request its route's upstream did not. One that could not be sent at all (no
     /// connection) goes to the route's fallback variant, if it has one: an upstream error of
     /// the route all the same, which the canary guard sees, answered by the fallback.
-    async fn send(
+    async fn recover(
         &self,
         route: &'a Route,
-        request: Request<UpstreamBody>,
+        failed: SendError,
         spare: Option<ClientHead>,
         tally: &mut Tally,
     ) -> (&'a Route, Answered) {
         let config = &self.generation.config;
-        let timeout = config.limits.request_timeout;
-        let failed = match route.upstream.send(request, timeout).await {
-            Ok(answer) => return (route, Ok(answer)),
-            Err(failed) => failed,
-        };
         let (source, request, fallback, spare) = match (failed, route.fallback, spare) {
             (SendError::NotSent { source, request }, Some(fallback), Some(spare)) => {
                 (source, request, fallback, spare)
@@ -270,7 +272,11 @@ impl<'a> Exchange<'a> {
             config.server.preserve_host,
         );
         let answer = match request {
-            Ok(request) => match Box::pin(fallback.upstream.send(request, timeout)).await {
+            Ok(request) => match fallback
+                .upstream
+                .send(request, config.limits.request_timeout)
+                .await
+            {
                 Ok(answer) => Ok(answer),
                 Err(failed) => Err(self.failure(fallback, failed)),
             },

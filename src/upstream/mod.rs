@@ -183,43 +183,40 @@ impl Upstream {
     /// read the body to its end (`Lease::release`) or given up on it.
     pub async fn send(
         &self,
-        request: Request<UpstreamBody>,
+        mut request: Request<UpstreamBody>,
         timeout: Duration,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
-        let exchange = async {
-            let (permit, request) = match self.connections.clone().try_acquire_owned() {
-                Ok(permit) => (permit, request),
+        // `request` is reassigned, never rebound: every binding of it would be one more slot
+        // in this future, which hyper moves on every request and keeps per connection.
+        let exchange = async move {
+            let permit = match self.connections.clone().try_acquire_owned() {
+                Ok(permit) => permit,
                 Err(_) => {
-                    let request = detach(request);
+                    request = detach(request);
                     let permit = self.connections.clone().acquire_owned().await;
-                    (permit.map_err(|_| UpstreamError::closed())?, request)
+                    permit.map_err(|_| UpstreamError::closed())?
                 }
             };
-            match &self.transport {
+            let (response, returns) = match &self.transport {
                 Transport::Http1 { idle, .. } => {
                     let (response, connection) = self.exchange(request).await?;
-                    let returns = Some((connection, idle.clone()));
-                    Ok((
-                        response,
-                        Lease {
-                            returns,
-                            _permit: permit,
-                        },
-                    ))
+                    (response, Some((connection, idle.clone())))
                 }
                 Transport::Http2 { connections, .. } => {
-                    let response = connections
-                        .send(request, || Box::pin(self.connect_http2()))
-                        .await?;
-                    Ok((
-                        response,
-                        Lease {
-                            returns: None,
-                            _permit: permit,
-                        },
-                    ))
+                    // Boxed: its retry and replay state would triple every HTTP/1.1
+                    // request's future; an HTTP/2 request pays one allocation for it.
+                    let send = connections.send(request, || Box::pin(self.connect_http2()));
+                    let response = Box::pin(send).await?;
+                    (response, None)
                 }
-            }
+            };
+            Ok((
+                response,
+                Lease {
+                    returns,
+                    _permit: permit,
+                },
+            ))
         };
         tokio::time::timeout(timeout, exchange)
             .await
@@ -236,25 +233,26 @@ impl Upstream {
         let Transport::Http1 { idle, .. } = &self.transport else {
             unreachable!("only HTTP/1.1 upstreams exchange on pooled connections")
         };
-        let (mut connection, pooled) = match idle.take().await {
-            Some(connection) => (connection, true),
-            // Boxed, as every connect below: opening a connection (TCP, maybe TLS) is the
-            // rare path, and inline its future would size every request's future.
-            None => match Box::pin(self.connect_http1()).await {
-                Ok(connection) => (connection, false),
-                Err(err) => return Err(SendError::not_sent(err, request)),
-            },
+        // Boxed, as every connect below: opening a connection (TCP, maybe TLS) is the rare
+        // path, and inline its future would size every request's.
+        let Some(mut connection) = idle.take().await else {
+            return Box::pin(self.send_on_new_http1(request, false)).await;
         };
-        match connection.try_send_request(request).await {
-            Ok(response) => Ok((response, connection)),
-            Err(mut failed) => match failed.take_message() {
-                Some(request) if pooled => self.send_on_new_http1(request, false).await,
-                _ => Err(SendError::from_hyper(failed.error())),
-            },
-        }
+        // Scoped, so that the failure is not kept across the retry's await.
+        let request = {
+            let mut failed = match connection.try_send_request(request).await {
+                Ok(response) => return Ok((response, connection)),
+                Err(failed) => failed,
+            };
+            match failed.take_message() {
+                Some(request) => request,
+                None => return Err(SendError::from_hyper(failed.error())),
+            }
+        };
+        drop(connection);
+        Box::pin(self.send_on_new_http1(request, false)).await
     }
 
-    /// A new HTTP/1.1 connection, driven on a task of its own.
     /// `request` on a new HTTP/1.1 connection (one that may be upgraded, with `upgrades`).
     async fn send_on_new_http1(
         &self,
@@ -270,10 +268,6 @@ impl Upstream {
             .await
             .map_err(|err| SendError::from_hyper(&err))?;
         Ok((response, connection))
-    }
-
-    async fn connect_http1(&self) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
-        self.dial_http1(false).await
     }
 
     /// A new HTTP/1.1 connection; with `upgrades`, one that may become a tunnel (`101`).
