@@ -15,10 +15,13 @@
 #   --keep                 keep the temp dir (certificate, configs, logs, every run's output);
 #                          always kept on failure
 #
-# The project's load generator (loadtest) speaks plain HTTP only, so this script drives TLS
-# with h2load (nghttp2) and openssl s_time. It generates one ECDSA P-256 certificate, which both
-# proxies present, starts two loadtest-backend processes (control and treatment, 80/20 split on
-# x-user-id), and measures for each proxy (nginx: 1 worker; abproxy: `run` with no tuning flags)
+# compare.sh's tls scenario now measures keep-alive HTTP/1.1 over TLS and new connections (full
+# handshakes) with the project's own load generator (loadtest, a rustls client). This script
+# stays for what loadtest cannot do: HTTP/2 over TLS (h2load) and handshakes by an OpenSSL client
+# (s_time, which sends no request), with the same h1 and handshake runs beside them for
+# comparison. It generates one ECDSA P-256 certificate, which both proxies present, starts two
+# loadtest-backend processes (control and treatment, 80/20 split on x-user-id), and measures
+# for each proxy (nginx: 1 worker; abproxy: `run` with no tuning flags)
 #   h1   keep-alive HTTP/1.1 over TLS: h2load --h1, 64 connections, 1 request in flight each
 #   h2   HTTP/2 over TLS (ALPN h2): h2load, 64 connections, 10 streams in flight each
 #   hs1  new TLS connections, full handshakes: one `openssl s_time -new`

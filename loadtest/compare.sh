@@ -2,16 +2,18 @@
 # compare.sh: abproxy against nginx, side by side, on one machine.
 #
 # Usage: bash loadtest/compare.sh [--duration 10s] [--rate 5000] [--repeats 3] [--quick]
-#                                 [--scenarios split,mirror,h2c] [--port-base 18100]
-#                                 [--skip-build] [--keep] [--tuned]
+#                                 [--scenarios split,mirror,h2c,tls] [--port-base 18100]
+#                                 [--handshake-connections 4] [--skip-build] [--keep] [--tuned]
 #
 #   --duration D   length of each measured run: N, Ns or Nm (default 10s)
 #   --rate R       request rate of the fixed-rate (latency) runs, req/s (default 5000)
 #   --repeats N    measurements per proxy and scenario; the median is reported (default 3)
 #   --quick        smoke test: --duration 3s --repeats 1
-#   --scenarios L  comma-separated, any of split (with predict and direct), mirror, h2c
-#                  (default: all three; `--scenarios h2c` runs the h2c scenario alone)
+#   --scenarios L  comma-separated, any of split (with predict and direct), mirror, h2c, tls
+#                  (default: all four; `--scenarios tls` runs the tls scenario alone)
 #   --port-base P  loopback ports P+1 .. P+21 are used (default 18100)
+#   --handshake-connections N
+#                  tls scenario: new connections in flight in the handshake run (default 4)
 #   --skip-build   use the release binaries already built
 #   --keep         keep the temp dir (configs, logs, every run's JSON); always kept on failure
 #   --tuned        also run abproxy-tuned in split and mirror, beside (never instead of) abproxy
@@ -30,8 +32,22 @@
 #           abproxy-h1 (the split's config, HTTP/1.1 upstreams) and nginx-grpc (`grpc_pass
 #           grpc://`, nginx's only HTTP/2 upstream; one stream per connection, keepalive 64);
 #           no RSS run
-# and each proxy (nginx: 1 worker; abproxy: `run --config FILE` with no tuning flags and no
-# tuned config keys, its defaults; pinned to one CPU it picks its current-thread runtime) measures
+#   tls     the split behind TLS termination: nginx (OpenSSL) and abproxy (rustls, `[server.tls]`
+#           cert and key, no tuning flags) present one ECDSA P-256 certificate, signed by a
+#           P-256 CA made for the run; nginx allows only TLS 1.3, TLS_AES_128_GCM_SHA256 and
+#           X25519, its session cache and tickets off, and the load generator offers exactly
+#           that (abproxy follows the client's offer), with ALPN http/1.1, SNI localhost and no
+#           session resumption. Two runs per proxy and repetition, each on a fresh proxy after
+#           a keep-alive warm-up, and neither with a fixed-rate or RSS run:
+#             h1   keep-alive HTTP/1.1 over TLS: --mode max, 64 connections, --duration
+#             hs   new connections: --new-connections --mode max, --handshake-connections in
+#                  flight, --duration; each a TCP connect, a full TLS handshake, one request
+#                  with `Connection: close` and the close, so requests/s = handshakes/s
+#           both with the proxy's CPU per request (handshake), user and kernel, and the load
+#           generator's own CPU per request (its rustls client on CPU 1, from bash `times`)
+# and in split, mirror and h2c each proxy (nginx: 1 worker; abproxy: `run --config FILE` with no
+# tuning flags and no tuned config keys, its defaults; pinned to one CPU it picks its
+# current-thread runtime) measures
 #   throughput  loadtest --mode max, 64 connections, --duration
 #   p99         loadtest --rate R, 64 connections, --duration (latency from the due time)
 #   CPU us/req  the proxy's utime+stime (/proc/PID/stat) over the max run / answers, with the
@@ -47,17 +63,19 @@
 # predict: it runs within the split's repetitions, next to abproxy's split run (order alternating
 # too), and the report compares the two runs' CPU per request, as a ratio and in µs.
 # Everything listens on 127.0.0.1 only. A Markdown report goes to stdout, progress to stderr.
-# With the defaults a run takes about 13 minutes (h2c: 3.5 of them); --quick about 2.
+# With the defaults a run takes about 15.5 minutes (h2c: 3.5 of them, tls: 2.5); --quick about 2.5.
+# compare-tls.sh measures HTTP/2 over TLS (h2load) and OpenSSL's own client (s_time) beside it.
 #
 # Needs: cargo, taskset, curl, ss (iproute2), jq or python3, nginx with its grpc module
-# (Debian nginx-light has it; installed with apt-get when missing and running as root).
+# (Debian nginx-light has it; installed with apt-get when missing and running as root); for
+# the tls scenario openssl and nginx's ssl module.
 
 set -euo pipefail
 
 DURATION=10s
 RATE=5000
 REPEATS=3
-SCENARIOS=split,mirror,h2c
+SCENARIOS=split,mirror,h2c,tls
 PORT_BASE=18100
 SKIP_BUILD=0
 KEEP=0
@@ -67,6 +85,10 @@ USERS=10000
 RSS_CONNECTIONS=1000
 RSS_DURATION=2s
 WARMUP=1s
+HS_CONNECTIONS=4
+# The tls scenario's offer, nginx's only choice (as compare-tls.sh has them).
+CIPHER=TLS_AES_128_GCM_SHA256
+GROUP=X25519
 COMMAND_LINE="bash loadtest/compare.sh"
 (($# == 0)) || COMMAND_LINE+="$(printf ' %q' "$@")"
 
@@ -81,6 +103,7 @@ while (($# > 0)); do
         --repeats) REPEATS=${2:?--repeats needs a value}; shift 2 ;;
         --scenarios) SCENARIOS=${2:?--scenarios needs a value}; shift 2 ;;
         --port-base) PORT_BASE=${2:?--port-base needs a value}; shift 2 ;;
+        --handshake-connections) HS_CONNECTIONS=${2:?--handshake-connections needs a value}; shift 2 ;;
         --quick) DURATION=3s; REPEATS=1; shift ;;
         --skip-build) SKIP_BUILD=1; shift ;;
         --keep) KEEP=1; shift ;;
@@ -109,14 +132,17 @@ declare -A SELECTED=()  # scenario -> 1 when --scenarios names it
 IFS=, read -ra names <<<"$SCENARIOS"
 for name in "${names[@]}"; do
     case $name in
-        split | mirror | h2c) SELECTED[$name]=1 ;;
-        *) die "--scenarios takes split, mirror and h2c, comma-separated; got $name" ;;
+        split | mirror | h2c | tls) SELECTED[$name]=1 ;;
+        *) die "--scenarios takes split, mirror, h2c and tls, comma-separated; got $name" ;;
     esac
 done
 ((${#SELECTED[@]} > 0)) || die "--scenarios names no scenario"
 selected() { [[ -n ${SELECTED[$1]:-} ]]; }
 if ! [[ $PORT_BASE =~ ^[0-9]+$ ]] || ((PORT_BASE < 1024 || PORT_BASE > 65499)); then
     die "--port-base must be between 1024 and 65499, got $PORT_BASE"
+fi
+if ! [[ $HS_CONNECTIONS =~ ^[0-9]+$ ]] || ((HS_CONNECTIONS < 1 || HS_CONNECTIONS > 256)); then
+    die "--handshake-connections must be between 1 and 256, got $HS_CONNECTIONS"
 fi
 
 PORT_CONTROL=$((PORT_BASE + 1))
@@ -179,6 +205,10 @@ fi
 for tool in taskset curl getconf cargo ss; do
     have "$tool" || die "$tool is missing"
 done
+if selected tls; then
+    have openssl || die "openssl is missing (the tls scenario makes its certificate with it)"
+    "$NGINX" -V 2>&1 | grep -q -- --with-http_ssl_module || die "$NGINX has no ssl module"
+fi
 if have jq; then
     JSON=jq
 elif have python3; then
@@ -216,6 +246,30 @@ for port in "$PORT_CONTROL" "$PORT_TREATMENT" "$PORT_CANDIDATE" "$PORT_NGINX" "$
 done
 
 # ---------------------------------------------------------------------------------------------
+# tls: one ECDSA P-256 certificate for both proxies, for localhost and 127.0.0.1, signed by a
+# P-256 CA made for this run, which the load generator trusts (--ca). Not self-signed as in
+# compare-tls.sh: rustls (webpki) refuses a CA certificate as a server's own, and `openssl req
+# -x509` makes one. Each proxy sends the leaf alone.
+
+CA_CERT=$TMP/tls/ca.pem
+CERT=$TMP/tls/cert.pem
+KEY=$TMP/tls/key.pem
+if selected tls; then
+    mkdir -p "$TMP/tls"
+    printf '%s\n' 'subjectAltName = DNS:localhost, IP:127.0.0.1' \
+        'basicConstraints = critical, CA:FALSE' 'keyUsage = critical, digitalSignature' \
+        'extendedKeyUsage = serverAuth' >"$TMP/tls/leaf.ext"
+    {
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 7 \
+            -subj "/CN=abproxy compare.sh CA" -keyout "$TMP/tls/ca.key" -out "$CA_CERT" &&
+            openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+                -subj /CN=localhost -keyout "$KEY" -out "$TMP/tls/cert.csr" &&
+            openssl x509 -req -in "$TMP/tls/cert.csr" -CA "$CA_CERT" -CAkey "$TMP/tls/ca.key" \
+                -set_serial 1 -days 7 -sha256 -extfile "$TMP/tls/leaf.ext" -out "$CERT"
+    } >"$TMP/tls/openssl.log" 2>&1 || die "openssl failed: $(head -c 500 "$TMP/tls/openssl.log")"
+fi
+
+# ---------------------------------------------------------------------------------------------
 # Backends: one thread each, on CPU 1 with the load generator.
 
 start_backend control "$PORT_CONTROL"
@@ -227,9 +281,9 @@ log "backends up on 127.0.0.1:$PORT_CONTROL-$PORT_CANDIDATE"
 # ---------------------------------------------------------------------------------------------
 # Proxy configs
 
-# $1 scenario (split | mirror | h2c)
+# $1 scenario (split | mirror | h2c | tls)
 write_nginx_conf() {
-    local dir=$TMP/nginx-$1 mirror="" pass
+    local dir=$TMP/nginx-$1 mirror="" pass listen="" tls=""
     mkdir -p "$dir"
     if [[ $1 == mirror ]]; then
         mirror='
@@ -247,6 +301,20 @@ write_nginx_conf() {
         pass='proxy_pass http://$variant;
             proxy_http_version 1.1;
             proxy_set_header Connection "";'
+    fi
+    # tls: the split behind TLS 1.3 with one cipher suite and one group, every handshake a full
+    # one (as compare-tls.sh has it; OpenSSL still sends its two TLS 1.3 tickets, never usable).
+    if [[ $1 == tls ]]; then
+        listen=" ssl"
+        tls="
+        ssl_certificate $CERT;
+        ssl_certificate_key $KEY;
+        ssl_protocols TLSv1.3;
+        ssl_conf_command Ciphersuites $CIPHER;
+        ssl_ecdh_curve $GROUP;
+        ssl_session_cache off;
+        ssl_session_tickets off;
+"
     fi
     cat >"$dir/nginx.conf" <<EOF
 # Generated by loadtest/compare.sh ($1 scenario).
@@ -294,8 +362,8 @@ http {
 
     server {
         # backlog 1024: what abproxy's listener (tokio) asks for.
-        listen 127.0.0.1:$PORT_NGINX backlog=1024;
-
+        listen 127.0.0.1:$PORT_NGINX$listen backlog=1024;
+$tls
         location / {
             $pass
             add_header x-variant \$variant always;$mirror
@@ -312,10 +380,10 @@ http {
 EOF
 }
 
-# $1 scenario (split | mirror | predict | h2c), $2 "tuned" for abproxy-tuned's config.
+# $1 scenario (split | mirror | predict | h2c | tls), $2 "tuned" for abproxy-tuned's config.
 # abproxy's own config sets no limit but shutdown_grace: it runs on its defaults.
 write_abproxy_conf() {
-    local file=$TMP/abproxy-$1.toml protocol="" limits="" shadow_limits=""
+    local file=$TMP/abproxy-$1.toml protocol="" limits="" shadow_limits="" tls=""
     if [[ ${2:-} == tuned ]]; then
         file=$TMP/abproxy-tuned-$1.toml
         # Each backend answers one request at a time (one thread): more in flight only queue in
@@ -332,12 +400,19 @@ max_concurrency = 64'
     # requests in flight per upstream (streams, here).
     [[ $1 == h2c ]] && protocol='
 protocol = "h2c"'
+    # tls: the split's config with TLS termination on `listen`, the certificate nginx has; the
+    # versions, suites and groups are rustls's defaults (it follows the client's offer).
+    [[ $1 == tls ]] && tls="
+
+[server.tls]
+cert = \"$CERT\"
+key = \"$KEY\""
     cat >"$file" <<EOF
 # Generated by loadtest/compare.sh ($1 scenario).
 [server]
 listen = "127.0.0.1:$PORT_ABPROXY"
 admin = "127.0.0.1:$PORT_ADMIN"
-variant_header = "x-variant"
+variant_header = "x-variant"$tls
 
 [limits]
 shutdown_grace = "2s"$limits
@@ -393,6 +468,7 @@ CONFIGS=()
 selected split && CONFIGS+=(split predict)
 selected mirror && CONFIGS+=(mirror)
 selected h2c && CONFIGS+=(split h2c)  # abproxy-h1 runs the split's config
+selected tls && CONFIGS+=(tls)
 for scenario in "${CONFIGS[@]}"; do
     if [[ $scenario != predict ]]; then
         write_nginx_conf "$scenario"
@@ -447,6 +523,8 @@ start_proxy() {
     esac
     PROXY_PID=$!
     PIDS+=("$PROXY_PID")
+    # tls: the same listener, behind TLS (wait_ready's curl does not verify the certificate).
+    [[ $2 == tls ]] && PROXY_URL=https://${PROXY_URL#http://}
     wait_ready "$PROXY_URL/predict" "$PROXY_PID" "$1"
 }
 
@@ -533,20 +611,42 @@ abproxy_predictions() {
         awk '/^abproxy_prediction_count\{/ { n += $NF } END { print n + 0 }'
 }
 
+# TLS handshakes abproxy's listener failed so far, every reason.
+abproxy_tls_failures() {
+    curl -sf --max-time 5 "http://127.0.0.1:$PORT_ADMIN/metrics" |
+        awk '/^abproxy_tls_handshake_failures_total\{/ { n += $NF } END { print n + 0 }'
+}
+
 # ---------------------------------------------------------------------------------------------
 # The load generator, on CPU 1, always bounded.
 
+# CPU time of this shell's children that have been waited for, from bash's `times` (its
+# second line), in microseconds: "user system". Reads file $1, which `times >"$1"` wrote: run in
+# a subshell, as $(times) would be, `times` sees only the subshell's own children.
+children_cpu_us() {
+    awk 'function us(t, m) { m = t; sub(/m.*/, "", m); sub(/^[0-9]+m/, "", t); sub(/s$/, "", t)
+                            return int((m * 60 + t) * 1e6 + 0.5) }
+         NR == 2 { print us($1), us($2) }' "$1"
+}
+
+LOAD_CPU_US=""  # "user system" µs of CPU the last load run took (the load generator's own)
+
 # $1 JSON output file, $2 URL, rest: loadtest options
 load() {
-    local out=$1 url=$2 rc=0
+    local out=$1 url=$2 rc=0 u0 s0 u1 s1
     shift 2
+    times >"$out.times-before"
     timeout -k 5 $((DURATION_S + 60)) taskset -c 1 "$LOADTEST" --url "$url" --path /predict \
         --users "$USERS" --id-source header:x-user-id --json --quiet "$@" \
         >"$out" 2>"$out.stderr" &
     LOAD_PID=$!
     wait "$LOAD_PID" || rc=$?
     LOAD_PID=""
+    times >"$out.times-after"
     ((rc == 0)) || die "loadtest exited with $rc ($*): $(head -c 500 "$out.stderr")"
+    read -r u0 s0 < <(children_cpu_us "$out.times-before")
+    read -r u1 s1 < <(children_cpu_us "$out.times-after")
+    LOAD_CPU_US="$((u1 - u0)) $((s1 - s0))"
 }
 
 # One line from a run's JSON: throughput p99_us answers errors elapsed control_pct missing_header
@@ -571,6 +671,39 @@ EOF
 declare -A RESULTS=()  # "scenario/proxy/metric" -> space-separated values, one per repetition
 declare -A NOTES=()    # "scenario/proxy" -> remarks (errors, split seen, shadow counters)
 note() { NOTES[$1]="${NOTES[$1]:-}$2"$'\n'; }
+
+# The TLS side of a run's JSON, one line: version cipher group alpn handshake-kinds handshakes
+# connections-opened tls-errors distinct-parameter-sets ("none" where the run had no handshake).
+tls_summary() {
+    if [[ $JSON == jq ]]; then
+        jq -r '[(.tls.negotiated[0].version // "none"), (.tls.negotiated[0].cipher_suite // "none"),
+                (.tls.negotiated[0].key_exchange // "none"), (.tls.negotiated[0].alpn // "none"),
+                ([.tls.negotiated[]?.handshake] | unique | join("+") | if . == "" then "none" else . end),
+                (.tls.handshakes // 0), .connections_opened, .errors.tls,
+                ((.tls.negotiated // []) | length)] | @tsv' "$1"
+    else
+        python3 - "$1" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+tls = r.get("tls") or {}
+n = tls.get("negotiated") or []
+first = n[0] if n else {}
+kinds = "+".join(sorted({x["handshake"] for x in n})) or "none"
+print("\t".join(str(v) for v in [first.get("version") or "none", first.get("cipher_suite") or "none",
+      first.get("key_exchange") or "none", first.get("alpn") or "none", kinds,
+      tls.get("handshakes", 0), r["connections_opened"], r["errors"]["tls"], len(n)]))
+EOF
+    fi
+}
+
+# Why the first failed TLS handshake of a run failed, from its JSON (empty when none did).
+tls_first_error() {
+    if [[ $JSON == jq ]]; then
+        jq -r '.tls.first_error // ""' "$1"
+    else
+        python3 -c 'import json, sys; print((json.load(open(sys.argv[1])).get("tls") or {}).get("first_error") or "")' "$1"
+    fi
+}
 
 # Tracks request errors of one run under key $1 (scenario/proxy), run label $2, summary $3.
 check_errors() {
@@ -766,6 +899,85 @@ measure_direct() {
     log "  max $(printf '%.0f' "$max_tput") req/s; rate: p99 $p99 us at $(printf '%.0f' "$tput") req/s"
 }
 
+# The tls scenario's client: trusts the run's CA, sends SNI localhost (the certificate's name;
+# the URL is 127.0.0.1), and offers exactly what nginx allows. No --tls-resume: every new
+# connection is a full handshake.
+TLS_ARGS=(--ca "$CA_CERT" --server-name localhost --tls-version 1.3 --tls-ciphers "$CIPHER"
+    --tls-groups "$GROUP")
+
+# $1 proxy (nginx | abproxy), $2 run (h1 | hs), $3 repetition: one tls run on a fresh proxy.
+# Metrics go under tls/PROXY, the hs run's with an hs_ prefix.
+measure_tls() {
+    local proxy=$1 run=$2 rep=$3 key=tls/$1 out=$TMP/tls-$1-$2-$3 m="" args failures=0
+    local user_before system_before user_after system_after system_ticks ticks line
+    local tput answers elapsed control_pct client_user client_system reason
+    local version cipher group alpn kinds handshakes tls_errors sets
+    [[ $run == hs ]] && m=hs_
+    log "tls $run / $proxy (repetition $rep of $REPEATS)"
+    start_proxy "$proxy" tls
+    # Fills the proxy's upstream pools and pages everything in; not measured.
+    load "$out-warmup.json" "$PROXY_URL" --duration "$WARMUP" --connections "$CONNECTIONS" \
+        "${TLS_ARGS[@]}"
+    if [[ $run == h1 ]]; then
+        args=(--connections "$CONNECTIONS")
+    else
+        args=(--connections "$HS_CONNECTIONS" --new-connections)
+    fi
+    [[ $proxy == abproxy ]] && failures=$(abproxy_tls_failures)
+    read -r user_before system_before < <(proxy_cpu_ticks)
+    load "$out.json" "$PROXY_URL" --mode max --duration "$DURATION" "${args[@]}" "${TLS_ARGS[@]}"
+    read -r user_after system_after < <(proxy_cpu_ticks)
+    read -r client_user client_system <<<"$LOAD_CPU_US"
+    line=$(summary "$out.json")
+    check_errors "$key" "$run run $rep" "$line"
+    read -r tput _ answers _ elapsed control_pct _ <<<"$line"
+    system_ticks=$((system_after - system_before))
+    ticks=$((user_after - user_before + system_ticks))
+    record "$key/${m}tput" "$tput"
+    record "$key/${m}cpu_us" "$(us_per "$ticks" "$answers")"
+    record "$key/${m}sys_us" "$(us_per "$system_ticks" "$answers")"
+    record "$key/${m}user_us" "$(us_per $((ticks - system_ticks)) "$answers")"
+    record "$key/${m}busy" "$(awk -v t="$ticks" -v hz="$CLK_TCK" -v s="$elapsed" \
+        'BEGIN { printf "%.2f", (s > 0 ? t / hz / s : 0) }')"
+    record "$key/${m}client_us" "$(awk -v u="$client_user" -v s="$client_system" -v n="$answers" \
+        'BEGIN { printf "%.2f", (n > 0 ? (u + s) / n : 0) }')"
+    record "$key/${m}client_busy" "$(awk -v u="$client_user" -v s="$client_system" -v e="$elapsed" \
+        'BEGIN { printf "%.2f", (e > 0 ? (u + s) / 1e6 / e : 0) }')"
+    [[ $run == h1 ]] && record "$key/control_pct" "$control_pct"
+
+    IFS=$'\t' read -r version cipher group alpn kinds handshakes _ tls_errors sets \
+        < <(tls_summary "$out.json")
+    record "$key/${m}negotiated" "$version|$cipher|$group|$alpn|$kinds"
+    record "$key/${m}handshakes" "$handshakes"
+    if [[ $version != TLSv1.3 || $cipher != "$CIPHER" || $group != "$GROUP" || $alpn != http/1.1 ||
+        $kinds != full ]] || ((sets != 1)); then
+        note "$key" "$run run $rep negotiated $version $cipher $group ALPN $alpn, $kinds handshakes ($sets parameter sets)"
+    fi
+    if ((tls_errors > 0)); then
+        reason=$(tls_first_error "$out.json")
+        note "$key" "$run run $rep: $tls_errors failed TLS handshakes, the first: ${reason:0:200}"
+    fi
+    if [[ $run == hs ]] && ((handshakes != answers)); then
+        note "$key" "hs run $rep: $handshakes handshakes for $answers answers"
+    fi
+    if [[ $proxy == abproxy ]]; then
+        failures=$(($(abproxy_tls_failures) - failures))
+        ((failures == 0)) || note "$key" "$run run $rep: abproxy counted $failures failed TLS handshakes"
+    fi
+    log "  $run: $(printf '%.0f' "$tput") $([[ $run == hs ]] && echo handshakes || echo req)/s," \
+        "$ticks ticks of proxy CPU for $answers answers, $handshakes handshakes ($version $cipher" \
+        "$group $alpn $kinds), load generator ${RESULTS[$key/${m}client_us]##* } µs CPU per answer"
+    stop_proxy "$proxy"
+    if [[ $proxy == nginx ]]; then
+        local nerr
+        nerr=$(grep -c '\[error\]' "$TMP/nginx-tls/error.log" || true)
+        if ((nerr > 0)); then
+            note "$key" "nginx error.log: $nerr [error] lines so far, e.g. $(grep -m1 '\[error\]' \
+                "$TMP/nginx-tls/error.log" | cut -c1-200)"
+        fi
+    fi
+}
+
 STARTED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 for scenario in split mirror h2c; do
     selected "$scenario" || continue
@@ -792,6 +1004,19 @@ for scenario in split mirror h2c; do
         [[ $scenario == split ]] && measure_direct "$rep"
     done
 done
+if selected tls; then
+    # Each run of a repetition next to the other proxy's same run; every other repetition in
+    # the reverse order.
+    for ((rep = 1; rep <= REPEATS; rep++)); do
+        order=(nginx abproxy)
+        ((rep % 2 == 0)) && order=(abproxy nginx)
+        for run in h1 hs; do
+            for proxy in "${order[@]}"; do
+                measure_tls "$proxy" "$run" "$rep"
+            done
+        done
+    done
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Report
@@ -863,7 +1088,8 @@ echo "- runs: $DURATION each; throughput with \`--mode max --connections $CONNEC
     "p99 with \`--rate $RATE --connections $CONNECTIONS\` (from the due time);" \
     "peak RSS (VmHWM) after a $RSS_DURATION run with $RSS_CONNECTIONS connections;" \
     "$USERS users by \`x-user-id\`; median of $REPEATS$(selected h2c &&
-        printf '; h2c scenario: no RSS run')"
+        printf '; h2c scenario: no RSS run')$(selected tls &&
+        printf '; tls scenario: no fixed-rate or RSS run, see its section')"
 echo "- command: \`$COMMAND_LINE\`"
 if ((${#TABLE_SCENARIOS[@]} > 0)); then
     echo
@@ -1105,9 +1331,109 @@ if selected h2c; then
         h2c/abproxy-h1 h2c/abproxy-h2c) req/s. Control share of requests seen in the max runs:" \
         "$(measured '%.1f' control_pct h2c/nginx-grpc h2c/abproxy-h1 h2c/abproxy-h2c) %."
 fi
+if selected tls; then
+    rustls_version=$(awk '/^name = "rustls"$/ { getline; gsub(/[^0-9.]/, ""); print; exit }' \
+        "$REPO/Cargo.lock" 2>/dev/null || true)
+    nginx_openssl=$("$NGINX" -V 2>&1 | sed -n 's/^built with \(OpenSSL [^ ]*\).*(running with \(OpenSSL [^ )]*\)[^)]*).*/\2 (built with \1)/p;
+        s/^built with \(OpenSSL [^ ]*\)[^(]*$/\1/p' | head -n 1)
+    tls_label() { # $1 run (h1 | hs)
+        if [[ $1 == h1 ]]; then
+            echo "keep-alive HTTP/1.1 over TLS ($CONNECTIONS connections)"
+        else
+            echo "new connections, full handshakes ($HS_CONNECTIONS in flight)"
+        fi
+    }
+    echo
+    echo "### TLS termination: abproxy (rustls) against nginx (OpenSSL)"
+    echo
+    echo "The split behind TLS, driven by the project's load generator on CPU 1 (rustls"
+    echo "${rustls_version:-?} with ring, as abproxy). It offers only TLS 1.3, $CIPHER and an"
+    echo "$GROUP key share, with ALPN http/1.1, SNI localhost and no session resumption (every new"
+    echo "connection a full handshake). nginx allows only that, on ${nginx_openssl:-OpenSSL ?}:"
+    echo "\`ssl_protocols TLSv1.3\`, \`ssl_conf_command Ciphersuites $CIPHER\`,"
+    echo "\`ssl_ecdh_curve $GROUP\`, session cache and tickets off, \`keepalive 64\`. abproxy runs"
+    echo "\`run --config FILE\` with \`[server.tls]\` cert and key and no tuning flags (rustls's"
+    echo "defaults, which follow the client's offer). Both present one ECDSA P-256 certificate, signed"
+    echo "by a P-256 CA made for the run. Each run has a fresh proxy and a $WARMUP keep-alive warm-up;"
+    echo "runs of $DURATION, median of $REPEATS."
+    echo
+    echo "- h1: \`--mode max --connections $CONNECTIONS\`, keep-alive. Its $CONNECTIONS handshakes fall in the"
+    echo "  measured run (well under 1 % of the proxy's CPU at these rates)."
+    echo "- hs: \`--new-connections --mode max --connections $HS_CONNECTIONS\`: each request a TCP connect, a full"
+    echo "  handshake, the request with \`Connection: close\` and the close. Its rate is handshakes per"
+    echo "  second, and its CPU per handshake includes the proxied request."
+    echo
+    echo "Negotiated, as the load generator saw every handshake (all runs):"
+    echo
+    echo "| proxy | run | protocol | cipher | key exchange | ALPN | handshake kinds | handshakes per run |"
+    echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    for proxy in nginx abproxy; do
+        for run in h1 hs; do
+            m=""
+            [[ $run == hs ]] && m=hs_
+            # shellcheck disable=SC2086 # one word per run
+            while IFS='|' read -r version cipher group alpn kinds; do
+                printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$proxy" "$run" "$version" \
+                    "$cipher" "$group" "$alpn" "$kinds" "$(commas "${RESULTS[tls/$proxy/${m}handshakes]:-}")"
+            done < <(printf '%s\n' ${RESULTS[tls/$proxy/${m}negotiated]:-} | sort -u)
+        done
+    done
+    echo
+    echo "CPU in µs per request (h1) or per handshake with its request (hs): the proxy's in all, user"
+    echo "space and kernel; the load generator's own (its user + system time, from bash \`times\`, on CPU"
+    echo "1 with the backends). Busy: CPU time over the run's wall time, in cores."
+    echo
+    echo "| run | proxy | rate (per s) | proxy CPU | user | kernel | proxy CPU busy | load generator CPU | load generator busy |"
+    echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    for run in h1 hs; do
+        m=""
+        [[ $run == hs ]] && m=hs_
+        for proxy in nginx abproxy; do
+            key=tls/$proxy/$m
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$(tls_label "$run")" "$proxy" \
+                "$(fmt '%.0f' "$(med "${key}tput")")" "$(fmt '%.2f' "$(med "${key}cpu_us")")" \
+                "$(fmt '%.2f' "$(med "${key}user_us")")" "$(fmt '%.2f' "$(med "${key}sys_us")")" \
+                "$(fmt '%.2f' "$(med "${key}busy")")" "$(fmt '%.2f' "$(med "${key}client_us")")" \
+                "$(fmt '%.2f' "$(med "${key}client_busy")")"
+        done
+        over=tls/abproxy/$m under=tls/nginx/$m
+        printf '| %s | **abproxy / nginx** | %s | %s | %s | %s | | %s | |\n' "$(tls_label "$run")" \
+            "$(ratio "$(med "${over}tput")" "$(med "${under}tput")")" \
+            "$(ratio "$(med "${over}cpu_us")" "$(med "${under}cpu_us")")" \
+            "$(ratio "$(med "${over}user_us")" "$(med "${under}user_us")")" \
+            "$(ratio "$(med "${over}sys_us")" "$(med "${under}sys_us")")" \
+            "$(ratio "$(med "${over}client_us")" "$(med "${under}client_us")")"
+    done
+    echo
+    echo "abproxy / nginx within each repetition (the two runs back to back), then the median of those:"
+    echo
+    verdicts=()
+    for run in h1 hs; do
+        m=""
+        [[ $run == hs ]] && m=hs_
+        rates=$(pair_ratio_of tls/abproxy tls/nginx "${m}tput")
+        cpus=$(pair_ratio_of tls/abproxy tls/nginx "${m}cpu_us")
+        users=$(pair_ratio_of tls/abproxy tls/nginx "${m}user_us")
+        r=$(median "${cpus//,/}")
+        echo "- $run: rate $rates (median $(fmt '%.2f' "$(median "${rates//,/}")")); CPU per" \
+            "$([[ $run == hs ]] && echo handshake || echo request) $cpus (median $(fmt '%.2f' "$r"));" \
+            "user CPU $users (median $(fmt '%.2f' "$(median "${users//,/}")"))"
+        verdicts+=("$run $(fmt '%.2f×' "$r") $(awk -v r="$r" 'BEGIN { if (r == "nan") print "(not measured)";
+            else if (r <= 1) print "(at or below)"; else printf "(%.0f %% above)\n", (r - 1) * 100 }')")
+    done
+    echo
+    echo "Aim of issue 12, abproxy's CPU per request at or below nginx's: median paired ratio" \
+        "$(printf '%s, ' "${verdicts[@]}" | sed 's/, $//')."
+    echo
+    echo "Busy near 1.00: the proxy was the bottleneck. Well below it, CPU 1 was: the load generator"
+    echo "(its rustls client handshakes too, in hs) and the two backends share it. Control share of"
+    echo "requests in the h1 runs: nginx $(fmt '%.1f' "$(med tls/nginx/control_pct)") %, abproxy" \
+        "$(fmt '%.1f' "$(med tls/abproxy/control_pct)") %."
+fi
 remarks=0
 for key in split/nginx split/abproxy split/abproxy-tuned split/direct mirror/nginx mirror/abproxy \
-    mirror/abproxy-tuned predict/abproxy h2c/nginx-grpc h2c/abproxy-h1 h2c/abproxy-h2c; do
+    mirror/abproxy-tuned predict/abproxy h2c/nginx-grpc h2c/abproxy-h1 h2c/abproxy-h2c tls/nginx \
+    tls/abproxy; do
     if [[ -n ${NOTES[$key]:-} ]]; then
         ((remarks++)) || { echo; echo "Remarks:"; echo; }
         while IFS= read -r line; do

@@ -1,6 +1,7 @@
 //! The command line: turns arguments into [`Options`] and [`Checks`], prints the report, and
 //! picks the exit code scripts rely on.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use crate::options::{Budget, Mode, Options, OptionsError, Target};
 use crate::population::{Distribution, Population};
 use crate::report::{Checks, ExpectedSplit, Report};
 use crate::request::IdSource;
+use crate::tls::{self, TlsOptions, TlsVersion};
 
 /// Largest `--body-size`: every connection keeps a padding buffer of this size, and abproxy's
 /// own body limit is far below it (1 MiB by default).
@@ -24,10 +26,12 @@ Examples (the first four against `abproxy demo` on 127.0.0.1:8080):
   loadtest --id-source json:user_id --body-size 4KiB --path /predict --requests 10000
   loadtest --requests 5000 --json --fail-on-stickiness --max-error-rate 0.1%
   loadtest --url http://gateway.internal:8080 -H 'authorization: Bearer TOKEN' --duration 30s
+  loadtest --url https://127.0.0.1:8443/predict --ca ca.pem --tls-ciphers TLS_AES_128_GCM_SHA256
+  loadtest --url https://127.0.0.1:8443/predict --ca ca.pem --new-connections --connections 4
 
 Exit status: 0 run completed and every check passed; 1 a --fail-on-stickiness or
 --max-error-rate check failed; 2 invalid arguments; 3 the run could not start
-(e.g. the host does not resolve). Request failures alone never change the exit status
+(e.g. the host does not resolve, or --ca cannot be read). Request failures alone never change the exit status
 unless a check asks for it.";
 
 /// Load generator for abproxy: measures throughput and latency, and checks that the traffic
@@ -35,7 +39,8 @@ unless a check asks for it.";
 #[derive(Debug, Clone, Parser)]
 #[command(name = "loadtest", version, after_help = AFTER_HELP)]
 pub struct Cli {
-    /// abproxy client listener to load (plain HTTP); its path is used unless --path is given.
+    /// abproxy client listener to load, http:// or https:// (port 80 or 443 by default); its
+    /// path is used unless --path is given.
     #[arg(
         long,
         value_name = "URL",
@@ -70,8 +75,15 @@ pub struct Cli {
 
     /// Keep-alive connections, exactly this many sockets. In rate mode they must cover
     /// rate x latency, or requests queue (and that queueing counts as latency).
+    /// With --new-connections: connections (handshakes) in flight.
     #[arg(long, value_name = "N", default_value_t = 16, help_heading = "Load")]
     pub connections: usize,
+
+    /// Each request on a fresh connection: connect, TLS handshake (https), the request with
+    /// `Connection: close`, close. Requests per second are then new connections per second,
+    /// full TLS handshakes unless --tls-resume; latency includes connect and handshake.
+    #[arg(long, help_heading = "Load")]
+    pub new_connections: bool,
 
     /// Pads request bodies to this size (bytes, or KiB/MiB); a body makes the default method POST.
     #[arg(long, value_name = "SIZE", default_value = "0", value_parser = parse_size, help_heading = "Load")]
@@ -118,6 +130,34 @@ pub struct Cli {
     /// Unmeasured traffic before the run, on the same connections.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, help_heading = "Run length")]
     pub warmup: Option<Duration>,
+
+    /// PEM certificates to trust for https:// instead of the system's roots (a test CA).
+    #[arg(long, value_name = "FILE", help_heading = "TLS (https:// URLs)")]
+    pub ca: Option<PathBuf>,
+
+    /// Name to send as SNI and verify the certificate against [default: the URL's host].
+    #[arg(long, value_name = "NAME", help_heading = "TLS (https:// URLs)")]
+    pub server_name: Option<String>,
+
+    /// TLS versions to offer, comma-separated: 1.2, 1.3 [default: both].
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_tls_version, help_heading = "TLS (https:// URLs)")]
+    pub tls_version: Vec<TlsVersion>,
+
+    /// Cipher suites to offer, comma-separated, in order, by IANA name (TLS_AES_128_GCM_SHA256)
+    /// [default: rustls's, which puts TLS_AES_256_GCM_SHA384 first]. A server that follows the
+    /// client's order picks the first it has: offer one suite to compare two servers.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_cipher_suite, help_heading = "TLS (https:// URLs)")]
+    pub tls_ciphers: Vec<rustls::CipherSuite>,
+
+    /// Key exchange groups to offer, comma-separated: X25519, secp256r1 (P-256), secp384r1
+    /// [default: all three, X25519 first].
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_group, help_heading = "TLS (https:// URLs)")]
+    pub tls_groups: Vec<rustls::NamedGroup>,
+
+    /// Offer to resume TLS sessions on new connections [default: off, every new connection
+    /// is a full handshake].
+    #[arg(long, help_heading = "TLS (https:// URLs)")]
+    pub tls_resume: bool,
 
     /// Response header that names the variant (abproxy's server.variant_header).
     #[arg(
@@ -183,6 +223,15 @@ impl Cli {
             headers: self.headers,
             mode,
             connections: self.connections,
+            new_connections: self.new_connections,
+            tls: TlsOptions {
+                ca: self.ca,
+                server_name: self.server_name,
+                versions: self.tls_version,
+                cipher_suites: self.tls_ciphers,
+                groups: self.tls_groups,
+                resumption: self.tls_resume,
+            },
             population: Population::new(self.users, distribution)?,
             id_source: self.id_source,
             body_size: self.body_size,
@@ -282,6 +331,18 @@ fn parse_header(s: &str) -> Result<(HeaderName, HeaderValue), String> {
     let value = HeaderValue::from_str(value.trim())
         .map_err(|_| format!("the value of {name} is not a valid header value"))?;
     Ok((name, value))
+}
+
+fn parse_tls_version(s: &str) -> Result<TlsVersion, String> {
+    TlsVersion::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_cipher_suite(s: &str) -> Result<rustls::CipherSuite, String> {
+    tls::parse_cipher_suite(s).map_err(|e| e.to_string())
+}
+
+fn parse_group(s: &str) -> Result<rustls::NamedGroup, String> {
+    tls::parse_group(s).map_err(|e| e.to_string())
 }
 
 fn parse_method(s: &str) -> Result<Method, String> {
@@ -434,6 +495,40 @@ mod tests {
     }
 
     #[test]
+    fn tls_options_map_onto_options() {
+        let (options, _) = parse(&[
+            "--url=https://localhost:8443/predict",
+            "--ca=/tmp/ca.pem",
+            "--server-name=abproxy.test",
+            "--tls-version=1.3",
+            "--tls-ciphers=TLS_AES_128_GCM_SHA256,TLS_CHACHA20_POLY1305_SHA256",
+            "--tls-groups=X25519",
+            "--new-connections",
+        ])
+        .expect("valid command line");
+        assert!(options.target.is_https());
+        assert!(options.new_connections);
+        assert_eq!(
+            options.tls,
+            TlsOptions {
+                ca: Some(PathBuf::from("/tmp/ca.pem")),
+                server_name: Some("abproxy.test".to_owned()),
+                versions: vec![TlsVersion::Tls13],
+                cipher_suites: vec![
+                    rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+                    rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+                ],
+                groups: vec![rustls::NamedGroup::X25519],
+                resumption: false,
+            }
+        );
+        let (options, _) = parse(&["--url=https://h", "--tls-resume"]).expect("valid");
+        assert!(options.tls.resumption);
+        // --new-connections is plain HTTP's too: a connection rate without TLS.
+        assert!(parse(&["--new-connections"]).is_ok());
+    }
+
+    #[test]
     fn mode_and_rate_must_agree() {
         assert!(parse(&["--mode=rate"]).is_err());
         assert!(parse(&["--mode=max", "--rate=10"]).is_err());
@@ -447,7 +542,11 @@ mod tests {
     #[test]
     fn bad_values_are_rejected_with_a_reason() {
         for args in [
-            &["--url=https://127.0.0.1:8443"][..],
+            &["--url=ftp://127.0.0.1:8443"][..],
+            &["--ca=ca.pem"],
+            &["--url=https://x", "--tls-version=1.1"],
+            &["--url=https://x", "--tls-ciphers=TLS_RSA_WITH_RC4_128_MD5"],
+            &["--url=https://x", "--tls-groups=ffdhe2048"],
             &["--id-source=query:uid"],
             &["--users=0"],
             &["--connections=0"],

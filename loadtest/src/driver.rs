@@ -1,8 +1,10 @@
 //! Sends the traffic: one task per connection, paced by a shared [`Schedule`].
 //!
-//! Each connection is its own hyper HTTP/1 connection over its own `TcpStream`, so
-//! `--connections N` means exactly N sockets at the proxy (a pooled client would open more
-//! under load and hide per-connection limits).
+//! Each connection is its own hyper HTTP/1 connection over its own `TcpStream` (inside a
+//! rustls stream for `https://`), so `--connections N` means exactly N sockets at the proxy (a
+//! pooled client would open more under load and hide per-connection limits). With
+//! `--new-connections` each task opens a connection per request instead, and closes it after
+//! the answer: N is then the number of connections (handshakes) in flight.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +24,7 @@ use crate::progress::Progress;
 use crate::report::Report;
 use crate::request::RequestTemplate;
 use crate::stats::{ErrorKind, Recorder, Shared};
+use crate::tls::{Negotiated, TlsClient, TlsSetupError};
 
 /// A run that could not take place (as opposed to requests that failed, which are reported).
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,8 @@ pub enum RunError {
     },
     #[error("{host}:{port} resolved to no address")]
     NoAddress { host: String, port: u16 },
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsSetupError),
     #[error("a connection task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -44,8 +49,15 @@ pub enum RunError {
 pub async fn run(options: Options) -> Result<Report, RunError> {
     options.validate()?;
     let addr = resolve(options.target.host(), options.target.port()).await?;
+    let tls = if options.target.is_https() {
+        Some(TlsClient::new(&options.tls, options.target.host())?)
+    } else {
+        None
+    };
     let plan = Arc::new(Plan {
         addr,
+        tls,
+        new_connections: options.new_connections,
         template: RequestTemplate::new(
             options.effective_method(),
             options.target.path_and_query().to_owned(),
@@ -53,7 +65,8 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             options.id_source.clone(),
             options.body_size,
         )
-        .with_headers(options.headers.clone()),
+        .with_headers(options.headers.clone())
+        .with_connection_close(options.new_connections),
         population: options.population.clone(),
         variant_header: options.variant_header.clone(),
         timeout: options.timeout,
@@ -126,6 +139,10 @@ async fn resolve(host: &str, port: u16) -> Result<SocketAddr, RunError> {
 /// What every connection task needs, fixed for the run.
 struct Plan {
     addr: SocketAddr,
+    /// `Some` for an `https://` target.
+    tls: Option<TlsClient>,
+    /// A fresh connection for every request, closed after its answer.
+    new_connections: bool,
     template: RequestTemplate,
     population: Population,
     variant_header: http::HeaderName,
@@ -292,7 +309,8 @@ impl Worker {
                 ),
                 Err(kind) => {
                     self.recorder.failure(kind);
-                    if kind == ErrorKind::Connect && slot.due.is_none() {
+                    let refused = matches!(kind, ErrorKind::Connect | ErrorKind::Tls);
+                    if refused && slot.due.is_none() {
                         sleep_until(Instant::now() + self.plan.connect_backoff).await;
                     }
                 }
@@ -340,7 +358,13 @@ impl Worker {
                 self.sender = None;
                 Err(ErrorKind::of_hyper(&error))
             }
-            Ok(Ok(())) => Ok(Answer { status, variant }),
+            Ok(Ok(())) => {
+                if self.plan.new_connections {
+                    // It asked for `Connection: close`; dropping the sender lets its task end.
+                    self.sender = None;
+                }
+                Ok(Answer { status, variant })
+            }
         }
     }
 
@@ -356,8 +380,26 @@ impl Worker {
                 return Ok(sender);
             }
         }
-        connect(self.plan.addr, deadline).await
+        match connect(&self.plan, deadline).await {
+            Ok((sender, negotiated)) => {
+                self.recorder.opened(negotiated);
+                Ok(sender)
+            }
+            Err(ConnectFailure::Connect) => Err(ErrorKind::Connect),
+            Err(ConnectFailure::Tls(reason)) => {
+                self.recorder.tls_failed(reason);
+                Err(ErrorKind::Tls)
+            }
+        }
     }
+}
+
+/// Why a new connection could not be used.
+enum ConnectFailure {
+    /// TCP connect, or the HTTP/1 handshake over it.
+    Connect,
+    /// The TLS handshake, and why, in rustls's words.
+    Tls(String),
 }
 
 /// Reads a body to its end, dropping each frame as it arrives: the content is never looked at,
@@ -369,20 +411,50 @@ async fn drain(mut body: hyper::body::Incoming) -> Result<(), hyper::Error> {
     Ok(())
 }
 
+/// Connects, shakes hands (TLS, then HTTP/1), and says what TLS settled on.
 async fn connect(
-    addr: SocketAddr,
+    plan: &Plan,
     deadline: Instant,
-) -> Result<SendRequest<Full<Bytes>>, ErrorKind> {
-    let stream = timeout_at(deadline, TcpStream::connect(addr))
+) -> Result<(SendRequest<Full<Bytes>>, Option<Negotiated>), ConnectFailure> {
+    let stream = timeout_at(deadline, TcpStream::connect(plan.addr))
         .await
-        .map_err(|_elapsed| ErrorKind::Connect)?
-        .map_err(|_io| ErrorKind::Connect)?;
+        .map_err(|_elapsed| ConnectFailure::Connect)?
+        .map_err(|_io| ConnectFailure::Connect)?;
     // Requests are small and latency-bound; Nagle would hold them back waiting for ACKs.
     let _ = stream.set_nodelay(true);
-    let (sender, connection) = timeout_at(deadline, http1::handshake(TokioIo::new(stream)))
+    match &plan.tls {
+        None => Ok((http1_over(TokioIo::new(stream), deadline).await?, None)),
+        Some(tls) => {
+            let stream = match timeout_at(deadline, tls.connect(stream)).await {
+                Err(_elapsed) => {
+                    return Err(ConnectFailure::Tls(
+                        "no TLS handshake within the timeout".to_owned(),
+                    ))
+                }
+                // tokio-rustls wraps rustls's error (a refused certificate, an alert) in the
+                // io::Error, whose Display is then rustls's: "invalid peer certificate: …".
+                Ok(Err(error)) => return Err(ConnectFailure::Tls(error.to_string())),
+                Ok(Ok(stream)) => stream,
+            };
+            let negotiated = Negotiated::of(stream.get_ref().1);
+            Ok((
+                http1_over(TokioIo::new(stream), deadline).await?,
+                Some(negotiated),
+            ))
+        }
+    }
+}
+
+/// The HTTP/1 client handshake over a connected (and for https, TLS) stream, its connection
+/// driven by a task of its own.
+async fn http1_over<T>(io: T, deadline: Instant) -> Result<SendRequest<Full<Bytes>>, ConnectFailure>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, connection) = timeout_at(deadline, http1::handshake(io))
         .await
-        .map_err(|_elapsed| ErrorKind::Connect)?
-        .map_err(|_error| ErrorKind::Connect)?;
+        .map_err(|_elapsed| ConnectFailure::Connect)?
+        .map_err(|_error| ConnectFailure::Connect)?;
     // The connection task ends by itself once the sender is dropped or the peer closes.
     tokio::spawn(async move {
         let _ = connection.await;

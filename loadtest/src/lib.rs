@@ -18,6 +18,10 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! An `https://` target is measured through its TLS termination (rustls, [`TlsOptions`]);
+//! [`Options::new_connections`] opens a connection per request, so the rate is one of full
+//! handshakes.
 
 pub mod cli;
 mod driver;
@@ -27,6 +31,7 @@ mod progress;
 pub mod report;
 pub mod request;
 mod stats;
+pub mod tls;
 
 pub use driver::{run, RunError};
 pub use options::{Budget, Mode, Options, OptionsError, Target};
@@ -34,3 +39,4 @@ pub use population::{Distribution, Population, UserId};
 pub use report::{Checks, ExpectedSplit, Report};
 pub use request::IdSource;
 pub use stats::ErrorCounts;
+pub use tls::{TlsOptions, TlsVersion};

@@ -12,6 +12,7 @@ use http::{HeaderName, Method};
 use crate::population::{Population, PopulationError};
 use crate::report::ExpectedSplit;
 use crate::request::IdSource;
+use crate::tls::TlsOptions;
 
 /// Run length when neither a duration nor a request count is given: every run stops by itself.
 pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
@@ -37,12 +38,20 @@ pub enum OptionsError {
     Population(#[from] PopulationError),
     #[error("-H {0} would replace the user ID that --id-source puts there")]
     HeaderHidesUserId(HeaderName),
+    #[error("TLS options (--ca, --server-name, --tls-*) need an https:// URL")]
+    TlsWithoutHttps,
+    #[error("unknown TLS version {0:?}: expected 1.2 or 1.3")]
+    TlsVersion(String),
+    #[error("unknown or unsupported cipher suite {name:?}; rustls (ring) offers {known}")]
+    TlsCipherSuite { name: String, known: String },
+    #[error("unknown or unsupported key exchange group {name:?}; rustls (ring) offers {known}")]
+    TlsGroup { name: String, known: String },
 }
 
-/// The abproxy listener under test. Plain HTTP only: load tests target the proxy's client port
-/// directly, and TLS handshakes would measure the load generator as much as the proxy.
+/// The abproxy listener under test: plain HTTP, or HTTPS to measure its TLS termination.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
+    https: bool,
     host: String,
     port: u16,
     authority: HeaderValue,
@@ -50,18 +59,20 @@ pub struct Target {
 }
 
 impl Target {
-    /// Parses `http://HOST[:PORT][/PATH[?QUERY]]`; the path defaults to `/`.
+    /// Parses `http://HOST[:PORT][/PATH[?QUERY]]` or `https://…`; the port defaults to 80 or
+    /// 443, the path to `/`.
     pub fn parse(url: &str) -> Result<Self, OptionsError> {
         let invalid = |reason: &str| OptionsError::Url {
             url: url.to_owned(),
             reason: reason.to_owned(),
         };
         let uri: Uri = url.parse().map_err(|_| invalid("not a URL"))?;
-        match uri.scheme() {
-            Some(scheme) if *scheme == Scheme::HTTP => {}
-            Some(_) => return Err(invalid("only http:// is supported")),
-            None => return Err(invalid("expected http://HOST:PORT")),
-        }
+        let https = match uri.scheme() {
+            Some(scheme) if *scheme == Scheme::HTTP => false,
+            Some(scheme) if *scheme == Scheme::HTTPS => true,
+            Some(_) => return Err(invalid("only http:// and https:// are supported")),
+            None => return Err(invalid("expected http://HOST:PORT or https://HOST:PORT")),
+        };
         let authority = uri.authority().ok_or_else(|| invalid("no host"))?;
         if authority.as_str().contains('@') {
             return Err(invalid("credentials in the URL are not supported"));
@@ -71,8 +82,9 @@ impl Target {
             .trim_start_matches('[')
             .trim_end_matches(']');
         Ok(Target {
+            https,
             host: host.to_owned(),
-            port: authority.port_u16().unwrap_or(80),
+            port: authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
             authority: HeaderValue::from_str(authority.as_str())
                 .map_err(|_| invalid("host is not a valid Host header"))?,
             path_and_query: uri
@@ -91,6 +103,11 @@ impl Target {
             .parse()
             .map_err(|_| OptionsError::Path(path.to_owned()))?;
         Ok(self)
+    }
+
+    /// Whether requests go over TLS.
+    pub fn is_https(&self) -> bool {
+        self.https
     }
 
     pub fn host(&self) -> &str {
@@ -114,7 +131,8 @@ impl Target {
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let authority = self.authority.to_str().unwrap_or(&self.host);
-        write!(f, "http://{authority}{}", self.path_and_query)
+        let scheme = if self.https { "https" } else { "http" };
+        write!(f, "{scheme}://{authority}{}", self.path_and_query)
     }
 }
 
@@ -183,7 +201,13 @@ pub struct Options {
     /// Sent with every request, replacing any header of the same name loadtest would send.
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Exactly this many TCP connections, each kept alive and used by one request at a time.
+    /// With `new_connections`, this many requests in flight, each on a connection of its own.
     pub connections: usize,
+    /// Every request on a fresh connection (connect, TLS handshake for https, one request with
+    /// `Connection: close`, close), so the request rate is a connection (handshake) rate.
+    pub new_connections: bool,
+    /// How to speak TLS to an `https://` target; must stay at its defaults for `http://`.
+    pub tls: TlsOptions,
     pub population: Population,
     pub id_source: IdSource,
     /// Pads request bodies to this many bytes; 0 sends no body unless the ID source needs one.
@@ -213,6 +237,8 @@ impl Options {
             mode: Mode::Max,
             headers: Vec::new(),
             connections: 16,
+            new_connections: false,
+            tls: TlsOptions::default(),
             population: Population::default(),
             id_source: IdSource::Header(HeaderName::from_static("x-user-id")),
             body_size: 0,
@@ -250,6 +276,9 @@ impl Options {
         }
         if self.budget.requests == Some(0) {
             return Err(OptionsError::Zero("the request count"));
+        }
+        if !self.target.is_https() && !self.tls.is_default() {
+            return Err(OptionsError::TlsWithoutHttps);
         }
         if let IdSource::Header(id_header) = &self.id_source {
             if self.headers.iter().any(|(name, _)| name == id_header) {
@@ -292,9 +321,29 @@ mod tests {
     }
 
     #[test]
+    fn https_targets_default_to_port_443() {
+        let target = Target::parse("https://localhost/predict").expect("valid URL");
+        assert!(target.is_https());
+        assert_eq!((target.host(), target.port()), ("localhost", 443));
+        assert_eq!(target.to_string(), "https://localhost/predict");
+        let target = Target::parse("https://127.0.0.1:8443").expect("valid URL");
+        assert_eq!(target.port(), 8443);
+        assert!(!Target::parse("http://x").expect("valid URL").is_https());
+    }
+
+    #[test]
+    fn tls_options_need_an_https_target() {
+        let mut options = Options::new(Target::parse("http://127.0.0.1:1").expect("valid URL"));
+        options.tls.resumption = true;
+        assert_eq!(options.validate(), Err(OptionsError::TlsWithoutHttps));
+        options.target = Target::parse("https://127.0.0.1:1").expect("valid URL");
+        assert_eq!(options.validate(), Ok(()));
+    }
+
+    #[test]
     fn target_rejects_other_schemes_and_missing_hosts() {
         for url in [
-            "https://x:1",
+            "ftp://x:1",
             "127.0.0.1:8080",
             "/path",
             "http://user:pw@x:1",

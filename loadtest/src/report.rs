@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::options::{Mode, Options};
 use crate::stats::{ErrorCounts, Recorder, StickinessSummary, VariantId};
+use crate::tls::Negotiated;
 
 /// The split the deployment is configured for, e.g. `control=80,treatment=20`.
 ///
@@ -194,6 +195,28 @@ pub struct ViolationReport {
     pub then: String,
 }
 
+/// Handshakes that settled on the same parameters.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NegotiatedCount {
+    #[serde(flatten)]
+    pub negotiated: Negotiated,
+    pub count: u64,
+}
+
+/// The TLS side of a run against an `https://` target.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TlsReport {
+    /// Whether the client offered to resume sessions (`--tls-resume`); without it every
+    /// handshake is a full one.
+    pub resumption: bool,
+    /// Handshakes completed in the measured phase.
+    pub handshakes: u64,
+    /// What they settled on, most frequent first: normally one entry.
+    pub negotiated: Vec<NegotiatedCount>,
+    /// Why the first failed handshake failed, if one did (they count as `errors.tls`).
+    pub first_error: Option<String>,
+}
+
 /// Everything measured in one run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
@@ -202,6 +225,14 @@ pub struct Report {
     /// Requests per second asked for in rate mode.
     pub rate: Option<f64>,
     pub connections: usize,
+    /// A fresh connection per request (`--new-connections`): `throughput_rps` is then also
+    /// the rate of connections (TLS handshakes) completed with their request.
+    pub new_connections: bool,
+    /// Connections opened in the measured phase (connected, and through the TLS handshake
+    /// for https); keep-alive runs open `connections` of them, or more after failures.
+    pub connections_opened: u64,
+    /// `None` for an `http://` target.
+    pub tls: Option<TlsReport>,
     pub users: u32,
     pub distribution: String,
     pub id_source: String,
@@ -262,6 +293,25 @@ impl Report {
             mode,
             rate,
             connections: options.connections,
+            new_connections: options.new_connections,
+            connections_opened: recorded.connections_opened,
+            tls: options.target.is_https().then(|| {
+                let mut negotiated: Vec<NegotiatedCount> = recorded
+                    .handshakes
+                    .iter()
+                    .map(|(negotiated, count)| NegotiatedCount {
+                        negotiated: negotiated.clone(),
+                        count: *count,
+                    })
+                    .collect();
+                negotiated.sort_by_key(|n| std::cmp::Reverse(n.count));
+                TlsReport {
+                    resumption: options.tls.resumption,
+                    handshakes: negotiated.iter().map(|n| n.count).sum(),
+                    negotiated,
+                    first_error: recorded.first_tls_error.clone(),
+                }
+            }),
             users: options.population.users(),
             distribution: options.population.distribution().to_string(),
             id_source: options.id_source.to_string(),
@@ -347,10 +397,18 @@ impl fmt::Display for Report {
             Some(rate) => format!("rate {rate} req/s"),
             None => "max throughput".to_owned(),
         };
+        let connections = if self.new_connections {
+            format!(
+                "{} concurrent new connections (one request each)",
+                self.connections
+            )
+        } else {
+            format!("{} connections", self.connections)
+        };
         writeln!(
             f,
-            "{pace} on {} connections -> {} for {:.2}s",
-            self.connections, self.target, self.elapsed_seconds
+            "{pace} on {connections} -> {} for {:.2}s",
+            self.target, self.elapsed_seconds
         )?;
         writeln!(
             f,
@@ -376,13 +434,47 @@ impl fmt::Display for Report {
             )?,
             None => writeln!(f, "latency     no answers")?,
         }
+        if let Some(tls) = &self.tls {
+            let resumption = if tls.resumption {
+                "resumption offered"
+            } else {
+                "no resumption"
+            };
+            writeln!(
+                f,
+                "tls         {} handshakes ({resumption}), {:.1}/s",
+                tls.handshakes,
+                if self.elapsed_seconds > 0.0 {
+                    tls.handshakes as f64 / self.elapsed_seconds
+                } else {
+                    0.0
+                }
+            )?;
+            for NegotiatedCount { negotiated, count } in &tls.negotiated {
+                writeln!(
+                    f,
+                    "            {} {} {} ALPN {} {}: {count}",
+                    negotiated.version,
+                    negotiated.cipher_suite,
+                    negotiated.key_exchange.as_deref().unwrap_or("-"),
+                    negotiated.alpn.as_deref().unwrap_or("-"),
+                    negotiated.handshake,
+                )?;
+            }
+            if let Some(error) = &tls.first_error {
+                writeln!(f, "            first failed handshake: {error}")?;
+            }
+        } else if self.new_connections {
+            writeln!(f, "connections {} opened", self.connections_opened)?;
+        }
         let e = &self.errors;
         writeln!(
             f,
-            "errors      {} ({:.2}%)   connect {}  timeout {}  4xx {}  5xx {}  io/reset {}  other {}",
+            "errors      {} ({:.2}%)   connect {}  tls {}  timeout {}  4xx {}  5xx {}  io/reset {}  other {}",
             self.errors_total,
             100.0 * self.error_rate,
             e.connect,
+            e.tls,
             e.timeout,
             e.status_4xx,
             e.status_5xx,

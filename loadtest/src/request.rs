@@ -7,7 +7,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, COOKIE, HOST};
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, COOKIE, HOST};
 use http::{Method, Request};
 use http_body_util::Full;
 
@@ -106,6 +106,9 @@ pub struct RequestTemplate {
     padding: Bytes,
     /// The user's `--header`s, which replace any of the same name set here.
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// `Connection: close` on every request (`--new-connections`), so the server closes its
+    /// side as soon as it has answered instead of waiting for another request.
+    close: bool,
 }
 
 impl RequestTemplate {
@@ -130,7 +133,13 @@ impl RequestTemplate {
             json_key,
             padding,
             headers: Vec::new(),
+            close: false,
         }
+    }
+
+    pub fn with_connection_close(mut self, close: bool) -> Self {
+        self.close = close;
+        self
     }
 
     pub fn with_headers(mut self, headers: Vec<(HeaderName, HeaderValue)>) -> Self {
@@ -151,6 +160,9 @@ impl RequestTemplate {
             .uri(self.path_and_query.as_str())
             // hyper's connection-level client sends exactly the headers it is given: no Host.
             .header(HOST, self.host.clone());
+        if self.close {
+            builder = builder.header(CONNECTION, "close");
+        }
         match &self.id_source {
             IdSource::Header(name) => builder = builder.header(name, user_id.as_str()),
             IdSource::Cookie(name) => builder = builder.header(COOKIE, format!("{name}={user_id}")),
@@ -258,6 +270,19 @@ mod tests {
             ["a", "b"]
         );
         assert_eq!(headers["x-user-id"], "user-7");
+    }
+
+    #[test]
+    fn connection_close_is_sent_only_when_asked_for() {
+        let request = template("header:x-user-id", 0)
+            .build(UserId(1))
+            .expect("request");
+        assert!(request.headers().get(CONNECTION).is_none());
+        let request = template("header:x-user-id", 0)
+            .with_connection_close(true)
+            .build(UserId(1))
+            .expect("request");
+        assert_eq!(request.headers()[CONNECTION], "close");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use http::HeaderValue;
 use serde::Serialize;
 
 use crate::population::UserId;
+use crate::tls::Negotiated;
 
 /// Latencies above this are recorded as this (one hour, in microseconds); nothing in a bounded
 /// run gets near it, and the bound keeps the histogram at a fixed, small size.
@@ -29,6 +30,9 @@ pub const OVERFLOW_VARIANT: &str = "(other)";
 pub enum ErrorKind {
     /// TCP connect or HTTP handshake failed or timed out.
     Connect,
+    /// The TLS handshake failed (certificate refused, alert, nothing in common, the server
+    /// hung up) or did not finish within `--timeout`.
+    Tls,
     /// No complete answer within `--timeout` (or a rate-mode request that waited that long for
     /// a free connection).
     Timeout,
@@ -74,6 +78,7 @@ fn has_io_source(error: &(dyn std::error::Error + 'static)) -> bool {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct ErrorCounts {
     pub connect: u64,
+    pub tls: u64,
     pub timeout: u64,
     pub status_4xx: u64,
     pub status_5xx: u64,
@@ -83,17 +88,24 @@ pub struct ErrorCounts {
 
 impl ErrorCounts {
     pub fn total(&self) -> u64 {
-        self.connect + self.timeout + self.status_4xx + self.status_5xx + self.io + self.other
+        self.connect
+            + self.tls
+            + self.timeout
+            + self.status_4xx
+            + self.status_5xx
+            + self.io
+            + self.other
     }
 
     /// Failures that produced no HTTP answer (so no latency sample).
     pub fn without_answer(&self) -> u64 {
-        self.connect + self.timeout + self.io + self.other
+        self.connect + self.tls + self.timeout + self.io + self.other
     }
 
     fn add(&mut self, kind: ErrorKind) {
         let counter = match kind {
             ErrorKind::Connect => &mut self.connect,
+            ErrorKind::Tls => &mut self.tls,
             ErrorKind::Timeout => &mut self.timeout,
             ErrorKind::Status4xx => &mut self.status_4xx,
             ErrorKind::Status5xx => &mut self.status_5xx,
@@ -105,6 +117,7 @@ impl ErrorCounts {
 
     fn merge(&mut self, other: &ErrorCounts) {
         self.connect += other.connect;
+        self.tls += other.tls;
         self.timeout += other.timeout;
         self.status_4xx += other.status_4xx;
         self.status_5xx += other.status_5xx;
@@ -305,6 +318,14 @@ pub struct Recorder {
     pub missing_variant: u64,
     pub requests: u64,
     pub answers: u64,
+    /// Connections opened (connected, and for https through the TLS handshake).
+    pub connections_opened: u64,
+    /// What the TLS handshakes settled on, with how many did each; a handful of entries at
+    /// most (one, against one server).
+    pub handshakes: Vec<(Negotiated, u64)>,
+    /// The first failed TLS handshake's reason, for the report: a count alone does not say
+    /// whether the certificate or the cipher was refused.
+    pub first_tls_error: Option<String>,
     /// Last header values seen and their ids, so the shared name table is locked only for a
     /// variant this connection has not met yet.
     seen: Vec<(HeaderValue, VariantId)>,
@@ -321,6 +342,9 @@ impl Recorder {
             missing_variant: 0,
             requests: 0,
             answers: 0,
+            connections_opened: 0,
+            handshakes: Vec::new(),
+            first_tls_error: None,
             seen: Vec::new(),
         }
     }
@@ -372,6 +396,19 @@ impl Recorder {
         self.shared.live.done.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A connection opened, with its TLS handshake's outcome for https.
+    pub fn opened(&mut self, negotiated: Option<Negotiated>) {
+        self.connections_opened += 1;
+        if let Some(negotiated) = negotiated {
+            add_handshakes(&mut self.handshakes, negotiated, 1);
+        }
+    }
+
+    /// A TLS handshake that failed, counted with the request it was for by [`Self::failure`].
+    pub fn tls_failed(&mut self, reason: String) {
+        self.first_tls_error.get_or_insert(reason);
+    }
+
     fn variant_id(&mut self, value: &HeaderValue) -> VariantId {
         if let Some((_, id)) = self.seen.iter().find(|(seen, _)| seen == value) {
             return *id;
@@ -400,6 +437,20 @@ impl Recorder {
         self.missing_variant += other.missing_variant;
         self.requests += other.requests;
         self.answers += other.answers;
+        self.connections_opened += other.connections_opened;
+        for (negotiated, count) in &other.handshakes {
+            add_handshakes(&mut self.handshakes, negotiated.clone(), *count);
+        }
+        if self.first_tls_error.is_none() {
+            self.first_tls_error.clone_from(&other.first_tls_error);
+        }
+    }
+}
+
+fn add_handshakes(handshakes: &mut Vec<(Negotiated, u64)>, negotiated: Negotiated, count: u64) {
+    match handshakes.iter_mut().find(|(seen, _)| *seen == negotiated) {
+        Some((_, total)) => *total += count,
+        None => handshakes.push((negotiated, count)),
     }
 }
 

@@ -203,6 +203,20 @@ async fn max_mode_reports_the_split_the_router_made_on_exactly_n_connections() {
 }
 
 #[tokio::test]
+async fn new_connections_mode_opens_a_socket_per_request() {
+    let (addr, seen) = start_router(Routing::ByParity).await;
+    let mut options = options(addr, Mode::Max, 100);
+    options.new_connections = true;
+    let report = loadtest::run(options).await.expect("run");
+
+    assert_eq!((report.answers, report.errors_total), (100, 0));
+    assert_eq!(seen.connections.load(Ordering::Relaxed), 100);
+    assert_eq!(report.connections_opened, 100);
+    assert!(report.tls.is_none());
+    assert_split_matches(&report, &seen);
+}
+
+#[tokio::test]
 async fn every_request_carries_the_extra_headers() {
     let (addr, seen) = start_router(Routing::ByParity).await;
     let mut options = options(addr, Mode::Max, 100);
