@@ -28,10 +28,13 @@ pub fn hash(salt: &str, user_id: &str, buckets: u32) -> (u32, u64) {
         .chain_update(salt.as_bytes())
         .chain_update(user_id.as_bytes())
         .finalize();
+    // Horner's rule over the big-endian digest, 32 bits a step: the remainder stays below
+    // `buckets` (a u32), so `acc << 32 | word` fits a u64, with 8 divisions instead of 32.
     let modulus = u64::from(buckets);
-    let reduced = digest
-        .iter()
-        .fold(0u64, |acc, &byte| (acc * 256 + u64::from(byte)) % modulus);
+    let reduced = digest.chunks_exact(4).fold(0u64, |acc, word| {
+        let word = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
+        ((acc << 32) | u64::from(word)) % modulus
+    });
     let mut fingerprint = [0; 8];
     fingerprint.copy_from_slice(&digest[..8]);
     // The remainder is below `buckets`, which is a u32.
@@ -272,6 +275,23 @@ mod tests {
     fn buckets_match_python_hashlib_salted_with_10000_buckets() {
         for (uid, expected) in [("alice", 4418), ("bob", 3662), ("user-1", 4100)] {
             assert_eq!(bucket("exp-42", uid, 10_000), expected, "user {uid:?}");
+        }
+    }
+
+    #[test]
+    fn buckets_match_python_hashlib_up_to_the_largest_bucket_count() {
+        // The reduction runs 32 bits a step, so counts near 2^32 are where it could overflow.
+        for (salt, uid, buckets, expected) in [
+            ("", "alice", u32::MAX, 49_340_120),
+            ("exp-42", "user-1", 4_294_967_291, 1_832_818_115),
+            ("", "bob", 1 << 31, 516_263_145),
+            ("s", "", 3, 1),
+        ] {
+            assert_eq!(
+                bucket(salt, uid, buckets),
+                expected,
+                "{salt:?} {uid:?} {buckets}"
+            );
         }
     }
 
