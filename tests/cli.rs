@@ -336,6 +336,57 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_idle_keep_alive_connections_without_waiting_out_the_grace_period() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let backend = Backend::start("control").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!(
+        "{}[limits]\nshutdown_grace = \"60s\"\n{}",
+        with_server(""),
+        variants(&[("control", &backend, 100.0)])
+    );
+    let path = write_config(dir.path(), &config);
+    let (mut child, addr, _admin) = spawn_run(&path);
+
+    // One answered request, then the connection stays open and idle.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    idle.write_all(b"GET / HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\n\r\n")
+        .await
+        .expect("send");
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("\"model\"") {
+        let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut chunk))
+            .await
+            .expect("an answer within 5 s")
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed before answering: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    signal(&child, "TERM");
+    let closed = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut chunk))
+        .await
+        .expect("the idle connection is closed well within the 60 s grace period");
+    assert_eq!(closed.expect("read"), 0, "EOF, not another answer");
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert_eq!(exit.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_rereads_the_config() {
     let control = Backend::start("control").await;
     let treatment = Backend::start("treatment").await;

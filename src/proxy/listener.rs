@@ -1,6 +1,7 @@
 //! Accepts client connections and serves each with HTTP/1.1 or h2 until shutdown: over TLS
 //! when the listener terminates it (ALPN chooses), else HTTP/1.1 or h2c (the first bytes do).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +28,11 @@ const H2_KEEP_ALIVE: Duration = Duration::from_secs(30);
 
 /// The first bytes of an h2c connection (RFC 9113 §3.4); no HTTP/1.1 request starts so.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Asks one connection to finish: the accept loop holds every open connection's sender and
+/// drops them all when shutdown begins. Polled at every wake-up of its connection, a oneshot
+/// costs an atomic load, where a `CancellationToken` takes a mutex.
+type Finish = oneshot::Receiver<()>;
 
 /// The HTTP versions a client may speak, and how abproxy serves each.
 struct Protocols {
@@ -125,9 +132,13 @@ async fn serve_with(
     // Owns every connection task, so that those still open when the grace period ends are
     // closed rather than left running; finished ones are reaped as the loop goes.
     let mut tasks = JoinSet::new();
+    let mut finishers = HashMap::new();
     loop {
         let (stream, client) = tokio::select! {
-            Some(_) = tasks.join_next() => continue,
+            Some(ended) = tasks.join_next_with_id() => {
+                finishers.remove(&ended.map_or_else(|err| err.id(), |(id, ())| id));
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
@@ -151,17 +162,22 @@ async fn serve_with(
             protocols: protocols.clone(),
             watcher: connections.watcher(),
         };
-        let (transport, shutdown) = (transport.clone(), shutdown.clone());
-        tasks.spawn(async move {
+        let transport = transport.clone();
+        let (finisher, finish) = oneshot::channel();
+        let task = tasks.spawn(async move {
             match transport {
-                Transport::Plain => connection.plain(stream, &shutdown).await,
+                Transport::Plain => connection.plain(stream, finish).await,
                 // Boxed, as h2 below: a TLS session is large, and plain connections'
                 // tasks would otherwise reserve room for one.
-                Transport::Tls(tls) => Box::pin(connection.tls(stream, &tls, &shutdown)).await,
+                Transport::Tls(tls) => Box::pin(connection.tls(stream, &tls, finish)).await,
             }
         });
+        finishers.insert(task.id(), finisher);
     }
     drop(listener);
+    // Every open connection is asked to finish: HTTP/1.1 ones end after the request in
+    // flight, if any; h2 ones (watched) send GOAWAY when the drain below begins.
+    drop(finishers);
 
     let grace = proxy.shutdown_grace();
     let open = connections.count();
@@ -205,11 +221,11 @@ struct Connection {
 
 impl Connection {
     /// HTTP/1.1 or h2c, told apart by the first bytes.
-    async fn plain(self, stream: TcpStream, shutdown: &CancellationToken) {
+    async fn plain(self, stream: TcpStream, mut finish: Finish) {
         let sniffed = tokio::select! {
             sniffed = tokio::time::timeout(self.protocols.header_timeout, sniff(&stream)) => sniffed,
             // A connection that has sent nothing yet has no request to finish.
-            () = shutdown.cancelled() => return,
+            _ = &mut finish => return,
         };
         let protocol = match sniffed {
             Ok(Ok(protocol)) => protocol,
@@ -220,17 +236,17 @@ impl Connection {
             Err(_) => return,
         };
         let peer = Peer::new(self.client);
-        self.serve(stream, protocol, peer, shutdown).await;
+        self.serve(stream, protocol, peer, finish).await;
     }
 
     /// A TLS handshake within `handshake_timeout`, then h2 if ALPN chose it, else HTTP/1.1.
     /// A failed handshake is counted by reason; it never reached a variant, so no request
     /// metric sees it.
-    async fn tls(self, stream: TcpStream, tls: &Terminator, shutdown: &CancellationToken) {
+    async fn tls(self, stream: TcpStream, tls: &Terminator, mut finish: Finish) {
         let timeout = self.proxy.handshake_timeout();
         let accepted = tokio::select! {
             accepted = tokio::time::timeout(timeout, tls.acceptor().accept(stream)) => accepted,
-            () = shutdown.cancelled() => return,
+            _ = &mut finish => return,
         };
         let stream = match accepted {
             Ok(Ok(stream)) => stream,
@@ -251,10 +267,10 @@ impl Connection {
             _ => Protocol::Http1,
         };
         let peer = Peer::over_tls(self.client);
-        self.serve(stream, protocol, peer, shutdown).await;
+        self.serve(stream, protocol, peer, finish).await;
     }
 
-    async fn serve<S>(self, stream: S, protocol: Protocol, peer: Peer, shutdown: &CancellationToken)
+    async fn serve<S>(self, stream: S, protocol: Protocol, peer: Peer, finish: Finish)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -284,12 +300,9 @@ impl Connection {
         let served = match protocol {
             // Upgradeable, for WebSocket. hyper-util's watcher takes no upgradeable
             // connection, so it is only held (the drain waits for its connections to drop
-            // theirs) while the shutdown token asks this one to finish.
+            // theirs) while `finish` asks this one to finish.
             Protocol::Http1 => {
                 let _drained_after = watcher;
-                // A token of its own: polled at every wake of the connection, it must not
-                // share a lock with every other connection's.
-                let shutdown = shutdown.child_token();
                 let connection = protocols
                     .http1
                     .serve_connection(io, service)
@@ -297,7 +310,7 @@ impl Connection {
                 tokio::pin!(connection);
                 let served = tokio::select! {
                     served = connection.as_mut() => served,
-                    () = shutdown.cancelled() => {
+                    _ = finish => {
                         connection.as_mut().graceful_shutdown();
                         connection.await
                     }
