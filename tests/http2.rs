@@ -253,6 +253,71 @@ async fn a_treatment_whose_upstream_is_down_falls_back_to_control() {
     assert_eq!(fallbacks, assigned_to_treatment);
 }
 
+/// A loopback address that never completes a TCP handshake: its accept queue is full, so
+/// the kernel drops the SYNs (the listener and the queued connections must stay alive).
+async fn unanswering() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>, String) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let listener = socket.listen(0).expect("listen");
+    let address = listener.local_addr().expect("addr");
+    let mut queued = Vec::new();
+    for _ in 0..8 {
+        let attempt = tokio::net::TcpStream::connect(address);
+        match tokio::time::timeout(Duration::from_millis(200), attempt).await {
+            Ok(stream) => queued.push(stream.expect("connect")),
+            Err(_) => return (listener, queued, format!("http://{address}")),
+        }
+    }
+    panic!("the accept queue never filled");
+}
+
+#[tokio::test]
+async fn a_treatment_that_never_accepts_falls_back_within_the_connect_timeout() {
+    for protocol in ["http1", "h2c"] {
+        let control = Backend::start("control").await;
+        let (_listener, _queued, treatment) = unanswering().await;
+        let proxy = Proxy::start(&format!(
+            "[limits]\nconnect_timeout = \"300ms\"\n\n\
+             [[variant]]\nname = \"control\"\nupstream = \"{}\"\nweight = 0\n\n\
+             [[variant]]\nname = \"treatment\"\nupstream = \"{treatment}\"\nweight = 100\n\
+             protocol = \"{protocol}\"\nfallback = \"control\"\n",
+            control.url(),
+        ))
+        .await;
+        for user in ["alice", "bob", "carol"] {
+            let started = std::time::Instant::now();
+            let reply = proxy.client.get("/predict").user(user).send().await;
+            assert_eq!(reply.status, 200, "{protocol}: {}", reply.text());
+            assert_eq!(
+                reply.variant(),
+                Some("control"),
+                "{protocol}: names who answered"
+            );
+            // The connect timeout (300 ms) bounds the wait, not the request timeout (30 s).
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{protocol}: answered after {:?}",
+                started.elapsed()
+            );
+        }
+        assert_eq!(
+            proxy.upstream_errors("treatment", "connect").await,
+            3.0,
+            "{protocol}"
+        );
+        let fallbacks = proxy
+            .metric(
+                "abproxy_fallbacks_total",
+                &[("variant", "treatment"), ("fallback", "control")],
+            )
+            .await;
+        assert_eq!(fallbacks, 3.0, "{protocol}");
+        assert_eq!(proxy.requests("control", "200").await, 3.0, "{protocol}");
+    }
+}
+
 #[tokio::test]
 async fn a_request_that_reached_the_upstream_is_never_sent_to_the_fallback() {
     let control = Backend::start("control").await;
