@@ -1084,12 +1084,16 @@ fi
 echo "- abproxy: $revision, $abproxy_run, RUST_LOG=warn; nginx: $nginx_version," \
     "\`worker_processes 1\`, \`keepalive 64\` (idle connections kept per upstream; no cap on open ones)"
 echo "- pinning: proxy on CPU 0; load generator and the three backends (loadtest-backend, one thread each) on CPU 1"
-echo "- runs: $DURATION each; throughput with \`--mode max --connections $CONNECTIONS\`;" \
-    "p99 with \`--rate $RATE --connections $CONNECTIONS\` (from the due time);" \
-    "peak RSS (VmHWM) after a $RSS_DURATION run with $RSS_CONNECTIONS connections;" \
-    "$USERS users by \`x-user-id\`; median of $REPEATS$(selected h2c &&
-        printf '; h2c scenario: no RSS run')$(selected tls &&
-        printf '; tls scenario: no fixed-rate or RSS run, see its section')"
+if ((${#TABLE_SCENARIOS[@]} > 0)); then
+    echo "- runs: $DURATION each; throughput with \`--mode max --connections $CONNECTIONS\`;" \
+        "p99 with \`--rate $RATE --connections $CONNECTIONS\` (from the due time);" \
+        "peak RSS (VmHWM) after a $RSS_DURATION run with $RSS_CONNECTIONS connections;" \
+        "$USERS users by \`x-user-id\`; median of $REPEATS$(selected h2c &&
+            printf '; h2c scenario: no RSS run')$(selected tls &&
+            printf '; tls scenario: no fixed-rate or RSS run, see its section')"
+else
+    echo "- runs: $DURATION each, median of $REPEATS; each scenario's section says what its runs do"
+fi
 echo "- command: \`$COMMAND_LINE\`"
 if ((${#TABLE_SCENARIOS[@]} > 0)); then
     echo
