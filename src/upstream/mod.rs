@@ -8,7 +8,10 @@
 //! to wait for that. User-space CPU per proxied request went from 5.7 to 4.4 µs.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -181,13 +184,14 @@ impl Upstream {
     /// Sends `request` and waits at most `timeout` for a free connection and the response
     /// head. The lease returned with the response holds the connection until the caller has
     /// read the body to its end (`Lease::release`) or given up on it.
-    pub async fn send(
+    pub fn send(
         &self,
         mut request: Request<UpstreamBody>,
         timeout: Duration,
-    ) -> Result<(Response<Incoming>, Lease), SendError> {
-        // `request` is reassigned, never rebound: every binding of it would be one more slot
-        // in this future, which hyper moves on every request and keeps per connection.
+    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), SendError>> + '_ {
+        // `request` is reassigned, never rebound, and `send` is no `async fn`: every binding
+        // of it would be one more slot in this future, which hyper moves on every request and
+        // keeps per client connection.
         let exchange = async move {
             let permit = match self.connections.clone().try_acquire_owned() {
                 Ok(permit) => permit,
@@ -218,9 +222,10 @@ impl Upstream {
                 },
             ))
         };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .unwrap_or_else(|_| Err(UpstreamError::no_response_within(timeout).into()))
+        Deadline {
+            exchange: tokio::time::timeout(timeout, exchange),
+            timeout,
+        }
     }
 
     /// One request on a pooled connection, or a new one. A pooled connection that turns out
@@ -445,6 +450,32 @@ impl std::fmt::Debug for Lease {
         f.debug_struct("Lease")
             .field("released", &self.returns.is_none())
             .finish()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An exchange that fails as an upstream timeout once its deadline passes.
+    struct Deadline<F> {
+        #[pin]
+        exchange: tokio::time::Timeout<F>,
+        timeout: Duration,
+    }
+}
+
+impl<F, T> Future for Deadline<F>
+where
+    F: Future<Output = Result<T, SendError>>,
+{
+    type Output = Result<T, SendError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match ready!(this.exchange.poll(cx)) {
+            Ok(answer) => Poll::Ready(answer),
+            Err(_elapsed) => {
+                Poll::Ready(Err(UpstreamError::no_response_within(*this.timeout).into()))
+            }
+        }
     }
 }
 
