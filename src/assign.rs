@@ -15,8 +15,8 @@ use crate::json_pointer::JsonPointer;
 
 /// `int.from_bytes(SHA-256(salt ‖ user_id), "big") mod buckets`, reducing all 256 bits.
 ///
-/// Byte-wise Horner reduction keeps every intermediate below `buckets × 256`, so no big
-/// integers are needed and the result equals Python's `int(sha256(...).hexdigest(), 16) % n`.
+/// Horner's rule 32 bits a step keeps every intermediate below `buckets × 2³²` (< 2⁶⁴), so no
+/// big integers are needed and the result equals Python's `int(sha256(...).hexdigest(), 16) % n`.
 pub fn bucket(salt: &str, user_id: &str, buckets: u32) -> u32 {
     hash(salt, user_id, buckets).0
 }

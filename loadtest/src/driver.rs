@@ -327,8 +327,10 @@ impl Worker {
             .build(user)
             .map_err(|_| ErrorKind::Other)?;
         // At most one retry, and only for a request hyper never wrote: a kept-alive socket the
-        // server closed while idle is routine, not an error of the system under test.
-        let mut retried = false;
+        // server closed while idle is routine, not an error of the system under test. With
+        // --new-connections there is no kept-alive socket, and a retry would be a second
+        // handshake for one answer.
+        let mut retried = self.plan.new_connections;
         let response = loop {
             let mut sender = self.ready_sender(deadline).await?;
             match timeout_at(deadline, sender.try_send_request(request)).await {
