@@ -262,14 +262,7 @@ http {
         # backlog 1024: what abproxy's listener (tokio) asks for.
         listen 127.0.0.1:$PORT_NGINX ssl http2 backlog=1024;
 
-        ssl_certificate $CERT;
-        ssl_certificate_key $KEY;
-        ssl_protocols TLSv1.3;
-        ssl_conf_command Ciphersuites $CIPHER;
-        ssl_ecdh_curve $GROUP;
-        # Every handshake a full one.
-        ssl_session_cache off;
-        ssl_session_tickets off;
+$(nginx_tls)
 
         location / {
             proxy_pass http://\$variant;
@@ -406,7 +399,7 @@ tls_parameters() {
 measure_h2load() {
     local scenario=$1 proxy=$2 rep=$3 key=$1/$2 out=$TMP/$1-$2-$3.txt fifo=$TMP/h2load.fifo
     local line rc=0 u0="" s0="" u1="" s1="" closed rps done_ succeeded failed errored
-    local protocol cipher group alpn want_alpn=http/1.1 ticks system_ticks
+    local protocol cipher group alpn want_alpn=http/1.1
     local args=(-c "$CONNECTIONS" -t 1 --warm-up-time "$WARMUP_S" -D "$DURATION_S"
         --tls13-ciphers "$CIPHER" --groups "$GROUP" -H "x-user-id: $USER_ID")
     if [[ $scenario == h1 ]]; then
@@ -454,13 +447,8 @@ measure_h2load() {
         note "$key" "run $rep: $done_ done, $succeeded succeeded, $failed failed, $errored errored"
     fi
 
-    system_ticks=$((s1 - s0))
-    ticks=$((u1 - u0 + system_ticks))
     record "$key/rate" "$rps"
-    record "$key/cpu_us" "$(us_per "$ticks" "$succeeded")"
-    record "$key/sys_us" "$(us_per "$system_ticks" "$succeeded")"
-    record "$key/busy" "$(awk -v t="$ticks" -v hz="$CLK_TCK" -v s="$DURATION_S" \
-        'BEGIN { printf "%.2f", t / hz / s }')"
+    record_cpu "$key/" $((u1 - u0)) $((s1 - s0)) "$succeeded" "$DURATION_S"
     closed=$(comm -13 "$out.time-wait-before" "$out.time-wait-after" | wc -l)
     record "$key/closed_per_k" "$(awk -v c="$closed" -v n="$succeeded" \
         'BEGIN { printf "%.1f", (n > 0 ? c * 1000 / n : 0) }')"
@@ -497,7 +485,7 @@ s_time_clients() {
 # $1 scenario (hs1 | hsK), $2 proxy, $3 repetition
 measure_handshakes() {
     local scenario=$1 proxy=$2 rep=$3 key=$1/$2 prefix=$TMP/$1-$2-$3
-    local clients=1 u0 s0 u1 s1 t0 t1 handshakes ticks system_ticks errors
+    local clients=1 u0 s0 u1 s1 t0 t1 handshakes errors
     [[ $scenario == hs1 ]] || clients=$HS_CLIENTS
     s_time_clients 1 "$WARMUP_S" "$prefix-warmup"
     read -r u0 s0 < <(proxy_cpu_ticks)
@@ -506,13 +494,9 @@ measure_handshakes() {
     t1=$EPOCHREALTIME
     handshakes=$HANDSHAKES
     read -r u1 s1 < <(proxy_cpu_ticks)
-    system_ticks=$((s1 - s0))
-    ticks=$((u1 - u0 + system_ticks))
     record "$key/rate" "$(awk -v n="$handshakes" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", n / (b - a) }')"
-    record "$key/cpu_us" "$(us_per "$ticks" "$handshakes")"
-    record "$key/sys_us" "$(us_per "$system_ticks" "$handshakes")"
-    record "$key/busy" "$(awk -v t="$ticks" -v hz="$CLK_TCK" -v a="$t0" -v b="$t1" \
-        'BEGIN { printf "%.2f", t / hz / (b - a) }')"
+    record_cpu "$key/" $((u1 - u0)) $((s1 - s0)) "$handshakes" \
+        "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')"
     errors=$(cat "$prefix"-[0-9]*.txt | grep -a -c -i 'error' || true)
     ((errors == 0)) || note "$key" "run $rep: $errors error lines from openssl s_time"
     log "  $(printf '%.0f' "${RESULTS[$key/rate]##* }") handshakes/s, ${RESULTS[$key/cpu_us]##* } µs CPU/handshake (kernel ${RESULTS[$key/sys_us]##* }), busy ${RESULTS[$key/busy]##* }"

@@ -303,17 +303,11 @@ write_nginx_conf() {
             proxy_set_header Connection "";'
     fi
     # tls: the split behind TLS 1.3 with one cipher suite and one group, every handshake a full
-    # one (as compare-tls.sh has it; OpenSSL still sends its two TLS 1.3 tickets, never usable).
+    # one (as compare-tls.sh has it).
     if [[ $1 == tls ]]; then
         listen=" ssl"
         tls="
-        ssl_certificate $CERT;
-        ssl_certificate_key $KEY;
-        ssl_protocols TLSv1.3;
-        ssl_conf_command Ciphersuites $CIPHER;
-        ssl_ecdh_curve $GROUP;
-        ssl_session_cache off;
-        ssl_session_tickets off;
+$(nginx_tls)
 "
     fi
     cat >"$dir/nginx.conf" <<EOF
@@ -723,7 +717,7 @@ check_errors() {
 # $1 scenario, $2 proxy, $3 repetition
 measure_proxy() {
     local scenario=$1 proxy=$2 rep=$3 key=$1/$2 out=$TMP/$1-$2-$3
-    local user_before system_before user_after system_after system_ticks ticks
+    local user_before system_before user_after system_after
     local opens_before line tput p99 answers elapsed control_pct dropped=0 predictions=0
     local mirroring=0 predicting=0 full=1 segs conns closed backend_before backend_after
     local vol_before invol_before vol_after invol_after
@@ -753,15 +747,10 @@ measure_proxy() {
     line=$(summary "$out-max.json")
     check_errors "$key" "max run $rep" "$line"
     read -r tput _ answers _ elapsed control_pct _ <<<"$line"
-    system_ticks=$((system_after - system_before))
-    ticks=$((user_after - user_before + system_ticks))
     record "$key/tput" "$tput"
-    record "$key/cpu_us" "$(us_per "$ticks" "$answers")"
-    # The kernel's share: TCP on loopback, charged to the proxy whichever proxy it is.
-    record "$key/sys_us" "$(us_per "$system_ticks" "$answers")"
-    record "$key/user_us" "$(us_per $((ticks - system_ticks)) "$answers")"
-    record "$key/busy" "$(awk -v t="$ticks" -v hz="$CLK_TCK" -v s="$elapsed" \
-        'BEGIN { printf "%.2f", (s > 0 ? t / hz / s : 0) }')"
+    # The kernel's share (sys_us): TCP on loopback, charged to the proxy whichever proxy it is.
+    record_cpu "$key/" $((user_after - user_before)) $((system_after - system_before)) \
+        "$answers" "$elapsed"
     record "$key/control_pct" "$control_pct"
     record "$key/opens_per_k" "$(awk -v o="${RESULTS[$key/opens]##* }" -v n="$answers" \
         'BEGIN { printf "%.1f", (n > 0 ? o * 1000 / n : 0) }')"
@@ -774,7 +763,7 @@ measure_proxy() {
     if ((closed > 0)); then
         note "$key" "max run $rep: $closed upstream connections closed during the run (their segments are not counted)"
     fi
-    log "  max:  $(printf '%.0f' "$tput") req/s, $ticks ticks of proxy CPU for $answers answers," \
+    log "  max:  $(printf '%.0f' "$tput") req/s, $((user_after - user_before + system_after - system_before)) ticks of proxy CPU for $answers answers," \
         "${RESULTS[$key/opens]##* } TCP connections opened; upstream: $conns connections," \
         "$segs segments ($closed closed)"
     if ((mirroring)); then
@@ -811,10 +800,8 @@ measure_proxy() {
     record "$key/p99" "$p99"
     record "$key/rate_tput" "$tput"
     # At a fixed rate both proxies mirror every request, so this is the like-for-like CPU cost.
-    record "$key/rate_cpu_us" "$(us_per \
-        $((user_after - user_before + system_after - system_before)) "$answers")"
-    record "$key/rate_sys_us" "$(us_per $((system_after - system_before)) "$answers")"
-    record "$key/rate_user_us" "$(us_per $((user_after - user_before)) "$answers")"
+    record_cpu "$key/rate_" $((user_after - user_before)) $((system_after - system_before)) \
+        "$answers"
     record "$key/rate_vcsw" "$(awk -v d=$((vol_after - vol_before)) -v n="$answers" \
         'BEGIN { printf "%.3f", (n > 0 ? d / n : 0) }')"
     record "$key/rate_ivcsw" "$(awk -v d=$((invol_after - invol_before)) -v n="$answers" \
@@ -911,7 +898,7 @@ TLS_ARGS=(--ca "$CA_CERT" --server-name localhost --tls-version 1.3 --tls-cipher
 # Metrics go under tls/PROXY, the hs run's with an hs_ prefix.
 measure_tls() {
     local proxy=$1 run=$2 rep=$3 key=tls/$1 out=$TMP/tls-$1-$2-$3 m="" args failures=0
-    local user_before system_before user_after system_after system_ticks ticks line
+    local user_before system_before user_after system_after line
     local tput answers elapsed control_pct client_user client_system reason
     local version cipher group alpn kinds handshakes tls_errors sets
     [[ $run == hs ]] && m=hs_
@@ -935,14 +922,9 @@ measure_tls() {
     line=$(summary "$out.json")
     check_errors "$key" "$run run $rep" "$line"
     read -r tput _ answers _ elapsed control_pct _ <<<"$line"
-    system_ticks=$((system_after - system_before))
-    ticks=$((user_after - user_before + system_ticks))
     record "$key/${m}tput" "$tput"
-    record "$key/${m}cpu_us" "$(us_per "$ticks" "$answers")"
-    record "$key/${m}sys_us" "$(us_per "$system_ticks" "$answers")"
-    record "$key/${m}user_us" "$(us_per $((ticks - system_ticks)) "$answers")"
-    record "$key/${m}busy" "$(awk -v t="$ticks" -v hz="$CLK_TCK" -v s="$elapsed" \
-        'BEGIN { printf "%.2f", (s > 0 ? t / hz / s : 0) }')"
+    record_cpu "$key/$m" $((user_after - user_before)) $((system_after - system_before)) \
+        "$answers" "$elapsed"
     record "$key/${m}client_us" "$(awk -v u="$client_user" -v s="$client_system" -v n="$answers" \
         'BEGIN { printf "%.2f", (n > 0 ? (u + s) / n : 0) }')"
     record "$key/${m}client_busy" "$(awk -v u="$client_user" -v s="$client_system" -v e="$elapsed" \
@@ -969,7 +951,7 @@ measure_tls() {
         ((failures == 0)) || note "$key" "$run run $rep: abproxy counted $failures failed TLS handshakes"
     fi
     log "  $run: $(printf '%.0f' "$tput") $([[ $run == hs ]] && echo handshakes || echo req)/s," \
-        "$ticks ticks of proxy CPU for $answers answers, $handshakes handshakes ($version $cipher" \
+        "$((user_after - user_before + system_after - system_before)) ticks of proxy CPU for $answers answers, $handshakes handshakes ($version $cipher" \
         "$group $alpn $kinds), load generator ${RESULTS[$key/${m}client_us]##* } µs CPU per answer"
     stop_proxy "$proxy"
     if [[ $proxy == nginx ]]; then

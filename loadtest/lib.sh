@@ -9,8 +9,27 @@
 #   BACKEND  the loadtest-backend binary
 #   CLK_TCK  clock ticks per second
 #   RESULTS  associative array "scenario/proxy/metric" -> space-separated values
+#   CERT, KEY, CIPHER, GROUP  the TLS certificate, its key, and the one suite and group offered
 # It holds only what both scripts do the same way; what differs (cleanup, note, the proxies'
 # start, stop and CPU counters, pair_ratios) stays in each script.
+
+# ---------------------------------------------------------------------------------------------
+# nginx
+
+# nginx's TLS directives in both comparisons, for its server block: the run's $CERT and $KEY,
+# TLS 1.3 only with one suite ($CIPHER) and one group ($GROUP), and every handshake a full one
+# (no session cache, no tickets; OpenSSL still sends its two TLS 1.3 tickets, never usable).
+nginx_tls() {
+    cat <<EOF
+        ssl_certificate $CERT;
+        ssl_certificate_key $KEY;
+        ssl_protocols TLSv1.3;
+        ssl_conf_command Ciphersuites $CIPHER;
+        ssl_ecdh_curve $GROUP;
+        ssl_session_cache off;
+        ssl_session_tickets off;
+EOF
+}
 
 # ---------------------------------------------------------------------------------------------
 # Messages
@@ -109,6 +128,20 @@ us_per() {
 
 # Appends value $2 to RESULTS key $1.
 record() { RESULTS[$1]="${RESULTS[$1]:-} $2"; }
+
+# Records the proxy's CPU per unit (answer or handshake) under the key prefix $1: cpu_us, and its
+# user_us and kernel sys_us parts, from $2 user and $3 system clock ticks over $4 units; with $5,
+# the run's wall time in seconds, also busy (cores: CPU time over wall time).
+record_cpu() {
+    local at=$1 user=$2 system=$3 units=$4 elapsed=${5:-}
+    record "${at}cpu_us" "$(us_per $((user + system)) "$units")"
+    record "${at}user_us" "$(us_per "$user" "$units")"
+    record "${at}sys_us" "$(us_per "$system" "$units")"
+    if [[ -n $elapsed ]]; then
+        record "${at}busy" "$(awk -v t=$((user + system)) -v hz="$CLK_TCK" -v s="$elapsed" \
+            'BEGIN { printf "%.2f", (s > 0 ? t / hz / s : 0) }')"
+    fi
+}
 
 # The median of the space-separated numbers $1 ("nan" ignored), or nan when there are none.
 median() {
