@@ -222,10 +222,7 @@ impl Upstream {
                 },
             ))
         };
-        Deadline {
-            exchange: tokio::time::timeout(timeout, exchange),
-            timeout,
-        }
+        Deadline::new(timeout, exchange)
     }
 
     /// One request on a pooled connection, or a new one. A pooled connection that turns out
@@ -321,9 +318,7 @@ impl Upstream {
             };
             Ok((response, lease))
         };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .unwrap_or_else(|_| Err(UpstreamError::no_response_within(timeout).into()))
+        Deadline::new(timeout, exchange).await
     }
 
     /// A new HTTP/2 connection, driven on a task of its own.
@@ -459,6 +454,15 @@ pin_project_lite::pin_project! {
         #[pin]
         exchange: tokio::time::Timeout<F>,
         timeout: Duration,
+    }
+}
+
+impl<F: Future> Deadline<F> {
+    fn new(timeout: Duration, exchange: F) -> Self {
+        Deadline {
+            exchange: tokio::time::timeout(timeout, exchange),
+            timeout,
+        }
     }
 }
 
