@@ -849,3 +849,78 @@ async fn an_upstream_that_stops_reading_an_upload_is_its_timeout_not_the_clients
     assert_eq!(proxy.upstream_errors("control", "timeout").await, 1.0);
     assert_eq!(proxy.requests("control", "408").await, 0.0);
 }
+
+#[tokio::test]
+async fn a_chunked_upload_streams_to_the_upstream_chunked_and_whole() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(&backend, "").await;
+    let mut stream = upload_under_way(
+        &proxy,
+        &backend,
+        b"POST /predict HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\ntransfer-encoding: chunked\r\n\r\nb\r\n{\"inputs\":[\r\n",
+    )
+    .await;
+    stream.write_all(b"3\r\n1,2\r\n").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stream
+        .write_all(b"2\r\n]}\r\n0\r\n\r\n")
+        .await
+        .expect("write");
+    assert_eq!(status_line(&mut stream).await, "HTTP/1.1 200 OK");
+    let received = &backend.received()[0];
+    assert_eq!(received.body, r#"{"inputs":[1,2]}"#);
+    assert_eq!(received.headers["transfer-encoding"], "chunked");
+}
+
+/// An upstream that answers `reply` as soon as it has a request's head, reads nothing more,
+/// and keeps the connection open.
+async fn answering_on_the_head(reply: &'static [u8]) -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let task = tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                _ => return,
+            }
+        }
+        let _ = stream.write_all(reply).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn an_answer_given_before_the_upload_ends_reaches_the_client() {
+    let (url, _upstream) = answering_on_the_head(
+        b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large",
+    )
+    .await;
+    let proxy = Proxy::start(&format!(
+        "[[variant]]\nname = \"control\"\nupstream = \"{url}\"\nweight = 100\n"
+    ))
+    .await;
+    let mut stream = sending(
+        &proxy,
+        b"POST /predict HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\ncontent-length: 1000000\r\n\r\n{\"inputs\":",
+    )
+    .await;
+    assert_eq!(
+        status_line(&mut stream).await,
+        "HTTP/1.1 413 Payload Too Large"
+    );
+    proxy.wait_for_requests("control", "413", 1.0).await;
+    assert_eq!(
+        proxy.metric("abproxy_upstream_errors_total", &[]).await,
+        0.0
+    );
+}

@@ -8,12 +8,11 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use tokio::sync::watch;
 
 use super::tally::Ending;
 use crate::prediction::{Inspection, Predictions};
-use crate::upstream::{body_error_kind, paused_too_long, Lease, UpstreamErrorKind};
+use crate::upstream::{self, paused_too_long, Lease, UpstreamError, UpstreamErrorKind};
 use std::sync::Arc;
 
 pin_project_lite::pin_project! {
@@ -22,7 +21,7 @@ pin_project_lite::pin_project! {
     pub enum ResponseBody {
         Upstream {
             #[pin]
-            body: Incoming,
+            body: upstream::Body,
             // Armed only while the upstream keeps the body waiting, so a body that streams
             // without pause never touches the timer wheel.
             #[pin]
@@ -32,8 +31,7 @@ pin_project_lite::pin_project! {
             inspection: Option<Inspection>,
             // Counts the request when the body ends (or, dropped first, as the client's 499).
             ending: Option<Ending>,
-            // The upstream connection is busy until this body is done: it goes back to the
-            // pool when the body ends, and its place in the connection limit with it.
+            // The exchange's place in the upstream's connection limit, until this body is done.
             lease: Lease,
         },
         Full { #[pin] body: Full<Bytes> },
@@ -43,11 +41,7 @@ pin_project_lite::pin_project! {
 impl ResponseBody {
     /// An upstream body that fails once the upstream sends nothing for `idle_timeout`, so a
     /// backend that stalls mid-body cannot hold its connection (and permit) forever.
-    pub fn upstream(body: Incoming, idle_timeout: Duration, mut lease: Lease) -> ResponseBody {
-        // hyper never polls a body that is empty from the start.
-        if body.is_end_stream() {
-            lease.release();
-        }
+    pub fn upstream(body: upstream::Body, idle_timeout: Duration, lease: Lease) -> ResponseBody {
         ResponseBody::Upstream {
             body,
             stall: None,
@@ -170,7 +164,7 @@ impl Body for ResponseBody {
                 capture,
                 inspection,
                 ending,
-                lease,
+                lease: _,
             } => {
                 let frame = match body.as_mut().poll_frame(cx) {
                     Poll::Ready(frame) => frame,
@@ -215,7 +209,6 @@ impl Body for ResponseBody {
                     ending.trailers(trailers);
                 }
                 if ended {
-                    lease.release();
                     if let Some(inspection) = inspection.as_mut() {
                         inspection.complete();
                     }
@@ -227,7 +220,7 @@ impl Body for ResponseBody {
                     }
                 } else if let Some(err) = failure {
                     if let Some(ending) = ending.take() {
-                        ending.upstream_failed(body_error_kind(err));
+                        ending.upstream_failed(err.kind);
                     }
                 }
                 Poll::Ready(frame.map(|frame| frame.map_err(BodyError::Upstream)))
@@ -255,7 +248,7 @@ impl Body for ResponseBody {
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error("upstream body failed: {0}")]
-    Upstream(hyper::Error),
+    Upstream(UpstreamError),
     #[error("upstream sent nothing for {}", humantime::format_duration(*.0))]
     Stalled(Duration),
 }

@@ -34,7 +34,7 @@ use crate::grpc;
 use crate::metrics::{Metrics, VariantMetrics};
 use crate::route::{Generation, Route};
 use crate::upstream::{
-    client_went_away, Lease, SendError, Upload, UploadError, UploadProgress, UpstreamBody,
+    self, client_went_away, Lease, SendError, Upload, UploadError, UploadProgress, UpstreamBody,
     UpstreamErrorKind,
 };
 use mirror::Mirrors;
@@ -222,7 +222,7 @@ fn answered(
 /// The upstream's answer as the client gets it: without its connection-level headers, its
 /// body streamed through (and failing if the upstream pauses past `idle_timeout`).
 fn client_response(
-    upstream: Response<Incoming>,
+    upstream: Response<upstream::Body>,
     idle_timeout: Duration,
     lease: Lease,
 ) -> Response<ResponseBody> {
@@ -238,7 +238,7 @@ struct Exchange<'a> {
     progress: Option<UploadProgress>,
 }
 
-type Answered = Result<(Response<Incoming>, Lease), ProxyError>;
+type Answered = Result<(Response<upstream::Body>, Lease), ProxyError>;
 
 impl<'a> Exchange<'a> {
     /// Answers a request its route's upstream did not. One that could not be sent at all (no

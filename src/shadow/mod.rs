@@ -332,7 +332,7 @@ impl Worker {
             }
         };
         // The lease lives until the body has been read, as the connection is busy until then.
-        let (response, mut lease) = match self.upstream.send(request, self.config.timeout).await {
+        let (response, _lease) = match self.upstream.send(request, self.config.timeout).await {
             Ok(answer) => answer,
             Err(SendError::Upstream(err) | SendError::NotSent { source: err, .. }) => {
                 return Answer::Failed {
@@ -358,10 +358,7 @@ impl Worker {
             .collect()
             .await
         {
-            Ok(collected) => {
-                lease.release();
-                collected.to_bytes()
-            }
+            Ok(collected) => collected.to_bytes(),
             Err(_) => Bytes::new(),
         };
         Answer::Answered { status, body }

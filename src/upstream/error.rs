@@ -54,17 +54,23 @@ impl SendError {
         let mut source = err.source();
         while let Some(cause) = source {
             match cause.downcast_ref::<UploadError>() {
-                Some(UploadError::Stalled(_)) => {
-                    return SendError::ClientStalled(cause.to_string())
-                }
-                Some(UploadError::Read(read)) if client_went_away(read) => {
-                    return SendError::ClientGone(cause.to_string())
-                }
-                Some(UploadError::Read(_)) => return SendError::ClientBody(cause.to_string()),
+                Some(upload) => return SendError::client(upload),
                 None => source = cause.source(),
             }
         }
         SendError::Upstream(UpstreamError::from_hyper(err))
+    }
+
+    /// The client's upload failed on its way upstream: the client's doing, never the
+    /// upstream's.
+    pub(super) fn client(err: &UploadError) -> SendError {
+        match err {
+            UploadError::Stalled(_) => SendError::ClientStalled(err.to_string()),
+            UploadError::Read(read) if client_went_away(read) => {
+                SendError::ClientGone(err.to_string())
+            }
+            UploadError::Read(_) => SendError::ClientBody(err.to_string()),
+        }
     }
 }
 
@@ -104,11 +110,6 @@ impl UpstreamError {
             detail: "the upstream's connection pool is closed".into(),
         }
     }
-}
-
-/// What a failure of an upstream's response body, mid-answer, says of the upstream.
-pub fn body_error_kind(err: &hyper::Error) -> UpstreamErrorKind {
-    classify(err)
 }
 
 fn classify(err: &hyper::Error) -> UpstreamErrorKind {

@@ -2,30 +2,31 @@
 //! a few multiplexed HTTP/2 ones), how they are opened (`connect`), and what their failures
 //! mean (`error`). Routing and shadows use it; it knows nothing of either.
 //!
-//! A pool of its own on `hyper::client::conn` rather than hyper-util's client: one upstream
-//! per pool means no pool map and key hashing per request, and an HTTP/1.1 connection goes
-//! back to the pool when its response body ends, where hyper-util spawns a task per request
-//! to wait for that. User-space CPU per proxied request went from 5.7 to 4.4 µs.
+//! A pool of its own rather than hyper-util's client: one upstream per pool means no pool map
+//! and key hashing per request, and an HTTP/1.1 connection goes back to the pool when its
+//! response body ends, where hyper-util spawns a task per request to wait for that. HTTP/1.1
+//! exchanges run in the request's own future (`http1`); HTTP/2 and upgrades use hyper's
+//! client connections.
 
-use std::collections::VecDeque;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, Uri};
+use http_body::{Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper::client::conn::http2;
+use hyper::client::conn::{self, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 mod connect;
 mod error;
+mod http1;
 mod idle;
 mod multiplex;
 mod tls;
@@ -33,7 +34,7 @@ mod upload;
 
 pub(crate) use error::client_went_away;
 use error::connection_closed;
-pub use error::{body_error_kind, SendError, Unsent, UpstreamError, UpstreamErrorKind};
+pub use error::{SendError, Unsent, UpstreamError, UpstreamErrorKind};
 pub use idle::paused_too_long;
 pub use tls::{ClientTls, TlsError, TlsSettings};
 pub use upload::{Upload, UploadError, UploadProgress};
@@ -46,10 +47,6 @@ use multiplex::{Multiplexed, Returnable};
 /// What abproxy sends upstream: the client's body streamed through, or one it buffered.
 pub type UpstreamBody = Either<Upload, Full<Bytes>>;
 
-/// How long an idle upstream connection stays in the pool.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// How long a request waits for a pooled connection that is not ready before opening one.
-const READY_WAIT: Duration = Duration::from_millis(10);
 /// How often an idle HTTP/2 connection is pinged, so a dead peer is found and replaced
 /// before a request is sent on it.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
@@ -71,10 +68,11 @@ pub struct Upstream {
 
 /// How requests reach the upstream.
 enum Transport {
-    /// A connection per request in flight, kept alive between requests.
+    /// A connection per request in flight, kept alive between requests; hyper's builder
+    /// for the connections that may be upgraded.
     Http1 {
-        idle: Arc<IdleConnections>,
-        builder: http1::Builder,
+        idle: Arc<http1::Pool>,
+        builder: conn::http1::Builder,
     },
     /// Requests multiplexed over a few connections.
     Http2 {
@@ -110,7 +108,7 @@ impl Upstream {
             transport: match target.protocol {
                 Protocol::Http1 => Transport::Http1 {
                     idle: Arc::default(),
-                    builder: http1::Builder::new(),
+                    builder: conn::http1::Builder::new(),
                 },
                 Protocol::H2 | Protocol::H2c => {
                     let mut builder = http2::Builder::new(TokioExecutor::new());
@@ -188,7 +186,7 @@ impl Upstream {
         &self,
         mut request: Request<UpstreamBody>,
         timeout: Duration,
-    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), SendError>> + '_ {
+    ) -> impl Future<Output = Result<(Response<Body>, Lease), SendError>> + '_ {
         // `request` is reassigned, never rebound, and `send` is no `async fn`: every binding
         // of it would be one more slot in this future, which hyper moves on every request and
         // keeps per client connection.
@@ -201,79 +199,61 @@ impl Upstream {
                     permit.map_err(|_| UpstreamError::closed())?
                 }
             };
-            let (response, returns) = match &self.transport {
-                Transport::Http1 { idle, .. } => {
-                    let (response, connection) = self.exchange(request).await?;
-                    (response, Some((connection, idle.clone())))
-                }
+            let response = match &self.transport {
+                Transport::Http1 { idle, .. } => self.exchange(request, idle).await?,
                 Transport::Http2 { connections, .. } => {
                     // Boxed: its retry and replay state would triple every HTTP/1.1
                     // request's future; an HTTP/2 request pays one allocation for it.
                     let send = connections.send(request, || Box::pin(self.connect_http2()));
-                    let response = Box::pin(send).await?;
-                    (response, None)
+                    Box::pin(send).await?.map(Body::hyper)
                 }
             };
-            Ok((
-                response,
-                Lease {
-                    returns,
-                    _permit: permit,
-                },
-            ))
+            Ok((response, Lease { _permit: permit }))
         };
         Deadline::new(timeout, exchange)
     }
 
-    /// One request on a pooled connection, or a new one. A pooled connection that turns out
-    /// closed before the request went out (the upstream dropped it while idle) is replaced
-    /// and the request sent again; nothing was sent, so any method may be retried.
+    /// One request on a pooled connection, or a new one. A pooled connection that fails
+    /// before any byte of the request went out (the upstream closed it while idle) is
+    /// replaced and the request sent again: nothing was sent, so any method may be retried.
     async fn exchange(
         &self,
         request: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, SendRequest<UpstreamBody>), SendError> {
-        let Transport::Http1 { idle, .. } = &self.transport else {
-            unreachable!("only HTTP/1.1 upstreams exchange on pooled connections")
-        };
+        idle: &Arc<http1::Pool>,
+    ) -> Result<Response<Body>, SendError> {
+        let pooled = poll_fn(|cx| Poll::Ready(idle.take(cx))).await;
         // Boxed, as every connect below: opening a connection (TCP, maybe TLS) is the rare
         // path, and inline its future would size every request's.
-        let Some(mut connection) = idle.take().await else {
-            return Box::pin(self.send_on_new_http1(request, false)).await;
+        let Some(connection) = pooled else {
+            return Box::pin(self.send_on_new_http1(request, idle)).await;
         };
-        // Scoped, so that the failure is not kept across the retry's await.
-        let request = {
-            let mut failed = match connection.try_send_request(request).await {
-                Ok(response) => return Ok((response, connection)),
-                Err(failed) => failed,
-            };
-            match failed.take_message() {
-                Some(request) => request,
-                None => return Err(SendError::from_hyper(failed.error())),
+        match connection.send(request, idle).await {
+            Ok(response) => Ok(response.map(Body::http1)),
+            Err(SendError::NotSent { request, .. }) => {
+                Box::pin(self.send_on_new_http1(*request.0, idle)).await
             }
-        };
-        drop(connection);
-        Box::pin(self.send_on_new_http1(request, false)).await
+            Err(err) => Err(err),
+        }
     }
 
-    /// `request` on a new HTTP/1.1 connection (one that may be upgraded, with `upgrades`).
+    /// `request` on a new HTTP/1.1 connection; one that never went out may go elsewhere.
     async fn send_on_new_http1(
         &self,
         request: Request<UpstreamBody>,
-        upgrades: bool,
-    ) -> Result<(Response<Incoming>, SendRequest<UpstreamBody>), SendError> {
-        let mut connection = match Box::pin(self.dial_http1(upgrades)).await {
-            Ok(connection) => connection,
+        idle: &Arc<http1::Pool>,
+    ) -> Result<Response<Body>, SendError> {
+        let stream = match self.connect().await {
+            Ok(stream) => stream,
             Err(err) => return Err(SendError::not_sent(err, request)),
         };
-        let response = connection
-            .send_request(request)
-            .await
-            .map_err(|err| SendError::from_hyper(&err))?;
-        Ok((response, connection))
+        let response = http1::Connection::new(stream).send(request, idle).await?;
+        Ok(response.map(Body::http1))
     }
 
-    /// A new HTTP/1.1 connection; with `upgrades`, one that may become a tunnel (`101`).
-    async fn dial_http1(&self, upgrades: bool) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
+    /// A new HTTP/1.1 connection driven by hyper, that may become a tunnel (`101`).
+    async fn dial_upgradable(
+        &self,
+    ) -> Result<conn::http1::SendRequest<UpstreamBody>, UpstreamError> {
         let Transport::Http1 { builder, .. } = &self.transport else {
             return Err(UpstreamError {
                 kind: UpstreamErrorKind::Protocol,
@@ -288,11 +268,7 @@ impl Upstream {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|err| self.handshake_failed(&err))?;
-        if upgrades {
-            self.drive(driver.with_upgrades());
-        } else {
-            self.drive(driver);
-        }
+        self.drive(driver.with_upgrades());
         Ok(connection)
     }
 
@@ -303,7 +279,7 @@ impl Upstream {
         &self,
         request: Request<UpstreamBody>,
         timeout: Duration,
-    ) -> Result<(Response<Incoming>, Lease), SendError> {
+    ) -> Result<(Response<Body>, Lease), SendError> {
         let exchange = async {
             let permit = self
                 .connections
@@ -311,12 +287,15 @@ impl Upstream {
                 .acquire_owned()
                 .await
                 .map_err(|_| UpstreamError::closed())?;
-            let (response, _connection) = self.send_on_new_http1(request, true).await?;
-            let lease = Lease {
-                returns: None,
-                _permit: permit,
+            let mut connection = match self.dial_upgradable().await {
+                Ok(connection) => connection,
+                Err(err) => return Err(SendError::not_sent(err, request)),
             };
-            Ok((response, lease))
+            let response = connection
+                .send_request(request)
+                .await
+                .map_err(|err| SendError::from_hyper(&err))?;
+            Ok((response.map(Body::hyper), Lease { _permit: permit }))
         };
         Deadline::new(timeout, exchange).await
     }
@@ -420,31 +399,61 @@ type Stream = tokio_util::either::Either<
     Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
 >;
 
-/// An upstream connection lent to one exchange, with its place in the connection limit.
-///
-/// Dropped before `release`, the connection is closed: its response was not read to the
-/// end, so it cannot carry another request.
+/// An exchange's place in the upstream's connection limit, held until its response body is
+/// done with. (The body itself holds an HTTP/1.1 connection, and returns it to the pool.)
+#[derive(Debug)]
 pub struct Lease {
-    /// An HTTP/1.1 connection and the pool it goes back to; HTTP/2 connections are shared
-    /// and never lent.
-    returns: Option<(SendRequest<UpstreamBody>, Arc<IdleConnections>)>,
     _permit: OwnedSemaphorePermit,
 }
 
-impl Lease {
-    /// The response body has been read to its end: the connection may serve again.
-    pub fn release(&mut self) {
-        if let Some((connection, idle)) = self.returns.take() {
-            idle.put(connection);
-        }
+/// An upstream's response body, which fails with what the failure says of the upstream.
+#[derive(Debug)]
+pub struct Body(Inner);
+
+#[derive(Debug)]
+enum Inner {
+    Http1(http1::Body),
+    Hyper(Incoming),
+}
+
+impl Body {
+    fn http1(body: http1::Body) -> Body {
+        Body(Inner::Http1(body))
+    }
+
+    fn hyper(body: Incoming) -> Body {
+        Body(Inner::Hyper(body))
     }
 }
 
-impl std::fmt::Debug for Lease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease")
-            .field("released", &self.returns.is_none())
-            .finish()
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = UpstreamError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        match &mut self.get_mut().0 {
+            Inner::Http1(body) => Pin::new(body).poll_frame(cx),
+            Inner::Hyper(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|err| UpstreamError::from_hyper(&err)),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Inner::Http1(body) => body.is_end_stream(),
+            Inner::Hyper(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Inner::Http1(body) => body.size_hint(),
+            Inner::Hyper(body) => body.size_hint(),
+        }
     }
 }
 
@@ -480,54 +489,6 @@ where
                 Poll::Ready(Err(UpstreamError::no_response_within(*this.timeout).into()))
             }
         }
-    }
-}
-
-/// Keep-alive connections waiting for a request, the most recently used last.
-#[derive(Default)]
-struct IdleConnections(Mutex<VecDeque<(SendRequest<UpstreamBody>, Instant)>>);
-
-impl IdleConnections {
-    /// The warmest usable connection, if any.
-    async fn take(&self) -> Option<SendRequest<UpstreamBody>> {
-        loop {
-            let (mut connection, since) = self.lock().pop_back()?;
-            if connection.is_closed() || since.elapsed() > POOL_IDLE_TIMEOUT {
-                continue;
-            }
-            if connection.is_ready() {
-                return Some(connection);
-            }
-            // Not ready: its task has yet to take it back after the last response, or the
-            // last request's body is still going out (the upstream answered before reading
-            // it all), which may take any time. Wait a moment, not the request's timeout.
-            match tokio::time::timeout(READY_WAIT, connection.ready()).await {
-                Ok(Ok(())) => return Some(connection),
-                Ok(Err(_)) => continue,
-                Err(_) => {
-                    self.lock().push_front((connection, since));
-                    return None;
-                }
-            }
-        }
-    }
-
-    fn put(&self, connection: SendRequest<UpstreamBody>) {
-        let now = Instant::now();
-        let mut idle = self.lock();
-        // The oldest are at the front: close those idle for too long.
-        while idle
-            .front()
-            .is_some_and(|(_, since)| now.duration_since(*since) > POOL_IDLE_TIMEOUT)
-        {
-            idle.pop_front();
-        }
-        idle.push_back((connection, now));
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(SendRequest<UpstreamBody>, Instant)>> {
-        // Nothing panics while holding the lock, and the list is valid whatever happened.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

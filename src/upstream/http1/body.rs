@@ -1,0 +1,132 @@
+//! A response body read off its connection as the client's side asks for it.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+
+use super::response::{Framing, Piece};
+use super::{Connection, Pool};
+use crate::upstream::{UpstreamError, UpstreamErrorKind};
+
+/// Dropped before its end, it closes the connection: the rest of the body is still on it.
+pub struct Body {
+    connection: Option<Connection>,
+    framing: Framing,
+    keep_alive: bool,
+    pool: Arc<Pool>,
+}
+
+impl Body {
+    pub(super) fn new(
+        connection: Connection,
+        framing: Framing,
+        keep_alive: bool,
+        pool: &Arc<Pool>,
+    ) -> Body {
+        let mut body = Body {
+            connection: Some(connection),
+            framing,
+            keep_alive,
+            pool: pool.clone(),
+        };
+        body.finish_if_done();
+        body
+    }
+
+    /// Once the body is read, the connection serves the next request if it can; an
+    /// upstream that sent more than it framed cannot be trusted with one.
+    fn finish_if_done(&mut self) {
+        if !self.framing.is_done() {
+            return;
+        }
+        if let Some(connection) = self.connection.take() {
+            if self.keep_alive && connection.read.is_empty() {
+                self.pool.put(connection);
+            }
+        }
+    }
+
+    /// Takes the next piece the connection holds, reading it if need be.
+    fn poll_piece(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Piece, UpstreamError>>> {
+        let Some(connection) = self.connection.as_mut() else {
+            return Poll::Ready(None);
+        };
+        loop {
+            match self.framing.decode(&mut connection.read) {
+                Ok(Some(piece)) => {
+                    // A chunked body's end may be read with its last data: say so now.
+                    self.framing.settle(&mut connection.read);
+                    return Poll::Ready(Some(Ok(piece)));
+                }
+                Ok(None) if self.framing.is_done() => return Poll::Ready(None),
+                Ok(None) => {}
+                Err(err) => {
+                    self.connection = None;
+                    return Poll::Ready(Some(Err(err)));
+                }
+            }
+            match ready!(connection.poll_fill(cx)) {
+                Ok(0) if self.framing == Framing::UntilClose => {
+                    self.framing = Framing::Empty;
+                    self.connection = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    self.connection = None;
+                    return Poll::Ready(Some(Err(UpstreamError {
+                        kind: UpstreamErrorKind::Reset,
+                        detail: "the upstream closed the connection mid-body".into(),
+                    })));
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    self.connection = None;
+                    return Poll::Ready(Some(Err(err)));
+                }
+            }
+        }
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = UpstreamError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        let this = self.get_mut();
+        let piece = ready!(this.poll_piece(cx));
+        // The end noticed with the last piece, so that `is_end_stream` says so at once.
+        this.finish_if_done();
+        Poll::Ready(piece.map(|piece| {
+            piece.map(|piece| match piece {
+                Piece::Data(data) => Frame::data(data),
+                Piece::Trailers(trailers) => Frame::trailers(trailers),
+            })
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing.remaining() {
+            Some(left) => SizeHint::with_exact(left),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Body")
+            .field("framing", &self.framing)
+            .finish()
+    }
+}

@@ -1,0 +1,631 @@
+//! HTTP/1.1 to an upstream, run inside the request's own future.
+//!
+//! hyper's client drives each connection on a task of its own and hands requests, responses
+//! and body chunks across channels: two task wake-ups and a channel send per request, and
+//! 29 % of abproxy's user time at max load. Here the request's future writes the request and
+//! reads the response head itself (`Exchange`), and the response body reads the socket as
+//! the client's side asks for it (`Body`); the connection goes back to the pool when the
+//! body ends.
+//!
+//! Upgrades (WebSocket) still go through hyper, on connections of their own.
+
+mod body;
+mod pool;
+mod request;
+mod response;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::request::Parts;
+use http::{Request, Response};
+use http_body::Body as _;
+use http_body_util::{Either, Full};
+use tokio::io::AsyncRead;
+
+pub use body::Body;
+pub(super) use pool::Pool;
+use request::{Outgoing, Payload, WriteFailure};
+
+use super::error::SendError;
+use super::tls;
+use super::{Stream, UpstreamBody, UpstreamError, UpstreamErrorKind};
+
+/// The first read of a response; doubled while reads fill it, for a large body.
+const FIRST_READ: usize = 8 * 1024;
+const LARGEST_READ: usize = 256 * 1024;
+
+/// A keep-alive connection to an upstream, idle between exchanges.
+pub(super) struct Connection {
+    io: Stream,
+    /// What the upstream sent and was not yet parsed: empty between exchanges.
+    read: BytesMut,
+    read_size: usize,
+    /// The last request's head, kept for its allocation.
+    head: Vec<u8>,
+}
+
+impl Connection {
+    pub fn new(io: Stream) -> Connection {
+        Connection {
+            io,
+            read: BytesMut::new(),
+            read_size: FIRST_READ,
+            head: Vec::new(),
+        }
+    }
+
+    /// Sends `request` and reads the response head. The response's body holds the
+    /// connection, and returns it to `pool` once read to its end if it can serve again.
+    /// A request none of which could be written comes back in `SendError::NotSent`.
+    pub fn send(self, request: Request<UpstreamBody>, pool: &Arc<Pool>) -> Exchange<'_> {
+        Exchange {
+            connection: Some(self),
+            state: State::Start(request),
+            pool,
+        }
+    }
+
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        head_request: bool,
+    ) -> Poll<Result<response::Head, UpstreamError>> {
+        loop {
+            if !self.read.is_empty() {
+                if let Some(head) = response::parse_head(&mut self.read, head_request)? {
+                    return Poll::Ready(Ok(head));
+                }
+            }
+            if ready!(self.poll_fill(cx))? == 0 {
+                return Poll::Ready(Err(UpstreamError {
+                    kind: UpstreamErrorKind::Reset,
+                    detail: "the upstream closed the connection before answering".into(),
+                }));
+            }
+        }
+    }
+
+    /// Reads what the upstream has sent into `read`; 0 once it has closed the connection.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, UpstreamError>> {
+        if self.read.capacity() - self.read.len() < self.read_size / 2 {
+            self.read.reserve(self.read_size);
+        }
+        let spare = self.read.capacity() - self.read.len();
+        let read = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.read
+        ))
+        .map_err(|err| io_error("reading the response", &err))?;
+        if read == spare && self.read_size < LARGEST_READ {
+            self.read_size *= 2;
+        }
+        Poll::Ready(Ok(read))
+    }
+
+    /// Whether an idle connection can take a request: the upstream has neither closed it
+    /// nor sent anything unasked. No system call unless the socket turned readable.
+    fn is_usable(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut probe = [0u8; 1];
+        let mut probe = tokio::io::ReadBuf::new(&mut probe);
+        // Pending: nothing arrived (a TLS session ticket is read and kept by rustls).
+        Pin::new(&mut self.io)
+            .poll_read(cx, &mut probe)
+            .is_pending()
+    }
+}
+
+/// One request and its response head, on one connection: written out rather than an
+/// `async fn`, which would keep the request twice over in a future that lives inside every
+/// client connection's.
+pub(super) struct Exchange<'a> {
+    /// Until the head arrives; then the response body's.
+    connection: Option<Connection>,
+    state: State,
+    pool: &'a Arc<Pool>,
+}
+
+enum State {
+    Start(Request<UpstreamBody>),
+    Sending {
+        outgoing: Outgoing,
+        /// Kept only while the request may yet go elsewhere: its header values share the
+        /// client connection's read buffer, which they would pin while the model thinks.
+        unsent: Option<Parts>,
+        head_request: bool,
+    },
+    Done,
+}
+
+impl Future for Exchange<'_> {
+    type Output = Result<Response<Body>, SendError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let Some(connection) = this.connection.as_mut() else {
+            return Poll::Pending;
+        };
+        if let State::Start(_) = this.state {
+            let State::Start(request) = std::mem::replace(&mut this.state, State::Done) else {
+                unreachable!("just matched")
+            };
+            this.state = start(request, std::mem::take(&mut connection.head), cx);
+        }
+        let State::Sending {
+            outgoing,
+            unsent,
+            head_request,
+        } = &mut this.state
+        else {
+            return Poll::Pending;
+        };
+        if unsent.is_some() {
+            match outgoing.poll_write(&mut connection.io, cx) {
+                Poll::Ready(Ok(())) => *unsent = None,
+                Poll::Ready(Err(failure)) => return Poll::Ready(Err(this.failed(failure))),
+                Poll::Pending => {}
+            }
+        }
+        // Read while writing: an upstream may answer (a 413, say) before the upload ends.
+        let head = match ready!(connection.poll_head(cx, *head_request)) {
+            Ok(head) => head,
+            Err(err) => return Poll::Ready(Err(err.into())),
+        };
+        let State::Sending { outgoing, .. } = std::mem::replace(&mut this.state, State::Done)
+        else {
+            unreachable!("just matched")
+        };
+        // An answer before the whole upload went out leaves the request cut short: the
+        // connection cannot carry another.
+        let keep_alive = head.keep_alive && outgoing.is_finished();
+        let Some(mut connection) = this.connection.take() else {
+            unreachable!("taken only here")
+        };
+        connection.head = outgoing.into_parts().1;
+        connection.read_size = FIRST_READ;
+        let body = Body::new(connection, head.framing, keep_alive, this.pool);
+        Poll::Ready(Ok(head.response.map(|()| body)))
+    }
+}
+
+impl Exchange<'_> {
+    /// The request could not be written: given back if none of it was.
+    fn failed(&mut self, failure: WriteFailure) -> SendError {
+        self.connection = None;
+        let err = match failure {
+            WriteFailure::Upload(err) => return SendError::client(&err),
+            WriteFailure::Io(err) => io_error("sending the request", &err),
+        };
+        let State::Sending {
+            outgoing, unsent, ..
+        } = std::mem::replace(&mut self.state, State::Done)
+        else {
+            return err.into();
+        };
+        match (unsent, outgoing.into_parts().0) {
+            (Some(parts), Some(payload)) => {
+                SendError::not_sent(err, Request::from_parts(parts, payload.into()))
+            }
+            _ => err.into(),
+        }
+    }
+}
+
+/// Encodes the request's head into `buffer` and readies its body to follow.
+fn start(request: Request<UpstreamBody>, buffer: Vec<u8>, cx: &mut Context<'_>) -> State {
+    let (parts, body) = request.into_parts();
+    let payload = match body {
+        Either::Left(upload) => Payload::Upload(upload),
+        Either::Right(full) => Payload::Bytes(bytes_of(full, cx)),
+    };
+    State::Sending {
+        outgoing: Outgoing::new(&parts, payload, buffer),
+        head_request: parts.method == http::Method::HEAD,
+        unsent: Some(parts),
+    }
+}
+
+/// A `Full` body's bytes: it holds one frame, ready at once (none when empty).
+fn bytes_of(mut full: Full<Bytes>, cx: &mut Context<'_>) -> Bytes {
+    match Pin::new(&mut full).poll_frame(cx) {
+        Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+        _ => Bytes::new(),
+    }
+}
+
+impl From<Payload> for UpstreamBody {
+    fn from(payload: Payload) -> UpstreamBody {
+        match payload {
+            Payload::Bytes(bytes) => Either::Right(Full::new(bytes)),
+            Payload::Upload(upload) => Either::Left(upload),
+        }
+    }
+}
+
+fn io_error(doing: &str, err: &std::io::Error) -> UpstreamError {
+    // Short of TLS and a timeout, an I/O failure mid-exchange is the connection's end.
+    let kind = if tls::is_tls_failure(err) {
+        UpstreamErrorKind::Tls
+    } else if err.kind() == std::io::ErrorKind::TimedOut {
+        UpstreamErrorKind::Timeout
+    } else {
+        UpstreamErrorKind::Reset
+    };
+    UpstreamError {
+        kind,
+        detail: format!("{doing}: {err}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use std::future::poll_fn;
+
+    use http::HeaderMap;
+    use http_body_util::BodyExt as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// What a scripted upstream does after a reply.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Then {
+        KeepOpen,
+        Close,
+    }
+
+    /// A model server that answers each request, on whatever connection, with the next
+    /// scripted reply, and records the requests as they arrived on the wire.
+    struct Scripted {
+        addr: SocketAddr,
+        connections: Arc<AtomicUsize>,
+        requests: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Scripted {
+        async fn start(replies: &[(&'static str, Then)]) -> Scripted {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let replies = Arc::new(Mutex::new(replies.iter().copied().collect::<VecDeque<_>>()));
+            let connections = Arc::new(AtomicUsize::new(0));
+            let requests = Arc::new(Mutex::new(Vec::new()));
+            let (counted, recorded) = (connections.clone(), requests.clone());
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(serve(stream, replies.clone(), recorded.clone()));
+                }
+            });
+            Scripted {
+                addr,
+                connections,
+                requests,
+            }
+        }
+
+        async fn connect(&self) -> Connection {
+            let stream = TcpStream::connect(self.addr).await.expect("connect");
+            Connection::new(Stream::Left(stream))
+        }
+
+        fn connections(&self) -> usize {
+            self.connections.load(Ordering::SeqCst)
+        }
+
+        fn requests(&self) -> Vec<String> {
+            self.requests.lock().expect("lock").clone()
+        }
+    }
+
+    async fn serve(
+        mut stream: TcpStream,
+        replies: Arc<Mutex<VecDeque<(&'static str, Then)>>>,
+        requests: Arc<Mutex<Vec<String>>>,
+    ) {
+        let mut buffer = Vec::new();
+        loop {
+            let Some(request) = read_request(&mut stream, &mut buffer).await else {
+                return;
+            };
+            requests.lock().expect("lock").push(request);
+            let Some((reply, then)) = replies.lock().expect("lock").pop_front() else {
+                return;
+            };
+            if stream.write_all(reply.as_bytes()).await.is_err() || then == Then::Close {
+                return;
+            }
+        }
+    }
+
+    /// One request off the wire: its head and a body of its `content-length`, or chunked to
+    /// its last chunk.
+    async fn read_request(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<String> {
+        let complete = |buffer: &[u8]| -> Option<usize> {
+            let head_end = buffer.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+            let head = String::from_utf8_lossy(&buffer[..head_end]).to_lowercase();
+            if head.contains("transfer-encoding: chunked") {
+                let tail = buffer[head_end..]
+                    .windows(5)
+                    .position(|w| w == b"0\r\n\r\n")?;
+                return Some(head_end + tail + 5);
+            }
+            let length = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length: "))
+                .map_or(0, |length| length.trim().parse().expect("length"));
+            (buffer.len() >= head_end + length).then_some(head_end + length)
+        };
+        loop {
+            if let Some(end) = complete(buffer) {
+                let request = String::from_utf8_lossy(&buffer[..end]).into_owned();
+                buffer.drain(..end);
+                return Some(request);
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+            }
+        }
+    }
+
+    fn get(path: &str) -> Request<UpstreamBody> {
+        Request::get(path)
+            .header("host", "model")
+            .body(Either::Right(Full::new(Bytes::new())))
+            .expect("request")
+    }
+
+    fn post(path: &str, body: &'static str) -> Request<UpstreamBody> {
+        Request::post(path)
+            .header("host", "model")
+            .body(Either::Right(Full::new(Bytes::from_static(
+                body.as_bytes(),
+            ))))
+            .expect("request")
+    }
+
+    async fn pooled(pool: &Pool) -> Option<Connection> {
+        poll_fn(|cx| Poll::Ready(pool.take(cx))).await
+    }
+
+    async fn send(
+        connection: Connection,
+        request: Request<UpstreamBody>,
+        pool: &Arc<Pool>,
+    ) -> Response<Body> {
+        match connection.send(request, pool).await {
+            Ok(response) => response,
+            Err(err) => panic!("failed: {err}"),
+        }
+    }
+
+    /// The body's bytes and trailers, or how it failed.
+    async fn read(body: Body) -> Result<(Bytes, Option<HeaderMap>), UpstreamError> {
+        let collected = body.collect().await?;
+        let trailers = collected.trailers().cloned();
+        Ok((collected.to_bytes(), trailers))
+    }
+
+    #[tokio::test]
+    async fn a_connection_serves_the_next_request_once_its_body_is_read() {
+        let upstream = Scripted::start(&[
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst",
+                Then::KeepOpen,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecond",
+                Then::KeepOpen,
+            ),
+        ])
+        .await;
+        let pool = Arc::new(Pool::default());
+        let response = send(upstream.connect().await, post("/predict", "{}"), &pool).await;
+        assert!(pooled(&pool).await.is_none(), "lent until its body is read");
+        let (first, _) = read(response.into_body()).await.expect("body");
+        assert_eq!(first, "first");
+
+        let connection = pooled(&pool).await.expect("back in the pool");
+        let response = send(connection, get("/health"), &pool).await;
+        assert_eq!(read(response.into_body()).await.expect("body").0, "second");
+        assert_eq!(upstream.connections(), 1);
+        assert_eq!(
+            upstream.requests(),
+            [
+                "POST /predict HTTP/1.1\r\nhost: model\r\ncontent-length: 2\r\n\r\n{}",
+                "GET /health HTTP/1.1\r\nhost: model\r\n\r\n",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_arrives_whole_with_its_trailers_and_frees_its_connection() {
+        let upstream = Scripted::start(&[(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\n{\"a\":1\r\n1\r\n}\r\n0\r\ngrpc-status: 0\r\n\r\n",
+            Then::KeepOpen,
+        )])
+        .await;
+        let pool = Arc::new(Pool::default());
+        let response = send(upstream.connect().await, get("/"), &pool).await;
+        assert_eq!(
+            response.body().size_hint().exact(),
+            None,
+            "no length to tell"
+        );
+        let (body, trailers) = read(response.into_body()).await.expect("body");
+        assert_eq!(body, "{\"a\":1}");
+        assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
+        assert!(pooled(&pool).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_ends_with_its_connection_is_read_to_the_close_and_not_kept() {
+        let upstream = Scripted::start(&[(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end",
+            Then::Close,
+        )])
+        .await;
+        let pool = Arc::new(Pool::default());
+        let response = send(upstream.connect().await, get("/"), &pool).await;
+        assert_eq!(
+            read(response.into_body()).await.expect("body").0,
+            "until the end"
+        );
+        assert!(pooled(&pool).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn answers_that_close_their_connection_leave_nothing_in_the_pool() {
+        for reply in [
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+            "HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ] {
+            let upstream = Scripted::start(&[(reply, Then::KeepOpen)]).await;
+            let pool = Arc::new(Pool::default());
+            let response = send(upstream.connect().await, get("/"), &pool).await;
+            assert_eq!(read(response.into_body()).await.expect("body").0, "ok");
+            assert!(pooled(&pool).await.is_none(), "{reply}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_answer_has_no_body_whatever_its_length_says() {
+        let upstream = Scripted::start(&[
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n",
+                Then::KeepOpen,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                Then::KeepOpen,
+            ),
+        ])
+        .await;
+        let pool = Arc::new(Pool::default());
+        let mut head = get("/");
+        *head.method_mut() = http::Method::HEAD;
+        let response = send(upstream.connect().await, head, &pool).await;
+        assert_eq!(response.headers()["content-length"], "1000");
+        assert!(response.body().is_end_stream());
+        drop(response);
+        let connection = pooled(&pool).await.expect("kept: nothing was left to read");
+        let response = send(connection, get("/"), &pool).await;
+        assert_eq!(read(response.into_body()).await.expect("body").0, "ok");
+    }
+
+    #[tokio::test]
+    async fn interim_answers_give_way_to_the_final_one() {
+        let upstream = Scripted::start(&[(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            Then::KeepOpen,
+        )])
+        .await;
+        let pool = Arc::new(Pool::default());
+        let response = send(upstream.connect().await, post("/", "{}"), &pool).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(read(response.into_body()).await.expect("body").0, "ok");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_while_idle_is_not_taken_from_the_pool() {
+        let upstream = Scripted::start(&[(
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            Then::Close,
+        )])
+        .await;
+        let pool = Arc::new(Pool::default());
+        let response = send(upstream.connect().await, get("/"), &pool).await;
+        read(response.into_body()).await.expect("body");
+        // The upstream closed it without saying so first: only its FIN tells.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(pooled(&pool).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_closes_mid_body_fails_the_body_as_a_reset() {
+        let upstream = Scripted::start(&[(
+            "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",
+            Then::Close,
+        )])
+        .await;
+        let pool = Arc::new(Pool::default());
+        let response = send(upstream.connect().await, get("/"), &pool).await;
+        let err = read(response.into_body()).await.expect_err("cut short");
+        assert_eq!(err.kind, UpstreamErrorKind::Reset);
+        assert!(pooled(&pool).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_closes_before_answering_is_a_reset() {
+        let upstream = Scripted::start(&[]).await;
+        let pool = Arc::new(Pool::default());
+        let failed = upstream.connect().await.send(get("/"), &pool).await;
+        let Err(SendError::Upstream(err)) = failed else {
+            panic!("the request went out, and no answer came");
+        };
+        assert_eq!(err.kind, UpstreamErrorKind::Reset);
+    }
+
+    #[tokio::test]
+    async fn a_garbled_answer_is_a_protocol_error() {
+        let upstream = Scripted::start(&[("HTTP/1.1 OK 200\r\n\r\n", Then::KeepOpen)]).await;
+        let pool = Arc::new(Pool::default());
+        let failed = upstream.connect().await.send(get("/"), &pool).await;
+        let Err(SendError::Upstream(err)) = failed else {
+            panic!("a garbled answer was taken");
+        };
+        assert_eq!(err.kind, UpstreamErrorKind::Protocol);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_takes_its_connection_with_it() {
+        let upstream = Scripted::start(&[(
+            "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",
+            Then::KeepOpen,
+        )])
+        .await;
+        let pool = Arc::new(Pool::default());
+        let response = send(upstream.connect().await, get("/"), &pool).await;
+        drop(response);
+        assert!(pooled(&pool).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_request_the_upstream_could_not_take_is_given_back_whole() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let stream = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        // The upstream resets the connection before the request is written.
+        let (accepted, _) = listener.accept().await.expect("accept");
+        accepted.set_zero_linger().expect("linger");
+        drop(accepted);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let pool = Arc::new(Pool::default());
+        let failed = Connection::new(Stream::Left(stream))
+            .send(post("/predict", "{\"x\":1}"), &pool)
+            .await;
+        let Err(SendError::NotSent { source, request }) = failed else {
+            panic!("the request was not given back");
+        };
+        assert_eq!(source.kind, UpstreamErrorKind::Reset);
+        assert_eq!(request.0.uri(), "/predict");
+        let body = match request.0.into_body() {
+            Either::Right(full) => full.collect().await.expect("infallible").to_bytes(),
+            Either::Left(_) => panic!("the body changed kind"),
+        };
+        assert_eq!(body, "{\"x\":1}");
+    }
+}
