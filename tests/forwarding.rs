@@ -6,6 +6,8 @@ mod support;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -922,5 +924,96 @@ async fn an_answer_given_before_the_upload_ends_reaches_the_client() {
     assert_eq!(
         proxy.metric("abproxy_upstream_errors_total", &[]).await,
         0.0
+    );
+}
+
+/// An upstream that answers the first request on each connection and, reading the second,
+/// closes the connection without a word: its keep-alive timeout racing the proxy's reuse.
+async fn timing_out_each_connection_on_reuse() -> (String, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut seen = Vec::new();
+                // Heads only: the test's requests carry at most a tiny body, sent with the head.
+                for answered in 0.. {
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(n) if n > 0 => seen.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                    seen.clear();
+                    if answered > 0 {
+                        return;
+                    }
+                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, accepted)
+}
+
+#[tokio::test]
+async fn an_idempotent_request_on_a_connection_the_upstream_times_out_is_sent_again() {
+    let (url, accepted) = timing_out_each_connection_on_reuse().await;
+    let proxy = Proxy::start(&format!(
+        "[[variant]]\nname = \"control\"\nupstream = \"{url}\"\nweight = 100\n"
+    ))
+    .await;
+    for _ in 0..3 {
+        let reply = proxy.client.get("/v1/models/m").user("alice").send().await;
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        3,
+        "each request after the first was sent again on a fresh connection"
+    );
+    assert_eq!(
+        proxy.metric("abproxy_upstream_errors_total", &[]).await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_post_on_a_connection_the_upstream_times_out_is_not_sent_twice() {
+    let (url, accepted) = timing_out_each_connection_on_reuse().await;
+    let proxy = Proxy::start(&format!(
+        "[[variant]]\nname = \"control\"\nupstream = \"{url}\"\nweight = 100\n"
+    ))
+    .await;
+    let first = proxy
+        .client
+        .post("/predict", "{}")
+        .user("alice")
+        .send()
+        .await;
+    assert_eq!(first.status, 200);
+    let second = proxy
+        .client
+        .post("/predict", "{}")
+        .user("alice")
+        .send()
+        .await;
+    assert_eq!(second.status, 502);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        proxy
+            .metric("abproxy_upstream_errors_total", &[("kind", "reset")])
+            .await,
+        1.0
     );
 }

@@ -10,7 +10,9 @@ pub enum SendError {
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     /// No connection could be had (refused, timed out, TLS refused): no byte of the request
-    /// reached the upstream, so another variant may serve it. Here it is, untouched.
+    /// reached the upstream, so another variant may serve it. Here it is, untouched. (Within
+    /// `upstream`, also an idempotent request that a reused connection lost before any
+    /// answer, to be sent again on a fresh one.)
     #[error("{source}")]
     NotSent {
         source: UpstreamError,

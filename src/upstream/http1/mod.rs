@@ -46,6 +46,8 @@ pub(super) struct Connection {
     read_size: usize,
     /// The last request's head, kept for its allocation.
     head: Vec<u8>,
+    /// Whether it has served before, and so may have been timed out by the upstream.
+    reused: bool,
 }
 
 impl Connection {
@@ -55,6 +57,7 @@ impl Connection {
             read: BytesMut::new(),
             read_size: FIRST_READ,
             head: Vec::new(),
+            reused: false,
         }
     }
 
@@ -133,12 +136,22 @@ enum State {
     Start(Request<UpstreamBody>),
     Sending {
         outgoing: Outgoing,
+        written: bool,
         /// Kept only while the request may yet go elsewhere: its header values share the
         /// client connection's read buffer, which they would pin while the model thinks.
         unsent: Option<Parts>,
+        /// The body of an idempotent request on a reused connection, to send it again on a
+        /// fresh one if the upstream closes this one without a word of an answer.
+        replay: Option<Bytes>,
         head_request: bool,
     },
     Done,
+}
+
+/// Why an exchange brought no answer.
+enum Failure {
+    Write(WriteFailure),
+    Read(UpstreamError),
 }
 
 impl Future for Exchange<'_> {
@@ -153,27 +166,36 @@ impl Future for Exchange<'_> {
             let State::Start(request) = std::mem::replace(&mut this.state, State::Done) else {
                 unreachable!("just matched")
             };
-            this.state = start(request, std::mem::take(&mut connection.head), cx);
+            this.state = start(request, connection, cx);
         }
         let State::Sending {
             outgoing,
+            written,
             unsent,
+            replay,
             head_request,
         } = &mut this.state
         else {
             return Poll::Pending;
         };
-        if unsent.is_some() {
+        if !*written {
             match outgoing.poll_write(&mut connection.io, cx) {
-                Poll::Ready(Ok(())) => *unsent = None,
-                Poll::Ready(Err(failure)) => return Poll::Ready(Err(this.failed(failure))),
+                Poll::Ready(Ok(())) => {
+                    *written = true;
+                    if replay.is_none() {
+                        *unsent = None;
+                    }
+                }
+                Poll::Ready(Err(failure)) => {
+                    return Poll::Ready(Err(this.failed(Failure::Write(failure))))
+                }
                 Poll::Pending => {}
             }
         }
         // Read while writing: an upstream may answer (a 413, say) before the upload ends.
         let head = match ready!(connection.poll_head(cx, *head_request)) {
             Ok(head) => head,
-            Err(err) => return Poll::Ready(Err(err.into())),
+            Err(err) => return Poll::Ready(Err(this.failed(Failure::Read(err)))),
         };
         let State::Sending { outgoing, .. } = std::mem::replace(&mut this.state, State::Done)
         else {
@@ -193,39 +215,64 @@ impl Future for Exchange<'_> {
 }
 
 impl Exchange<'_> {
-    /// The request could not be written: given back if none of it was.
-    fn failed(&mut self, failure: WriteFailure) -> SendError {
-        self.connection = None;
+    /// No answer came. The request is given back (`NotSent`) if none of it was written, or
+    /// if it may be sent again: an idempotent request on a reused connection that the
+    /// upstream closed before a byte of an answer, which is what a keep-alive race looks
+    /// like (the upstream timed the connection out as the request went out on it).
+    fn failed(&mut self, failure: Failure) -> SendError {
+        let answered = self
+            .connection
+            .take()
+            .is_some_and(|connection| !connection.read.is_empty());
         let err = match failure {
-            WriteFailure::Upload(err) => return SendError::client(&err),
-            WriteFailure::Io(err) => io_error("sending the request", &err),
+            Failure::Write(WriteFailure::Upload(err)) => return SendError::client(&err),
+            Failure::Write(WriteFailure::Io(err)) => io_error("sending the request", &err),
+            Failure::Read(err) => err,
         };
         let State::Sending {
-            outgoing, unsent, ..
+            outgoing,
+            unsent: Some(parts),
+            replay,
+            ..
         } = std::mem::replace(&mut self.state, State::Done)
         else {
             return err.into();
         };
-        match (unsent, outgoing.into_parts().0) {
-            (Some(parts), Some(payload)) => {
-                SendError::not_sent(err, Request::from_parts(parts, payload.into()))
+        let payload = match (outgoing.into_parts().0, replay) {
+            (Some(untouched), _) => untouched,
+            (None, Some(body)) if err.kind == UpstreamErrorKind::Reset && !answered => {
+                Payload::Bytes(body)
             }
-            _ => err.into(),
-        }
+            (None, _) => return err.into(),
+        };
+        SendError::not_sent(err, Request::from_parts(parts, payload.into()))
     }
 }
 
-/// Encodes the request's head into `buffer` and readies its body to follow.
-fn start(request: Request<UpstreamBody>, buffer: Vec<u8>, cx: &mut Context<'_>) -> State {
+/// Encodes the request's head into the connection's buffer and readies its body to follow.
+fn start(
+    request: Request<UpstreamBody>,
+    connection: &mut Connection,
+    cx: &mut Context<'_>,
+) -> State {
     let (parts, body) = request.into_parts();
     let payload = match body {
         Either::Left(upload) => Payload::Upload(upload),
         Either::Right(full) => Payload::Bytes(bytes_of(full, cx)),
     };
+    let replay = match &payload {
+        Payload::Bytes(bytes) if connection.reused && parts.method.is_idempotent() => {
+            Some(bytes.clone())
+        }
+        _ => None,
+    };
+    let buffer = std::mem::take(&mut connection.head);
     State::Sending {
         outgoing: Outgoing::new(&parts, payload, buffer),
+        written: false,
         head_request: parts.method == http::Method::HEAD,
         unsent: Some(parts),
+        replay,
     }
 }
 
@@ -574,6 +621,48 @@ mod tests {
         let failed = upstream.connect().await.send(get("/"), &pool).await;
         let Err(SendError::Upstream(err)) = failed else {
             panic!("the request went out, and no answer came");
+        };
+        assert_eq!(err.kind, UpstreamErrorKind::Reset);
+    }
+
+    /// A connection that served one request, on which the upstream then reads the next and
+    /// closes without answering: a keep-alive timeout racing the request.
+    async fn timed_out_on_reuse(upstream: &Scripted, pool: &Arc<Pool>) -> Connection {
+        let response = send(upstream.connect().await, get("/"), pool).await;
+        read(response.into_body()).await.expect("body");
+        pooled(pool).await.expect("kept")
+    }
+
+    #[tokio::test]
+    async fn an_idempotent_request_a_reused_connection_lost_unanswered_is_given_back() {
+        let upstream = Scripted::start(&[(
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            Then::KeepOpen,
+        )])
+        .await;
+        let pool = Arc::new(Pool::default());
+        let connection = timed_out_on_reuse(&upstream, &pool).await;
+        let failed = connection.send(get("/again"), &pool).await;
+        let Err(SendError::NotSent { source, request }) = failed else {
+            panic!("not given back to be sent again");
+        };
+        assert_eq!(source.kind, UpstreamErrorKind::Reset);
+        assert_eq!(request.0.uri(), "/again");
+        assert_eq!(upstream.requests().len(), 2, "it did reach the upstream");
+    }
+
+    #[tokio::test]
+    async fn a_post_a_reused_connection_lost_unanswered_is_not_sent_again() {
+        let upstream = Scripted::start(&[(
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            Then::KeepOpen,
+        )])
+        .await;
+        let pool = Arc::new(Pool::default());
+        let connection = timed_out_on_reuse(&upstream, &pool).await;
+        let failed = connection.send(post("/predict", "{}"), &pool).await;
+        let Err(SendError::Upstream(err)) = failed else {
+            panic!("a POST that reached the upstream may not be sent twice");
         };
         assert_eq!(err.kind, UpstreamErrorKind::Reset);
     }

@@ -26,7 +26,8 @@ impl Pool {
         }
     }
 
-    pub fn put(&self, connection: Connection) {
+    pub fn put(&self, mut connection: Connection) {
+        connection.reused = true;
         let now = Instant::now();
         let mut idle = self.lock();
         // The oldest are at the front: close those idle for too long.
