@@ -104,9 +104,17 @@ impl Outgoing {
         loop {
             let framing = &self.framing[self.framed..];
             if !framing.is_empty() || !self.data.is_empty() {
-                let pieces = [IoSlice::new(framing), IoSlice::new(&self.data)];
-                let written = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &pieces))
-                    .map_err(WriteFailure::Io)?;
+                let io = Pin::new(&mut *io);
+                // One slice when there is one: rustls gathers several into a `Vec` per write.
+                let written = ready!(match (framing.is_empty(), self.data.is_empty()) {
+                    (false, true) => io.poll_write(cx, framing),
+                    (true, false) => io.poll_write(cx, &self.data),
+                    _ => {
+                        let pieces = [IoSlice::new(framing), IoSlice::new(&self.data)];
+                        io.poll_write_vectored(cx, &pieces)
+                    }
+                })
+                .map_err(WriteFailure::Io)?;
                 if written == 0 {
                     return Poll::Ready(Err(WriteFailure::Io(
                         std::io::ErrorKind::WriteZero.into(),
