@@ -1017,3 +1017,67 @@ async fn a_post_on_a_connection_the_upstream_times_out_is_not_sent_twice() {
         1.0
     );
 }
+
+/// An upstream that hands the test the raw bytes of the first request it gets, a chunked
+/// one read to its empty last line, and answers 200.
+async fn recording_one_chunked_request() -> (String, tokio::sync::oneshot::Receiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (recorded, received) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let complete = |seen: &[u8]| {
+            let last_chunk = seen.windows(5).position(|w| w == b"\r\n0\r\n");
+            last_chunk.is_some_and(|at| {
+                seen[at + 5..].windows(4).any(|w| w == b"\r\n\r\n")
+                    || seen[at + 5..].starts_with(b"\r\n")
+            })
+        };
+        while !complete(&seen) {
+            match stream.read(&mut buf).await {
+                Ok(n) if n > 0 => seen.extend_from_slice(&buf[..n]),
+                _ => return,
+            }
+        }
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+        let _ = recorded.send(String::from_utf8_lossy(&seen).into_owned());
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    });
+    (url, received)
+}
+
+#[tokio::test]
+async fn declared_request_trailers_follow_a_chunked_upload_upstream() {
+    let (url, received) = recording_one_chunked_request().await;
+    let proxy = Proxy::start(&format!(
+        "[[variant]]\nname = \"control\"\nupstream = \"{url}\"\nweight = 100\n"
+    ))
+    .await;
+    let mut stream = sending(
+        &proxy,
+        b"POST /predict HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n2\r\n{}\r\n0\r\nx-checksum: abc\r\nx-undeclared: no\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_line(&mut stream).await, "HTTP/1.1 200 OK");
+    let request = tokio::time::timeout(Duration::from_secs(5), received)
+        .await
+        .expect("in time")
+        .expect("recorded");
+    assert!(
+        request.ends_with("\r\n\r\n2\r\n{}\r\n0\r\nx-checksum: abc\r\n\r\n"),
+        "{request}"
+    );
+    assert!(
+        request.contains("\r\ntransfer-encoding: chunked\r\n"),
+        "{request}"
+    );
+}

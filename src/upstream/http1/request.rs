@@ -5,9 +5,9 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{self, HeaderName, CONTENT_LENGTH, TRAILER, TRANSFER_ENCODING};
 use http::request::Parts;
-use http::Method;
+use http::{HeaderMap, Method};
 use http_body::Body as _;
 use tokio::io::AsyncWrite;
 
@@ -24,6 +24,9 @@ pub(super) struct Outgoing {
     chunked: bool,
     /// A chunk's data went out and its closing line break has not.
     chunk_open: bool,
+    /// The trailer fields the request's `Trailer` header declares: only those are sent, as
+    /// hyper's client did (RFC 9110 §6.5.1).
+    trailers: Vec<HeaderName>,
     wrote_any: bool,
 }
 
@@ -76,6 +79,11 @@ impl Outgoing {
             }
         };
         let chunked = upload.is_some() && length.is_none();
+        let trailers = if chunked {
+            declared_trailers(&parts.headers)
+        } else {
+            Vec::new()
+        };
         match length {
             Some(length) => {
                 let _ = write!(buffer, "content-length: {length}\r\n");
@@ -91,6 +99,7 @@ impl Outgoing {
             upload,
             chunked,
             chunk_open: false,
+            trailers,
             wrote_any: false,
         }
     }
@@ -136,13 +145,22 @@ impl Outgoing {
                     return Poll::Pending;
                 }
                 Poll::Ready(Some(Ok(frame))) => {
-                    // Request trailers have no place in an HTTP/1.1 request abproxy frames.
-                    let Ok(data) = frame.into_data() else {
-                        continue;
+                    let data = match frame.into_data() {
+                        Ok(data) if data.is_empty() => continue,
+                        Ok(data) => data,
+                        // Trailers come last: they end the body, in place of the empty
+                        // trailer section (a request with a length has none to send).
+                        Err(frame) => {
+                            if let (true, Ok(trailers)) = (self.chunked, frame.into_trailers()) {
+                                self.upload = None;
+                                self.start_piece();
+                                self.framing.extend_from_slice(b"0\r\n");
+                                self.encode_trailers(&trailers);
+                                self.framing.extend_from_slice(b"\r\n");
+                            }
+                            continue;
+                        }
                     };
-                    if data.is_empty() {
-                        continue;
-                    }
                     self.start_piece();
                     if self.chunked {
                         let _ = write!(self.framing, "{:x}\r\n", data.len());
@@ -158,6 +176,17 @@ impl Outgoing {
                     }
                 }
                 Poll::Ready(Some(Err(err))) => return Poll::Ready(Err(WriteFailure::Upload(err))),
+            }
+        }
+    }
+
+    fn encode_trailers(&mut self, trailers: &HeaderMap) {
+        for (name, value) in trailers {
+            if self.trailers.contains(name) && may_trail(name) {
+                self.framing.extend_from_slice(name.as_str().as_bytes());
+                self.framing.extend_from_slice(b": ");
+                self.framing.extend_from_slice(value.as_bytes());
+                self.framing.extend_from_slice(b"\r\n");
             }
         }
     }
@@ -186,6 +215,37 @@ impl Outgoing {
         };
         (payload, self.framing)
     }
+}
+
+/// The field names a request's `Trailer` header lines list.
+fn declared_trailers(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(TRAILER)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|names| names.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// Fields that framing, routing or authentication depend on may not come as trailers
+/// (RFC 9110 §6.5.1; the list hyper's client applies).
+fn may_trail(name: &HeaderName) -> bool {
+    ![
+        header::AUTHORIZATION,
+        header::CACHE_CONTROL,
+        header::CONTENT_ENCODING,
+        header::CONTENT_LENGTH,
+        header::CONTENT_RANGE,
+        header::CONTENT_TYPE,
+        header::HOST,
+        header::MAX_FORWARDS,
+        header::SET_COOKIE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::TE,
+    ]
+    .contains(name)
 }
 
 /// Methods whose requests carry a body by definition, so that an empty one is declared.
