@@ -55,6 +55,12 @@ pub(super) fn parse_head(
             read.advance(length);
             continue;
         }
+        // A reason phrase of the upstream's own (not the status's standard one) goes back to
+        // the client as it came, as hyper's client kept it.
+        let reason = parsed
+            .reason
+            .filter(|reason| Some(*reason) != status.canonical_reason())
+            .and_then(|reason| hyper::ext::ReasonPhrase::try_from(reason.as_bytes()).ok());
         let version = match parsed.version {
             Some(0) => Version::HTTP_10,
             _ => Version::HTTP_11,
@@ -71,6 +77,9 @@ pub(super) fn parse_head(
         *response.status_mut() = status;
         *response.version_mut() = version;
         *response.headers_mut() = headers;
+        if let Some(reason) = reason {
+            response.extensions_mut().insert(reason);
+        }
         return Ok(Some(Head {
             response,
             framing,
@@ -382,6 +391,18 @@ mod tests {
         assert_eq!(head.response.headers()["x-model"], "v2");
         assert_eq!(head.framing, Framing::Length(5));
         assert!(head.keep_alive);
+    }
+
+    #[test]
+    fn a_reason_phrase_of_the_upstreams_own_is_kept_and_a_standard_one_is_not() {
+        let own = parsed(b"HTTP/1.1 429 Slow Down, GPU Busy\r\ncontent-length: 0\r\n\r\n");
+        let reason = own.response.extensions().get::<hyper::ext::ReasonPhrase>();
+        assert_eq!(
+            reason.map(|r| r.as_bytes()),
+            Some(&b"Slow Down, GPU Busy"[..])
+        );
+        let standard = parsed(b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 0\r\n\r\n");
+        assert!(standard.response.extensions().is_empty());
     }
 
     #[test]
