@@ -110,6 +110,17 @@ impl Connection {
         Poll::Ready(Ok(read))
     }
 
+    /// Lets go of buffers a large answer or request head grew, so that an idle connection
+    /// holds no more than a small one.
+    fn trim(&mut self) {
+        if self.read.capacity() > 2 * FIRST_READ {
+            self.read = BytesMut::new();
+        }
+        if self.head.capacity() > 2 * FIRST_READ {
+            self.head = Vec::new();
+        }
+    }
+
     /// Whether an idle connection can take a request: the upstream has neither closed it
     /// nor sent anything unasked. No system call unless the socket turned readable.
     fn is_usable(&mut self, cx: &mut Context<'_>) -> bool {
@@ -495,6 +506,23 @@ mod tests {
                 "GET /health HTTP/1.1\r\nhost: model\r\n\r\n",
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_connection_idles_with_small_buffers_after_a_large_answer() {
+        let body_length = 1_000_000;
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {body_length}\r\n\r\n{}",
+            "x".repeat(body_length)
+        );
+        let reply: &'static str = Box::leak(reply.into_boxed_str());
+        let upstream = Scripted::start(&[(reply, Then::KeepOpen)]).await;
+        let pool = Arc::new(Pool::default());
+        let response = send(upstream.connect().await, get("/"), &pool).await;
+        let (body, _) = read(response.into_body()).await.expect("body");
+        assert_eq!(body.len(), body_length);
+        let connection = pooled(&pool).await.expect("kept");
+        assert!(connection.read.capacity() <= 2 * FIRST_READ);
     }
 
     #[tokio::test]

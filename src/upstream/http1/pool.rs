@@ -28,6 +28,7 @@ impl Pool {
 
     pub fn put(&self, mut connection: Connection) {
         connection.reused = true;
+        connection.trim();
         let now = Instant::now();
         let mut idle = self.lock();
         // The oldest are at the front: close those idle for too long.
