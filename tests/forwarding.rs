@@ -1081,3 +1081,31 @@ async fn declared_request_trailers_follow_a_chunked_upload_upstream() {
         "{request}"
     );
 }
+
+#[tokio::test]
+async fn an_upstream_that_gives_up_on_a_stalled_upload_and_closes_is_the_clients_delay() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        let _ = stream.read(&mut buf).await;
+        // The model server's own body timeout, shorter than abproxy's.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    });
+    let proxy = Proxy::start(&format!(
+        "[limits]\nclient_body_timeout = \"10s\"\n\n[[variant]]\nname = \"control\"\nupstream = \"{url}\"\nweight = 100\n"
+    ))
+    .await;
+    let mut stream = sending(
+        &proxy,
+        b"POST /predict HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\ncontent-length: 100\r\n\r\n{\"inputs\":",
+    )
+    .await;
+    answered_408_as_the_clients_delay(&proxy, &mut stream).await;
+}

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::tally::Ending;
 use crate::prediction::{Inspection, Predictions};
-use crate::upstream::{self, paused_too_long, Lease, UpstreamError, UpstreamErrorKind};
+use crate::upstream::{self, paused_too_long, Lease, UpstreamErrorKind};
 use std::sync::Arc;
 
 pin_project_lite::pin_project! {
@@ -219,8 +219,14 @@ impl Body for ResponseBody {
                         ending.complete();
                     }
                 } else if let Some(err) = failure {
-                    if let Some(ending) = ending.take() {
-                        ending.upstream_failed(err.kind);
+                    match (err, ending.take()) {
+                        (upstream::BodyError::Upstream(err), Some(ending)) => {
+                            ending.upstream_failed(err.kind);
+                        }
+                        // The client's upload failed beside the answer: counted as the
+                        // client's (499), as the ending is dropped.
+                        (upstream::BodyError::Client(_), ending) => drop(ending),
+                        (_, None) => {}
                     }
                 }
                 Poll::Ready(frame.map(|frame| frame.map_err(BodyError::Upstream)))
@@ -248,7 +254,7 @@ impl Body for ResponseBody {
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error("upstream body failed: {0}")]
-    Upstream(UpstreamError),
+    Upstream(upstream::BodyError),
     #[error("upstream sent nothing for {}", humantime::format_duration(*.0))]
     Stalled(Duration),
 }

@@ -313,13 +313,16 @@ impl<'a> Exchange<'a> {
     fn failure(&self, route: &Route, failed: SendError) -> ProxyError {
         let timeout = self.generation.config.limits.request_timeout;
         match failed {
-            // The answer was due while the upstream still waited for the client's body.
+            // The answer was due, or the upstream gave up and closed, while it still waited
+            // for the client's body.
             SendError::Upstream(source)
-                if source.kind == UpstreamErrorKind::Timeout
-                    && self
-                        .progress
-                        .as_ref()
-                        .is_some_and(UploadProgress::waiting_on_client) =>
+                if matches!(
+                    source.kind,
+                    UpstreamErrorKind::Timeout | UpstreamErrorKind::Reset
+                ) && self
+                    .progress
+                    .as_ref()
+                    .is_some_and(UploadProgress::waiting_on_client) =>
             {
                 ProxyError::ClientTimeout(format!(
                     "the client was still sending its request body after {}",

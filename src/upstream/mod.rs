@@ -35,6 +35,7 @@ mod upload;
 pub(crate) use error::client_went_away;
 use error::connection_closed;
 pub use error::{SendError, Unsent, UpstreamError, UpstreamErrorKind};
+pub use http1::BodyError;
 pub use idle::paused_too_long;
 pub use tls::{ClientTls, TlsError, TlsSettings};
 pub use upload::{Upload, UploadError, UploadProgress};
@@ -180,8 +181,8 @@ impl Upstream {
     }
 
     /// Sends `request` and waits at most `timeout` for a free connection and the response
-    /// head. The lease returned with the response holds the connection until the caller has
-    /// read the body to its end (`Lease::release`) or given up on it.
+    /// head. The lease returned with the response holds the request's place in the
+    /// connection limit until the caller drops it with the body.
     pub fn send(
         &self,
         mut request: Request<UpstreamBody>,
@@ -428,17 +429,23 @@ impl Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = UpstreamError;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match &mut self.get_mut().0 {
             Inner::Http1(body) => Pin::new(body).poll_frame(cx),
-            Inner::Hyper(body) => Pin::new(body)
-                .poll_frame(cx)
-                .map_err(|err| UpstreamError::from_hyper(&err)),
+            // An upload that fails beside the answer fails the answer too, in hyper's hands.
+            Inner::Hyper(body) => {
+                Pin::new(body)
+                    .poll_frame(cx)
+                    .map_err(|err| match SendError::from_hyper(&err) {
+                        SendError::Upstream(err) => BodyError::Upstream(err),
+                        client => BodyError::Client(client.to_string()),
+                    })
+            }
         }
     }
 

@@ -7,16 +7,30 @@ use std::task::{ready, Context, Poll};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
+use super::request::{Outgoing, WriteFailure};
 use super::response::{Framing, Piece};
 use super::{Connection, Pool};
-use crate::upstream::{UpstreamError, UpstreamErrorKind};
+use crate::upstream::{SendError, UpstreamError, UpstreamErrorKind};
 
 /// Dropped before its end, it closes the connection: the rest of the body is still on it.
 pub struct Body {
     connection: Option<Connection>,
     framing: Framing,
     keep_alive: bool,
+    /// The rest of a request the upstream began to answer before it was all written.
+    sending: Option<Box<Outgoing>>,
     pool: Arc<Pool>,
+}
+
+/// Why an upstream's answer ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The client's upload, still streaming beside the answer, failed: its doing, not the
+    /// upstream's.
+    #[error("{0}")]
+    Client(String),
 }
 
 impl Body {
@@ -24,27 +38,58 @@ impl Body {
         connection: Connection,
         framing: Framing,
         keep_alive: bool,
+        sending: Option<Box<Outgoing>>,
         pool: &Arc<Pool>,
     ) -> Body {
         let mut body = Body {
             connection: Some(connection),
             framing,
             keep_alive,
+            sending,
             pool: pool.clone(),
         };
         body.finish_if_done();
         body
     }
 
-    /// Once the body is read, the connection serves the next request if it can; an
-    /// upstream that sent more than it framed cannot be trusted with one.
+    /// Once the body is read, the connection serves the next request if it can: not if
+    /// the request is still going out, nor if the upstream sent more than it framed.
     fn finish_if_done(&mut self) {
         if !self.framing.is_done() {
             return;
         }
         if let Some(connection) = self.connection.take() {
-            if self.keep_alive && connection.read.is_empty() {
+            if self.keep_alive && self.sending.is_none() && connection.read.is_empty() {
                 self.pool.put(connection);
+            }
+        }
+        self.sending = None;
+    }
+
+    /// Sends more of the request the upstream is already answering.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Result<(), BodyError> {
+        let (Some(outgoing), Some(connection)) = (self.sending.as_mut(), self.connection.as_mut())
+        else {
+            return Ok(());
+        };
+        match outgoing.poll_write(&mut connection.io, cx) {
+            Poll::Pending => Ok(()),
+            Poll::Ready(Ok(())) => {
+                if let Some(outgoing) = self.sending.take() {
+                    connection.head = outgoing.into_parts().1;
+                }
+                Ok(())
+            }
+            // The upstream stopped reading: its answer stands, its connection does not.
+            Poll::Ready(Err(WriteFailure::Io(_))) => {
+                self.sending = None;
+                self.keep_alive = false;
+                Ok(())
+            }
+            Poll::Ready(Err(WriteFailure::Upload(err))) => {
+                self.sending = None;
+                self.connection = None;
+                Err(BodyError::Client(SendError::client(&err).to_string()))
             }
         }
     }
@@ -93,21 +138,23 @@ impl Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = UpstreamError;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
+        if let Err(err) = this.poll_send(cx) {
+            return Poll::Ready(Some(Err(err)));
+        }
         let piece = ready!(this.poll_piece(cx));
         // The end noticed with the last piece, so that `is_end_stream` says so at once.
         this.finish_if_done();
-        Poll::Ready(piece.map(|piece| {
-            piece.map(|piece| match piece {
-                Piece::Data(data) => Frame::data(data),
-                Piece::Trailers(trailers) => Frame::trailers(trailers),
-            })
+        Poll::Ready(piece.map(|piece| match piece {
+            Ok(Piece::Data(data)) => Ok(Frame::data(data)),
+            Ok(Piece::Trailers(trailers)) => Ok(Frame::trailers(trailers)),
+            Err(err) => Err(BodyError::Upstream(err)),
         }))
     }
 

@@ -26,7 +26,7 @@ use http_body::Body as _;
 use http_body_util::{Either, Full};
 use tokio::io::AsyncRead;
 
-pub use body::Body;
+pub use body::{Body, BodyError};
 pub(super) use pool::Pool;
 use request::{Outgoing, Payload, WriteFailure};
 
@@ -48,6 +48,9 @@ pub(super) struct Connection {
     head: Vec<u8>,
     /// Whether it has served before, and so may have been timed out by the upstream.
     reused: bool,
+    /// Whether the upstream has sent anything, an interim answer included, since the
+    /// request began.
+    heard: bool,
 }
 
 impl Connection {
@@ -58,6 +61,7 @@ impl Connection {
             read_size: FIRST_READ,
             head: Vec::new(),
             reused: false,
+            heard: false,
         }
     }
 
@@ -83,7 +87,9 @@ impl Connection {
                     return Poll::Ready(Ok(head));
                 }
             }
-            if ready!(self.poll_fill(cx))? == 0 {
+            let read = ready!(self.poll_fill(cx))?;
+            self.heard |= read > 0;
+            if read == 0 {
                 return Poll::Ready(Err(UpstreamError {
                     kind: UpstreamErrorKind::Reset,
                     detail: "the upstream closed the connection before answering".into(),
@@ -149,11 +155,15 @@ enum State {
         outgoing: Outgoing,
         written: bool,
         /// Kept only while the request may yet go elsewhere: its header values share the
-        /// client connection's read buffer, which they would pin while the model thinks.
+        /// client connection's read buffer, which they pin until then (until the answer's
+        /// head, for a request that may be sent again).
         unsent: Option<Parts>,
         /// The body of an idempotent request on a reused connection, to send it again on a
         /// fresh one if the upstream closes this one without a word of an answer.
         replay: Option<Bytes>,
+        /// A write that failed: believed only once reading shows no answer came first (an
+        /// upstream may answer a 413 and close without reading the rest).
+        write_error: Option<std::io::Error>,
         head_request: bool,
     },
     Done,
@@ -184,6 +194,7 @@ impl Future for Exchange<'_> {
             written,
             unsent,
             replay,
+            write_error,
             head_request,
         } = &mut this.state
         else {
@@ -197,6 +208,10 @@ impl Future for Exchange<'_> {
                         *unsent = None;
                     }
                 }
+                Poll::Ready(Err(WriteFailure::Io(err))) => {
+                    *written = true;
+                    *write_error = Some(err);
+                }
                 Poll::Ready(Err(failure)) => {
                     return Poll::Ready(Err(this.failed(Failure::Write(failure))))
                 }
@@ -206,21 +221,37 @@ impl Future for Exchange<'_> {
         // Read while writing: an upstream may answer (a 413, say) before the upload ends.
         let head = match ready!(connection.poll_head(cx, *head_request)) {
             Ok(head) => head,
-            Err(err) => return Poll::Ready(Err(this.failed(Failure::Read(err)))),
+            Err(err) => {
+                let failure = match write_error.take() {
+                    Some(io) => Failure::Write(WriteFailure::Io(io)),
+                    None => Failure::Read(err),
+                };
+                return Poll::Ready(Err(this.failed(failure)));
+            }
         };
-        let State::Sending { outgoing, .. } = std::mem::replace(&mut this.state, State::Done)
+        let State::Sending {
+            outgoing,
+            write_error,
+            ..
+        } = std::mem::replace(&mut this.state, State::Done)
         else {
             unreachable!("just matched")
         };
-        // An answer before the whole upload went out leaves the request cut short: the
-        // connection cannot carry another.
-        let keep_alive = head.keep_alive && outgoing.is_finished();
         let Some(mut connection) = this.connection.take() else {
             unreachable!("taken only here")
         };
-        connection.head = outgoing.into_parts().1;
         connection.read_size = FIRST_READ;
-        let body = Body::new(connection, head.framing, keep_alive, this.pool);
+        // An answer before the request was all written (a model streaming as it reads an
+        // upload, or a 413): the rest goes out beside the answer, as the body is read. A
+        // failed write ends the sending, not the answer, and the connection is not kept.
+        let keep_alive = head.keep_alive && write_error.is_none();
+        let rest = if outgoing.is_finished() || write_error.is_some() {
+            connection.head = outgoing.into_parts().1;
+            None
+        } else {
+            Some(Box::new(outgoing))
+        };
+        let body = Body::new(connection, head.framing, keep_alive, rest, this.pool);
         Poll::Ready(Ok(head.response.map(|()| body)))
     }
 }
@@ -234,7 +265,7 @@ impl Exchange<'_> {
         let answered = self
             .connection
             .take()
-            .is_some_and(|connection| !connection.read.is_empty());
+            .is_some_and(|connection| connection.heard);
         let err = match failure {
             Failure::Write(WriteFailure::Upload(err)) => return SendError::client(&err),
             Failure::Write(WriteFailure::Io(err)) => io_error("sending the request", &err),
@@ -278,9 +309,11 @@ fn start(
         _ => None,
     };
     let buffer = std::mem::take(&mut connection.head);
+    connection.heard = false;
     State::Sending {
         outgoing: Outgoing::new(&parts, payload, buffer),
         written: false,
+        write_error: None,
         head_request: parts.method == http::Method::HEAD,
         unsent: Some(parts),
         replay,
@@ -471,7 +504,10 @@ mod tests {
 
     /// The body's bytes and trailers, or how it failed.
     async fn read(body: Body) -> Result<(Bytes, Option<HeaderMap>), UpstreamError> {
-        let collected = body.collect().await?;
+        let collected = body.collect().await.map_err(|err| match err {
+            BodyError::Upstream(err) => err,
+            BodyError::Client(err) => panic!("no client here: {err}"),
+        })?;
         let trailers = collected.trailers().cloned();
         Ok((collected.to_bytes(), trailers))
     }
@@ -693,6 +729,103 @@ mod tests {
             panic!("a POST that reached the upstream may not be sent twice");
         };
         assert_eq!(err.kind, UpstreamErrorKind::Reset);
+    }
+
+    #[tokio::test]
+    async fn an_idempotent_request_the_upstream_began_to_answer_is_not_sent_again() {
+        let upstream = Scripted::start(&[
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                Then::KeepOpen,
+            ),
+            ("HTTP/1.1 100 Continue\r\n\r\n", Then::Close),
+        ])
+        .await;
+        let pool = Arc::new(Pool::default());
+        let connection = timed_out_on_reuse(&upstream, &pool).await;
+        let failed = connection.send(get("/again"), &pool).await;
+        assert!(
+            matches!(failed, Err(SendError::Upstream(_))),
+            "an upstream that said anything was alive when the request arrived"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_sent_before_the_upstream_stops_reading_wins_over_the_write_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let read = stream.read(&mut buf).await.expect("read");
+                head.extend_from_slice(&buf[..read]);
+            }
+            let reply = b"HTTP/1.1 413 Payload Too Large\r\nconnection: close\r\ncontent-length: 9\r\n\r\ntoo large";
+            stream.write_all(reply).await.expect("write");
+            // Closed with the upload unread: the kernel answers the rest with a reset.
+        });
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let pool = Arc::new(Pool::default());
+        let body: &'static str = Box::leak("x".repeat(16 << 20).into_boxed_str());
+        let response = Connection::new(Stream::Left(stream))
+            .send(post("/predict", body), &pool)
+            .await
+            .expect("the upstream's answer, not the reset of the upload");
+        assert_eq!(response.status(), 413);
+        assert_eq!(
+            read(response.into_body()).await.expect("body").0,
+            "too large"
+        );
+        assert!(pooled(&pool).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_answer_begun_before_the_upload_ends_goes_on_beside_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 65536];
+            let head_end = loop {
+                if let Some(at) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break at + 4;
+                }
+                let read = stream.read(&mut buf).await.expect("read");
+                seen.extend_from_slice(&buf[..read]);
+            };
+            // A model that streams as it reads: its answer's head first, then the upload.
+            let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+            stream.write_all(head).await.expect("write");
+            let mut uploaded = seen.len() - head_end;
+            while uploaded < 16 << 20 {
+                let read = stream.read(&mut buf).await.expect("read");
+                assert!(read > 0, "the upload stopped at {uploaded} bytes");
+                uploaded += read;
+            }
+            let count = uploaded.to_string();
+            let tail = format!("{:x}\r\n{count}\r\n0\r\n\r\n", count.len());
+            stream.write_all(tail.as_bytes()).await.expect("write");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let pool = Arc::new(Pool::default());
+        let body: &'static str = Box::leak("x".repeat(16 << 20).into_boxed_str());
+        let response = send(
+            Connection::new(Stream::Left(stream)),
+            post("/transcribe", body),
+            &pool,
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+        let answer = tokio::time::timeout(Duration::from_secs(10), read(response.into_body()))
+            .await
+            .expect("the answer ends once the upload is in")
+            .expect("body");
+        assert_eq!(answer.0, (16 << 20).to_string());
+        assert!(pooled(&pool).await.is_some(), "all written, all read: kept");
     }
 
     #[tokio::test]

@@ -71,8 +71,16 @@ pub(super) fn parse_head(
         let bytes = read.split_to(length).freeze();
         let headers = header_map(&bytes, spans)?;
 
+        let mut headers = headers;
         let framing = Framing::of(status, &headers, head_request)?;
-        let keep_alive = framing.leaves_connection_usable() && keeps_alive(version, &headers);
+        let mut keep_alive = framing.leaves_connection_usable() && keeps_alive(version, &headers);
+        if headers.contains_key(TRANSFER_ENCODING) {
+            // Both framings at once, or chunked from an HTTP/1.0 server: the chunking wins
+            // but the message is suspect (RFC 9112 §6.1, §6.3), so the length is not passed
+            // on and the connection not kept.
+            keep_alive &= version == Version::HTTP_11 && !headers.contains_key(CONTENT_LENGTH);
+            headers.remove(CONTENT_LENGTH);
+        }
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;
@@ -186,9 +194,12 @@ impl Framing {
         }
         let mut length = None;
         for value in headers.get_all(CONTENT_LENGTH) {
-            let parsed = std::str::from_utf8(value.as_bytes())
+            // Digits only: `parse` would take a sign, which hyper's server then passes on.
+            let digits = value.as_bytes().trim_ascii();
+            let parsed = std::str::from_utf8(digits)
                 .ok()
-                .and_then(|text| text.trim().parse::<u64>().ok())
+                .filter(|text| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|text| text.parse::<u64>().ok())
                 .ok_or_else(|| protocol("invalid content-length"))?;
             if length.is_some_and(|earlier| earlier != parsed) {
                 return Err(protocol("conflicting content-length values"));
@@ -287,6 +298,10 @@ enum Step {
 /// Reads the framing between a chunked body's data: sizes, line breaks, trailers.
 fn decode_chunk_framing(chunk: &mut Chunk, read: &mut BytesMut) -> Result<Step, UpstreamError> {
     match chunk {
+        // httparse takes a line without digits for the last chunk; a size has at least one.
+        Chunk::Size if read.first().is_some_and(|byte| !byte.is_ascii_hexdigit()) => {
+            Err(protocol("invalid chunk size"))
+        }
         Chunk::Size => match httparse::parse_chunk_size(read) {
             Ok(httparse::Status::Complete((length, size))) => {
                 read.advance(length);
@@ -461,9 +476,24 @@ mod tests {
     }
 
     #[test]
+    fn a_length_beside_chunking_is_dropped_and_the_connection_not_kept() {
+        for wire in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n"[..],
+            b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n",
+        ] {
+            let head = parsed(wire);
+            assert_eq!(head.framing, Framing::Chunked(Chunk::Size));
+            assert!(!head.response.headers().contains_key(CONTENT_LENGTH));
+            assert!(!head.keep_alive, "{wire:?}");
+        }
+    }
+
+    #[test]
     fn malformed_heads_are_protocol_errors() {
         for wire in [
-            &b"HTTP/1.1 2000 OK\r\n\r\n"[..],
+            &b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\n",
+            b"HTTP/1.1 2000 OK\r\n\r\n",
             b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
@@ -519,7 +549,12 @@ mod tests {
 
     #[test]
     fn bad_chunk_framing_is_a_protocol_error() {
-        for wire in [&b"zz\r\n"[..], b"3\r\nabcdef\r\n"] {
+        for wire in [
+            &b"zz\r\n"[..],
+            b"3\r\nabcdef\r\n",
+            b"3\r\nabc\r\n\r\n\r\n",
+            b";x\r\n",
+        ] {
             let mut framing = Framing::Chunked(Chunk::Size);
             let mut read = BytesMut::from(wire);
             let outcome = std::iter::from_fn(|| Some(framing.decode(&mut read)))
