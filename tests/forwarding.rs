@@ -16,6 +16,14 @@ use tokio::net::TcpStream;
 
 use support::{variants, Backend, Proxy};
 
+/// The proxy with one variant, `control`, at `url`: an upstream the test scripts itself.
+async fn one_variant_at(url: &str, extra: &str) -> Proxy {
+    Proxy::start(&format!(
+        "{extra}\n[[variant]]\nname = \"control\"\nupstream = \"{url}\"\nweight = 100\n"
+    ))
+    .await
+}
+
 async fn one_variant(backend: &Backend, extra: &str) -> Proxy {
     Proxy::start(&format!(
         "{extra}\n{}",
@@ -875,10 +883,23 @@ async fn a_chunked_upload_streams_to_the_upstream_chunked_and_whole() {
     assert_eq!(received.headers["transfer-encoding"], "chunked");
 }
 
+/// Reads from `stream` into `seen` until a message head has ended; false if it closed first.
+async fn read_head<R: AsyncRead + Unpin>(stream: &mut R, seen: &mut Vec<u8>) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(n) if n > 0 => seen.extend_from_slice(&buf[..n]),
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// An upstream that answers `reply` as soon as it has a request's head, reads nothing more,
 /// and keeps the connection open.
 async fn answering_on_the_head(reply: &'static [u8]) -> (String, tokio::task::JoinHandle<()>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -887,13 +908,8 @@ async fn answering_on_the_head(reply: &'static [u8]) -> (String, tokio::task::Jo
         let Ok((mut stream, _)) = listener.accept().await else {
             return;
         };
-        let mut head = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match stream.read(&mut buf).await {
-                Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
-                _ => return,
-            }
+        if !read_head(&mut stream, &mut Vec::new()).await {
+            return;
         }
         let _ = stream.write_all(reply).await;
         tokio::time::sleep(Duration::from_secs(10)).await;
@@ -907,10 +923,7 @@ async fn an_answer_given_before_the_upload_ends_reaches_the_client() {
         b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large",
     )
     .await;
-    let proxy = Proxy::start(&format!(
-        "[[variant]]\nname = \"control\"\nupstream = \"{url}\"\nweight = 100\n"
-    ))
-    .await;
+    let proxy = one_variant_at(&url, "").await;
     let mut stream = sending(
         &proxy,
         b"POST /predict HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\ncontent-length: 1000000\r\n\r\n{\"inputs\":",
@@ -930,7 +943,7 @@ async fn an_answer_given_before_the_upload_ends_reaches_the_client() {
 /// An upstream that answers the first request on each connection and, reading the second,
 /// closes the connection without a word: its keep-alive timeout racing the proxy's reuse.
 async fn timing_out_each_connection_on_reuse() -> (String, Arc<AtomicUsize>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -941,18 +954,9 @@ async fn timing_out_each_connection_on_reuse() -> (String, Arc<AtomicUsize>) {
         while let Ok((mut stream, _)) = listener.accept().await {
             counted.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let mut seen = Vec::new();
                 // Heads only: the test's requests carry at most a tiny body, sent with the head.
                 for answered in 0.. {
-                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf).await {
-                            Ok(n) if n > 0 => seen.extend_from_slice(&buf[..n]),
-                            _ => return,
-                        }
-                    }
-                    seen.clear();
-                    if answered > 0 {
+                    if !read_head(&mut stream, &mut Vec::new()).await || answered > 0 {
                         return;
                     }
                     let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
@@ -969,10 +973,7 @@ async fn timing_out_each_connection_on_reuse() -> (String, Arc<AtomicUsize>) {
 #[tokio::test]
 async fn an_idempotent_request_on_a_connection_the_upstream_times_out_is_sent_again() {
     let (url, accepted) = timing_out_each_connection_on_reuse().await;
-    let proxy = Proxy::start(&format!(
-        "[[variant]]\nname = \"control\"\nupstream = \"{url}\"\nweight = 100\n"
-    ))
-    .await;
+    let proxy = one_variant_at(&url, "").await;
     for _ in 0..3 {
         let reply = proxy.client.get("/v1/models/m").user("alice").send().await;
         assert_eq!(reply.status, 200);
@@ -991,10 +992,7 @@ async fn an_idempotent_request_on_a_connection_the_upstream_times_out_is_sent_ag
 #[tokio::test]
 async fn a_post_on_a_connection_the_upstream_times_out_is_not_sent_twice() {
     let (url, accepted) = timing_out_each_connection_on_reuse().await;
-    let proxy = Proxy::start(&format!(
-        "[[variant]]\nname = \"control\"\nupstream = \"{url}\"\nweight = 100\n"
-    ))
-    .await;
+    let proxy = one_variant_at(&url, "").await;
     let first = proxy
         .client
         .post("/predict", "{}")
@@ -1058,10 +1056,7 @@ async fn recording_one_chunked_request() -> (String, tokio::sync::oneshot::Recei
 #[tokio::test]
 async fn declared_request_trailers_follow_a_chunked_upload_upstream() {
     let (url, received) = recording_one_chunked_request().await;
-    let proxy = Proxy::start(&format!(
-        "[[variant]]\nname = \"control\"\nupstream = \"{url}\"\nweight = 100\n"
-    ))
-    .await;
+    let proxy = one_variant_at(&url, "").await;
     let mut stream = sending(
         &proxy,
         b"POST /predict HTTP/1.1\r\nhost: abproxy\r\nx-user-id: alice\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n2\r\n{}\r\n0\r\nx-checksum: abc\r\nx-undeclared: no\r\n\r\n",
@@ -1098,9 +1093,11 @@ async fn an_upstream_that_gives_up_on_a_stalled_upload_and_closes_is_the_clients
         // The model server's own body timeout, shorter than abproxy's.
         tokio::time::sleep(Duration::from_millis(300)).await;
     });
-    let proxy = Proxy::start(&format!(
-        "[limits]\nclient_body_timeout = \"10s\"\n\n[[variant]]\nname = \"control\"\nupstream = \"{url}\"\nweight = 100\n"
-    ))
+    let proxy = one_variant_at(
+        &url,
+        "[limits]
+client_body_timeout = \"10s\"",
+    )
     .await;
     let mut stream = sending(
         &proxy,

@@ -487,6 +487,58 @@ mod tests {
             .expect("request")
     }
 
+    /// The plainest answer a model server gives.
+    const OK: &str = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+    /// The answer to `request` on a new connection to `upstream`, and the pool that the
+    /// connection goes back to.
+    async fn first_answer(
+        upstream: &Scripted,
+        request: Request<UpstreamBody>,
+    ) -> (Response<Body>, Arc<Pool>) {
+        let pool = Arc::new(Pool::default());
+        let response = send(upstream.connect().await, request, &pool).await;
+        (response, pool)
+    }
+
+    /// A connection to an upstream that, once it has a request's head, hands its socket and
+    /// the count of body bytes that came with the head to `then`.
+    async fn on_request_head<F, Fut>(then: F) -> Connection
+    where
+        F: FnOnce(TcpStream, usize) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 65536];
+            let head_end = loop {
+                if let Some(at) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break at + 4;
+                }
+                let read = stream.read(&mut buf).await.expect("read");
+                assert!(read > 0, "closed before its head");
+                seen.extend_from_slice(&buf[..read]);
+            };
+            then(stream, seen.len() - head_end).await;
+        });
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        Connection::new(Stream::Left(stream))
+    }
+
+    /// A POST of 16 MiB: more than loopback sockets buffer, so it is still being written
+    /// when an upstream answers its head.
+    const LARGE: usize = 16 << 20;
+
+    fn large_post(path: &str) -> Request<UpstreamBody> {
+        Request::post(path)
+            .header("host", "model")
+            .body(Either::Right(Full::new(Bytes::from(vec![b'x'; LARGE]))))
+            .expect("request")
+    }
+
     async fn pooled(pool: &Pool) -> Option<Connection> {
         poll_fn(|cx| Poll::Ready(pool.take(cx))).await
     }
@@ -525,8 +577,7 @@ mod tests {
             ),
         ])
         .await;
-        let pool = Arc::new(Pool::default());
-        let response = send(upstream.connect().await, post("/predict", "{}"), &pool).await;
+        let (response, pool) = first_answer(&upstream, post("/predict", "{}")).await;
         assert!(pooled(&pool).await.is_none(), "lent until its body is read");
         let (first, _) = read(response.into_body()).await.expect("body");
         assert_eq!(first, "first");
@@ -553,8 +604,7 @@ mod tests {
         );
         let reply: &'static str = Box::leak(reply.into_boxed_str());
         let upstream = Scripted::start(&[(reply, Then::KeepOpen)]).await;
-        let pool = Arc::new(Pool::default());
-        let response = send(upstream.connect().await, get("/"), &pool).await;
+        let (response, pool) = first_answer(&upstream, get("/")).await;
         let (body, _) = read(response.into_body()).await.expect("body");
         assert_eq!(body.len(), body_length);
         let connection = pooled(&pool).await.expect("kept");
@@ -568,8 +618,7 @@ mod tests {
             Then::KeepOpen,
         )])
         .await;
-        let pool = Arc::new(Pool::default());
-        let response = send(upstream.connect().await, get("/"), &pool).await;
+        let (response, pool) = first_answer(&upstream, get("/")).await;
         assert_eq!(
             response.body().size_hint().exact(),
             None,
@@ -588,8 +637,7 @@ mod tests {
             Then::Close,
         )])
         .await;
-        let pool = Arc::new(Pool::default());
-        let response = send(upstream.connect().await, get("/"), &pool).await;
+        let (response, pool) = first_answer(&upstream, get("/")).await;
         assert_eq!(
             read(response.into_body()).await.expect("body").0,
             "until the end"
@@ -618,10 +666,7 @@ mod tests {
                 "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n",
                 Then::KeepOpen,
             ),
-            (
-                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
-                Then::KeepOpen,
-            ),
+            (OK, Then::KeepOpen),
         ])
         .await;
         let pool = Arc::new(Pool::default());
@@ -643,21 +688,15 @@ mod tests {
             Then::KeepOpen,
         )])
         .await;
-        let pool = Arc::new(Pool::default());
-        let response = send(upstream.connect().await, post("/", "{}"), &pool).await;
+        let (response, _pool) = first_answer(&upstream, post("/", "{}")).await;
         assert_eq!(response.status(), 200);
         assert_eq!(read(response.into_body()).await.expect("body").0, "ok");
     }
 
     #[tokio::test]
     async fn a_connection_the_upstream_closed_while_idle_is_not_taken_from_the_pool() {
-        let upstream = Scripted::start(&[(
-            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
-            Then::Close,
-        )])
-        .await;
-        let pool = Arc::new(Pool::default());
-        let response = send(upstream.connect().await, get("/"), &pool).await;
+        let upstream = Scripted::start(&[(OK, Then::Close)]).await;
+        let (response, pool) = first_answer(&upstream, get("/")).await;
         read(response.into_body()).await.expect("body");
         // The upstream closed it without saying so first: only its FIN tells.
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -671,8 +710,7 @@ mod tests {
             Then::Close,
         )])
         .await;
-        let pool = Arc::new(Pool::default());
-        let response = send(upstream.connect().await, get("/"), &pool).await;
+        let (response, pool) = first_answer(&upstream, get("/")).await;
         let err = read(response.into_body()).await.expect_err("cut short");
         assert_eq!(err.kind, UpstreamErrorKind::Reset);
         assert!(pooled(&pool).await.is_none());
@@ -699,11 +737,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_idempotent_request_a_reused_connection_lost_unanswered_is_given_back() {
-        let upstream = Scripted::start(&[(
-            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
-            Then::KeepOpen,
-        )])
-        .await;
+        let upstream = Scripted::start(&[(OK, Then::KeepOpen)]).await;
         let pool = Arc::new(Pool::default());
         let connection = timed_out_on_reuse(&upstream, &pool).await;
         let failed = connection.send(get("/again"), &pool).await;
@@ -717,11 +751,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_post_a_reused_connection_lost_unanswered_is_not_sent_again() {
-        let upstream = Scripted::start(&[(
-            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
-            Then::KeepOpen,
-        )])
-        .await;
+        let upstream = Scripted::start(&[(OK, Then::KeepOpen)]).await;
         let pool = Arc::new(Pool::default());
         let connection = timed_out_on_reuse(&upstream, &pool).await;
         let failed = connection.send(post("/predict", "{}"), &pool).await;
@@ -734,10 +764,7 @@ mod tests {
     #[tokio::test]
     async fn an_idempotent_request_the_upstream_began_to_answer_is_not_sent_again() {
         let upstream = Scripted::start(&[
-            (
-                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
-                Then::KeepOpen,
-            ),
+            (OK, Then::KeepOpen),
             ("HTTP/1.1 100 Continue\r\n\r\n", Then::Close),
         ])
         .await;
@@ -752,25 +779,15 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_sent_before_the_upstream_stops_reading_wins_over_the_write_error() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.expect("accept");
-            let mut head = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                let read = stream.read(&mut buf).await.expect("read");
-                head.extend_from_slice(&buf[..read]);
-            }
+        let connection = on_request_head(|mut stream, _| async move {
             let reply = b"HTTP/1.1 413 Payload Too Large\r\nconnection: close\r\ncontent-length: 9\r\n\r\ntoo large";
             stream.write_all(reply).await.expect("write");
             // Closed with the upload unread: the kernel answers the rest with a reset.
-        });
-        let stream = TcpStream::connect(addr).await.expect("connect");
+        })
+        .await;
         let pool = Arc::new(Pool::default());
-        let body: &'static str = Box::leak("x".repeat(16 << 20).into_boxed_str());
-        let response = Connection::new(Stream::Left(stream))
-            .send(post("/predict", body), &pool)
+        let response = connection
+            .send(large_post("/predict"), &pool)
             .await
             .expect("the upstream's answer, not the reset of the upload");
         assert_eq!(response.status(), 413);
@@ -783,24 +800,12 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_begun_before_the_upload_ends_goes_on_beside_it() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.expect("accept");
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 65536];
-            let head_end = loop {
-                if let Some(at) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break at + 4;
-                }
-                let read = stream.read(&mut buf).await.expect("read");
-                seen.extend_from_slice(&buf[..read]);
-            };
+        let connection = on_request_head(|mut stream, mut uploaded| async move {
             // A model that streams as it reads: its answer's head first, then the upload.
             let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
             stream.write_all(head).await.expect("write");
-            let mut uploaded = seen.len() - head_end;
-            while uploaded < 16 << 20 {
+            let mut buf = [0u8; 65536];
+            while uploaded < LARGE {
                 let read = stream.read(&mut buf).await.expect("read");
                 assert!(read > 0, "the upload stopped at {uploaded} bytes");
                 uploaded += read;
@@ -809,22 +814,16 @@ mod tests {
             let tail = format!("{:x}\r\n{count}\r\n0\r\n\r\n", count.len());
             stream.write_all(tail.as_bytes()).await.expect("write");
             tokio::time::sleep(Duration::from_secs(5)).await;
-        });
-        let stream = TcpStream::connect(addr).await.expect("connect");
-        let pool = Arc::new(Pool::default());
-        let body: &'static str = Box::leak("x".repeat(16 << 20).into_boxed_str());
-        let response = send(
-            Connection::new(Stream::Left(stream)),
-            post("/transcribe", body),
-            &pool,
-        )
+        })
         .await;
+        let pool = Arc::new(Pool::default());
+        let response = send(connection, large_post("/transcribe"), &pool).await;
         assert_eq!(response.status(), 200);
         let answer = tokio::time::timeout(Duration::from_secs(10), read(response.into_body()))
             .await
             .expect("the answer ends once the upload is in")
             .expect("body");
-        assert_eq!(answer.0, (16 << 20).to_string());
+        assert_eq!(answer.0, LARGE.to_string());
         assert!(pooled(&pool).await.is_some(), "all written, all read: kept");
     }
 
@@ -846,8 +845,7 @@ mod tests {
             Then::KeepOpen,
         )])
         .await;
-        let pool = Arc::new(Pool::default());
-        let response = send(upstream.connect().await, get("/"), &pool).await;
+        let (response, pool) = first_answer(&upstream, get("/")).await;
         drop(response);
         assert!(pooled(&pool).await.is_none());
     }
