@@ -10,7 +10,7 @@ use http::request::Parts;
 use http::{Request, Version};
 
 use crate::grpc;
-use crate::upstream::{Upstream, UpstreamBody};
+use crate::upstream::{names_listed_in, Upstream, UpstreamBody};
 
 static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
@@ -166,13 +166,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
             && !value.as_bytes().eq_ignore_ascii_case(b"close")
     });
     if names_others {
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|value| value.to_str().unwrap_or_default().split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in listed {
+        for name in names_listed_in(headers, &header::CONNECTION) {
             headers.remove(name);
         }
     }

@@ -30,6 +30,17 @@ pub enum SendError {
     ClientStalled(String),
 }
 
+/// Why an upstream's answer ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The client's upload, still streaming beside the answer, failed: its doing, not the
+    /// upstream's.
+    #[error("{0}")]
+    Client(String),
+}
+
 /// A request that was never sent, given back.
 pub struct Unsent(pub Box<http::Request<super::UpstreamBody>>);
 
@@ -123,20 +134,27 @@ fn classify(err: &hyper::Error) -> UpstreamErrorKind {
     }
     let mut source = err.source();
     while let Some(cause) = source {
-        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            if super::tls::is_tls_failure(io) {
-                return UpstreamErrorKind::Tls;
-            }
-            if connection_closed(io) {
-                return UpstreamErrorKind::Reset;
-            }
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return UpstreamErrorKind::Timeout;
-            }
+        let io = cause.downcast_ref::<std::io::Error>();
+        if let Some(kind) = io.and_then(io_failure_kind) {
+            return kind;
         }
         source = cause.source();
     }
     UpstreamErrorKind::Protocol
+}
+
+/// What an I/O failure on an upstream connection says of the upstream, when it says
+/// anything: TLS refused, the connection closed under it, or a timeout.
+pub(super) fn io_failure_kind(io: &std::io::Error) -> Option<UpstreamErrorKind> {
+    if super::tls::is_tls_failure(io) {
+        Some(UpstreamErrorKind::Tls)
+    } else if connection_closed(io) {
+        Some(UpstreamErrorKind::Reset)
+    } else if io.kind() == std::io::ErrorKind::TimedOut {
+        Some(UpstreamErrorKind::Timeout)
+    } else {
+        None
+    }
 }
 
 /// Whether a client body error means the client's connection closed under it (a 499), rather

@@ -33,9 +33,9 @@ mod tls;
 mod upload;
 
 pub(crate) use error::client_went_away;
-use error::connection_closed;
-pub use error::{SendError, Unsent, UpstreamError, UpstreamErrorKind};
-pub use http1::BodyError;
+use error::io_failure_kind;
+pub use error::{BodyError, SendError, Unsent, UpstreamError, UpstreamErrorKind};
+pub(crate) use http1::names_listed_in;
 pub use idle::paused_too_long;
 pub use tls::{ClientTls, TlsError, TlsSettings};
 pub use upload::{Upload, UploadError, UploadProgress};
@@ -214,9 +214,9 @@ impl Upstream {
         Deadline::new(timeout, exchange)
     }
 
-    /// One request on a pooled connection, or a new one. A pooled connection that fails
-    /// before any byte of the request went out (the upstream closed it while idle) is
-    /// replaced and the request sent again: nothing was sent, so any method may be retried.
+    /// One request on a pooled connection, or a new one. A request the pooled connection
+    /// gives back (`NotSent`: none of it was written, or an idempotent one the upstream
+    /// closed the connection under before answering) is sent again on a fresh connection.
     async fn exchange(
         &self,
         request: Request<UpstreamBody>,
@@ -370,13 +370,10 @@ impl Upstream {
             }
             Ok(Err(err)) => {
                 // A certificate refused or an alert is TLS; a pod that reset the connection
-                // mid-handshake is an ordinary reset.
-                let kind = if tls::is_tls_failure(&err) {
-                    UpstreamErrorKind::Tls
-                } else if connection_closed(&err) {
-                    UpstreamErrorKind::Reset
-                } else {
-                    UpstreamErrorKind::Connect
+                // mid-handshake is an ordinary reset; anything else failed the connect.
+                let kind = match io_failure_kind(&err) {
+                    Some(kind @ (UpstreamErrorKind::Tls | UpstreamErrorKind::Reset)) => kind,
+                    _ => UpstreamErrorKind::Connect,
                 };
                 Err(UpstreamError {
                     kind,
@@ -407,7 +404,8 @@ pub struct Lease {
     _permit: OwnedSemaphorePermit,
 }
 
-/// An upstream's response body, which fails with what the failure says of the upstream.
+/// An upstream's response body, whose failures tell the upstream's from the client's (an
+/// upload that fails while the answer streams).
 #[derive(Debug)]
 pub struct Body(Inner);
 

@@ -10,7 +10,7 @@ use http_body::{Frame, SizeHint};
 use super::request::{Outgoing, WriteFailure};
 use super::response::{Framing, Piece};
 use super::{Connection, Pool};
-use crate::upstream::{SendError, UpstreamError, UpstreamErrorKind};
+use crate::upstream::{BodyError, SendError, UpstreamError, UpstreamErrorKind};
 
 /// Dropped before its end, it closes the connection: the rest of the body is still on it.
 pub struct Body {
@@ -20,17 +20,6 @@ pub struct Body {
     /// The rest of a request the upstream began to answer before it was all written.
     sending: Option<Box<Outgoing>>,
     pool: Arc<Pool>,
-}
-
-/// Why an upstream's answer ended early.
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    #[error(transparent)]
-    Upstream(#[from] UpstreamError),
-    /// The client's upload, still streaming beside the answer, failed: its doing, not the
-    /// upstream's.
-    #[error("{0}")]
-    Client(String),
 }
 
 impl Body {

@@ -26,12 +26,12 @@ use http_body::Body as _;
 use http_body_util::{Either, Full};
 use tokio::io::AsyncRead;
 
-pub use body::{Body, BodyError};
+pub use body::Body;
 pub(super) use pool::Pool;
+pub(crate) use request::names_listed_in;
 use request::{Outgoing, Payload, WriteFailure};
 
-use super::error::SendError;
-use super::tls;
+use super::error::{io_failure_kind, SendError};
 use super::{Stream, UpstreamBody, UpstreamError, UpstreamErrorKind};
 
 /// The first read of a response; doubled while reads fill it, for a large body.
@@ -339,15 +339,8 @@ impl From<Payload> for UpstreamBody {
 
 fn io_error(doing: &str, err: &std::io::Error) -> UpstreamError {
     // Short of TLS and a timeout, an I/O failure mid-exchange is the connection's end.
-    let kind = if tls::is_tls_failure(err) {
-        UpstreamErrorKind::Tls
-    } else if err.kind() == std::io::ErrorKind::TimedOut {
-        UpstreamErrorKind::Timeout
-    } else {
-        UpstreamErrorKind::Reset
-    };
     UpstreamError {
-        kind,
+        kind: io_failure_kind(err).unwrap_or(UpstreamErrorKind::Reset),
         detail: format!("{doing}: {err}"),
     }
 }
@@ -364,6 +357,8 @@ mod tests {
 
     use http::HeaderMap;
     use http_body_util::BodyExt as _;
+
+    use crate::upstream::BodyError;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 

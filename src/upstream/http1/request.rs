@@ -7,7 +7,7 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes};
 use http::header::{self, HeaderName, CONTENT_LENGTH, TRAILER, TRANSFER_ENCODING};
 use http::request::Parts;
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderValue, Method};
 use http_body::Body as _;
 use tokio::io::AsyncWrite;
 
@@ -58,13 +58,9 @@ impl Outgoing {
         buffer.extend_from_slice(target.as_bytes());
         buffer.extend_from_slice(b" HTTP/1.1\r\n");
         for (name, value) in &parts.headers {
-            if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
-                continue;
+            if name != CONTENT_LENGTH && name != TRANSFER_ENCODING {
+                header_line(&mut buffer, name, value);
             }
-            buffer.extend_from_slice(name.as_str().as_bytes());
-            buffer.extend_from_slice(b": ");
-            buffer.extend_from_slice(value.as_bytes());
-            buffer.extend_from_slice(b"\r\n");
         }
         let (data, upload, length) = match payload {
             Payload::Bytes(bytes) => {
@@ -80,7 +76,7 @@ impl Outgoing {
         };
         let chunked = upload.is_some() && length.is_none();
         let trailers = if chunked {
-            declared_trailers(&parts.headers)
+            names_listed_in(&parts.headers, &TRAILER)
         } else {
             Vec::new()
         };
@@ -183,10 +179,7 @@ impl Outgoing {
     fn encode_trailers(&mut self, trailers: &HeaderMap) {
         for (name, value) in trailers {
             if self.trailers.contains(name) && may_trail(name) {
-                self.framing.extend_from_slice(name.as_str().as_bytes());
-                self.framing.extend_from_slice(b": ");
-                self.framing.extend_from_slice(value.as_bytes());
-                self.framing.extend_from_slice(b"\r\n");
+                header_line(&mut self.framing, name, value);
             }
         }
     }
@@ -217,15 +210,22 @@ impl Outgoing {
     }
 }
 
-/// The field names a request's `Trailer` header lines list.
-fn declared_trailers(headers: &HeaderMap) -> Vec<HeaderName> {
+/// The field names that the lines of `field` (`Trailer`, `Connection`) list, comma-separated.
+pub(crate) fn names_listed_in(headers: &HeaderMap, field: &HeaderName) -> Vec<HeaderName> {
     headers
-        .get_all(TRAILER)
+        .get_all(field)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|names| names.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect()
+}
+
+fn header_line(buffer: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    buffer.extend_from_slice(name.as_str().as_bytes());
+    buffer.extend_from_slice(b": ");
+    buffer.extend_from_slice(value.as_bytes());
+    buffer.extend_from_slice(b"\r\n");
 }
 
 /// Fields that framing, routing or authentication depend on may not come as trailers

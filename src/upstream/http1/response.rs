@@ -69,9 +69,7 @@ pub(super) fn parse_head(
         let mut spans = [Span::default(); MAX_HEADERS];
         let spans = locate(read, parsed.headers, &mut spans);
         let bytes = read.split_to(length).freeze();
-        let headers = header_map(&bytes, spans)?;
-
-        let mut headers = headers;
+        let mut headers = header_map(&bytes, spans)?;
         let framing = Framing::of(status, &headers, head_request)?;
         let mut keep_alive = framing.leaves_connection_usable() && keeps_alive(version, &headers);
         if headers.contains_key(TRANSFER_ENCODING) {
