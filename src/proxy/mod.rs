@@ -324,10 +324,15 @@ impl<'a> Exchange<'a> {
                     .as_ref()
                     .is_some_and(UploadProgress::waiting_on_client) =>
             {
-                ProxyError::ClientTimeout(format!(
-                    "the client was still sending its request body after {}",
-                    humantime::format_duration(timeout)
-                ))
+                ProxyError::ClientTimeout(match source.kind {
+                    UpstreamErrorKind::Timeout => format!(
+                        "the client was still sending its request body after {}",
+                        humantime::format_duration(timeout)
+                    ),
+                    _ => "the upstream closed the connection while the client was still \
+                          sending its request body"
+                        .into(),
+                })
             }
             SendError::Upstream(source) | SendError::NotSent { source, .. } => {
                 route.metrics.upstream_error(source.kind);
