@@ -22,3 +22,4 @@ pub mod server;
 pub mod shadow;
 pub mod tls;
 pub mod upstream;
+mod wire;

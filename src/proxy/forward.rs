@@ -10,7 +10,8 @@ use http::request::Parts;
 use http::{Request, Version};
 
 use crate::grpc;
-use crate::upstream::{names_listed_in, Upstream, UpstreamBody};
+use crate::upstream::{Upstream, UpstreamBody};
+use crate::wire::names_listed_in;
 
 static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,

@@ -3,8 +3,11 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
@@ -18,8 +21,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::http1::{self as own_http1, Served};
 use super::stall::WriteStallLimit;
-use super::{Peer, Proxy};
+use super::{ClientBody, Peer, Proxy};
 use crate::tls::{HandshakeFailure, Terminator};
 
 /// How long an h2c connection may stay silent before abproxy pings it; a peer that does not
@@ -31,8 +35,37 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Asks one connection to finish: the accept loop holds every open connection's sender and
 /// drops them all when shutdown begins. Polled at every wake-up of its connection, a oneshot
-/// costs an atomic load, where a `CancellationToken` takes a mutex.
-type Finish = oneshot::Receiver<()>;
+/// costs an atomic load, where a `CancellationToken` takes a mutex. Once asked, it stays
+/// asked.
+pub(super) struct Finish(Option<oneshot::Receiver<()>>);
+
+impl Finish {
+    /// Whether finishing was asked, without waiting for it.
+    pub fn asked(&mut self) -> bool {
+        match &mut self.0 {
+            None => true,
+            Some(receiver) => match receiver.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => false,
+                _ => {
+                    self.0 = None;
+                    true
+                }
+            },
+        }
+    }
+}
+
+impl Future for Finish {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(receiver) = &mut self.0 {
+            let _ = ready!(Pin::new(receiver).poll(cx));
+            self.0 = None;
+        }
+        Poll::Ready(())
+    }
+}
 
 /// The HTTP versions a client may speak, and how abproxy serves each.
 struct Protocols {
@@ -164,6 +197,7 @@ async fn serve_with(
         };
         let transport = transport.clone();
         let (finisher, finish) = oneshot::channel();
+        let finish = Finish(Some(finish));
         let task = tasks.spawn(async move {
             match transport {
                 Transport::Plain => connection.plain(stream, finish).await,
@@ -270,7 +304,7 @@ impl Connection {
         self.serve(stream, protocol, peer, finish).await;
     }
 
-    async fn serve<S>(self, stream: S, protocol: Protocol, peer: Peer, finish: Finish)
+    async fn serve<S>(self, stream: S, protocol: Protocol, peer: Peer, mut finish: Finish)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -284,33 +318,39 @@ impl Connection {
             let proxy = proxy.clone();
             move || proxy.client_stall_limit()
         };
+        let io = WriteStallLimit::new(stream, stall_limit);
         let header_timeout = proxy.client_header_timeout();
         // hyper times the HTTP/1.1 request head but not the h2 preface: an h2 client that
         // sends no request within the header timeout is closed here.
         let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let service = {
-            let asked = asked.clone();
-            service_fn(move |request| {
+        let service = |proxy: Arc<Proxy>, peer: Peer, asked: Arc<std::sync::atomic::AtomicBool>| {
+            service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 asked.store(true, std::sync::atomic::Ordering::Relaxed);
                 let (proxy, peer) = (proxy.clone(), peer.clone());
+                let request = request.map(ClientBody::Streaming);
                 async move { Ok::<_, Infallible>(proxy.handle(request, &peer).await) }
             })
         };
-        let io = TokioIo::new(WriteStallLimit::new(stream, stall_limit));
         let served = match protocol {
-            // Upgradeable, for WebSocket. hyper-util's watcher takes no upgradeable
-            // connection, so it is only held (the drain waits for its connections to drop
-            // theirs) while `finish` asks this one to finish.
+            // abproxy's own server first, hyper's (upgradeable, for WebSocket) for requests
+            // of other shapes. hyper-util's watcher takes no upgradeable connection, so it is
+            // only held (the drain waits for its connections to drop theirs) while `finish`
+            // asks this one to finish.
             Protocol::Http1 => {
                 let _drained_after = watcher;
+                let io =
+                    match own_http1::serve(io, &proxy, &peer, &mut finish, header_timeout).await {
+                        Served::Closed => return,
+                        Served::HandOff(io) => io,
+                    };
                 let connection = protocols
                     .http1
-                    .serve_connection(io, service)
+                    .serve_connection(TokioIo::new(io), service(proxy, peer, asked))
                     .with_upgrades();
                 tokio::pin!(connection);
                 let served = tokio::select! {
                     served = connection.as_mut() => served,
-                    _ = finish => {
+                    () = &mut finish => {
                         connection.as_mut().graceful_shutdown();
                         connection.await
                     }
@@ -320,7 +360,9 @@ impl Connection {
             // Boxed: h2's connection state is large and rare here, and every HTTP/1.1
             // connection's task would otherwise reserve room for it.
             Protocol::Http2 => {
-                let connection = protocols.http2.serve_connection(io, service);
+                let connection = protocols
+                    .http2
+                    .serve_connection(TokioIo::new(io), service(proxy, peer, asked.clone()));
                 let connection = Box::pin(watcher.watch(connection));
                 match until_first_request(connection, header_timeout, &asked).await {
                     Some(served) => served.map_err(Into::into),
@@ -328,7 +370,9 @@ impl Connection {
                 }
             }
             Protocol::Undecided => {
-                let connection = protocols.either.serve_connection(io, service);
+                let connection = protocols
+                    .either
+                    .serve_connection(TokioIo::new(io), service(proxy, peer, asked.clone()));
                 let connection = Box::pin(watcher.watch(connection));
                 match until_first_request(connection, header_timeout, &asked).await {
                     Some(served) => served,

@@ -3,6 +3,7 @@
 mod body;
 mod error;
 mod forward;
+mod http1;
 mod listener;
 mod mirror;
 mod stall;
@@ -61,7 +62,7 @@ impl Proxy {
     /// Serves one client request from start to end on one config generation.
     pub async fn handle(
         &self,
-        request: Request<Incoming>,
+        request: Request<ClientBody>,
         client: &Peer,
     ) -> Response<ResponseBody> {
         let _in_flight = InFlight::enter(&self.in_flight);
@@ -89,7 +90,7 @@ impl Proxy {
                 Err(err) => return refuse(err, tally),
             }
         } else {
-            RequestBody::Streaming(body)
+            RequestBody::Unread(body)
         };
 
         // 2. Assign the variant that owns the user's bucket.
@@ -349,13 +350,38 @@ impl<'a> Exchange<'a> {
     }
 }
 
+/// A client's request body as its connection delivers it.
+pub enum ClientBody {
+    /// Read whole with its head (by abproxy's HTTP/1.1 server); empty for most requests.
+    Complete(Bytes),
+    /// Still arriving, through hyper.
+    Streaming(Incoming),
+}
+
+impl ClientBody {
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Complete(bytes) => bytes.is_empty(),
+            ClientBody::Streaming(incoming) => incoming.is_end_stream(),
+        }
+    }
+}
+
 /// Buffers a request body up to `max_body` bytes; larger bodies are a 413, not a memory
 /// spike, and a client that stops sending for `client_body_timeout` gets a 408.
-async fn read_body(parts: &Parts, body: Incoming, limits: &Limits) -> Result<Bytes, ProxyError> {
+async fn read_body(parts: &Parts, body: ClientBody, limits: &Limits) -> Result<Bytes, ProxyError> {
     let limit = limits.max_body;
     if declared_length(parts).is_some_and(|length| length > limit) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
+    let body = match body {
+        ClientBody::Complete(bytes) if bytes.len() as u64 > limit => {
+            return Err(ProxyError::BodyTooLarge { limit })
+        }
+        // Copied when small, as below.
+        ClientBody::Complete(bytes) => return Ok(detach::body(bytes)),
+        ClientBody::Streaming(incoming) => incoming,
+    };
     let (upload, _) = Upload::new(body, limits.client_body_timeout);
     let limited = Limited::new(upload, usize::try_from(limit).unwrap_or(usize::MAX));
     match limited.collect().await {
@@ -382,9 +408,10 @@ fn declared_length(parts: &Parts) -> Option<u64> {
         .ok()
 }
 
-/// The client's body: still streaming, or read into memory for a `json:` source or a mirror.
+/// The client's body: as its connection delivers it, or read into memory (and held to
+/// `max_body`) for a `json:` source or a mirror.
 enum RequestBody {
-    Streaming(Incoming),
+    Unread(ClientBody),
     Buffered(Bytes),
 }
 
@@ -392,7 +419,7 @@ impl RequestBody {
     fn buffered(&self) -> Option<&[u8]> {
         match self {
             RequestBody::Buffered(bytes) => Some(bytes),
-            RequestBody::Streaming(_) => None,
+            RequestBody::Unread(_) => None,
         }
     }
 
@@ -403,16 +430,16 @@ impl RequestBody {
         parts: &Parts,
         limits: &Limits,
     ) -> Result<(), ProxyError> {
-        let RequestBody::Streaming(incoming) = self else {
+        let RequestBody::Unread(body) = self else {
             return Ok(());
         };
-        let fits = incoming.is_end_stream()
+        let fits = body.is_end_stream()
             || declared_length(parts).is_some_and(|length| length <= limits.max_body);
         if fits {
-            if let RequestBody::Streaming(incoming) =
+            if let RequestBody::Unread(body) =
                 std::mem::replace(self, RequestBody::Buffered(Bytes::new()))
             {
-                *self = RequestBody::Buffered(read_body(parts, incoming, limits).await?);
+                *self = RequestBody::Buffered(read_body(parts, body, limits).await?);
             }
         }
         Ok(())
@@ -422,18 +449,21 @@ impl RequestBody {
     fn shared_bytes(&self) -> Option<Bytes> {
         match self {
             RequestBody::Buffered(bytes) => Some(bytes.clone()),
-            RequestBody::Streaming(_) => None,
+            RequestBody::Unread(_) => None,
         }
     }
 
     /// The body to send upstream and, for one still streaming, how its upload is going.
     fn into_upstream(self, stall_limit: Duration) -> (UpstreamBody, Option<UploadProgress>) {
         match self {
-            // Nothing to send (a GET): no upload to time.
-            RequestBody::Streaming(incoming) if incoming.is_end_stream() => {
+            // Nothing to send (a GET), or all of it here: no upload to time.
+            RequestBody::Unread(ClientBody::Complete(bytes)) => {
+                (Either::Right(Full::new(bytes)), None)
+            }
+            RequestBody::Unread(ClientBody::Streaming(incoming)) if incoming.is_end_stream() => {
                 (Either::Right(Full::new(Bytes::new())), None)
             }
-            RequestBody::Streaming(incoming) => {
+            RequestBody::Unread(ClientBody::Streaming(incoming)) => {
                 let (upload, progress) = Upload::new(incoming, stall_limit);
                 (Either::Left(upload), Some(progress))
             }

@@ -35,7 +35,6 @@ mod upload;
 pub(crate) use error::client_went_away;
 use error::io_failure_kind;
 pub use error::{BodyError, SendError, Unsent, UpstreamError, UpstreamErrorKind};
-pub(crate) use http1::names_listed_in;
 pub use idle::paused_too_long;
 pub use tls::{ClientTls, TlsError, TlsSettings};
 pub use upload::{Upload, UploadError, UploadProgress};

@@ -61,7 +61,7 @@ impl Body {
         else {
             return Ok(());
         };
-        match outgoing.poll_write(&mut connection.io, cx) {
+        match Pin::new(&mut **outgoing).poll_write(&mut connection.io, cx) {
             Poll::Pending => Ok(()),
             Poll::Ready(Ok(())) => {
                 if let Some(outgoing) = self.sending.take() {
@@ -75,10 +75,15 @@ impl Body {
                 self.keep_alive = false;
                 Ok(())
             }
-            Poll::Ready(Err(WriteFailure::Upload(err))) => {
+            Poll::Ready(Err(WriteFailure::Body(err))) => {
                 self.sending = None;
                 self.connection = None;
                 Err(BodyError::Client(SendError::client(&err).to_string()))
+            }
+            Poll::Ready(Err(WriteFailure::Length)) => {
+                self.sending = None;
+                self.connection = None;
+                Err(BodyError::Client(super::LENGTH_MISMATCH.into()))
             }
         }
     }

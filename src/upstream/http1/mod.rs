@@ -28,11 +28,14 @@ use tokio::io::AsyncRead;
 
 pub use body::Body;
 pub(super) use pool::Pool;
-pub(crate) use request::names_listed_in;
 use request::{Outgoing, Payload, WriteFailure};
 
 use super::error::{io_failure_kind, SendError};
 use super::{Stream, UpstreamBody, UpstreamError, UpstreamErrorKind};
+
+/// An upload that did not match its declared length: hyper and h2 check the client's, so
+/// only a body of abproxy's own making could.
+const LENGTH_MISMATCH: &str = "the request body did not match its declared length";
 
 /// The first read of a response; doubled while reads fill it, for a large body.
 const FIRST_READ: usize = 8 * 1024;
@@ -201,7 +204,7 @@ impl Future for Exchange<'_> {
             return Poll::Pending;
         };
         if !*written {
-            match outgoing.poll_write(&mut connection.io, cx) {
+            match Pin::new(&mut *outgoing).poll_write(&mut connection.io, cx) {
                 Poll::Ready(Ok(())) => {
                     *written = true;
                     if replay.is_none() {
@@ -267,7 +270,10 @@ impl Exchange<'_> {
             .take()
             .is_some_and(|connection| connection.heard);
         let err = match failure {
-            Failure::Write(WriteFailure::Upload(err)) => return SendError::client(&err),
+            Failure::Write(WriteFailure::Body(err)) => return SendError::client(&err),
+            Failure::Write(WriteFailure::Length) => {
+                return SendError::ClientBody(LENGTH_MISMATCH.into())
+            }
             Failure::Write(WriteFailure::Io(err)) => io_error("sending the request", &err),
             Failure::Read(err) => err,
         };
@@ -281,7 +287,7 @@ impl Exchange<'_> {
             return err.into();
         };
         let payload = match (outgoing.into_parts().0, replay) {
-            (Some(untouched), _) => untouched,
+            (Some(untouched), _) => Payload::untouched(untouched),
             (None, Some(body)) if err.kind == UpstreamErrorKind::Reset && !answered => {
                 Payload::Bytes(body)
             }
@@ -311,7 +317,7 @@ fn start(
     let buffer = std::mem::take(&mut connection.head);
     connection.heard = false;
     State::Sending {
-        outgoing: Outgoing::new(&parts, payload, buffer),
+        outgoing: request::outgoing(&parts, payload, buffer),
         written: false,
         write_error: None,
         head_request: parts.method == http::Method::HEAD,

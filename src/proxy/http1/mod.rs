@@ -1,0 +1,328 @@
+//! HTTP/1.1 to clients, served on the connection's own task.
+//!
+//! hyper's server parses into a buffer of 8 KiB and writes from another (two per connection,
+//! with no setting to shrink them), hands each request to a dispatcher, and moves the
+//! request's future into a slot of its own. Here the connection reads a request's head, and
+//! a body that came with it, into a buffer that starts at 1 KiB; runs the request's future
+//! in place, watching for the client to hang up; and writes the answer's head and its first
+//! data in one write, the rest as the body yields it.
+//!
+//! Requests of any other shape (a body still on its way, `Expect: 100-continue`, an upgrade,
+//! HTTP/1.0, a head that does not parse) hand the connection, and what was read of it, to
+//! hyper for the rest of its life: it streams, upgrades and refuses as before.
+
+mod request;
+mod response;
+mod rewind;
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Method, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, Sleep};
+use tokio_util::io::poll_read_buf;
+
+use super::listener::Finish;
+use super::{Peer, Proxy, ResponseBody};
+use crate::wire::{Encoding, Outgoing, WriteFailure};
+use request::{Head, Parsed};
+use response::Asked;
+pub(super) use rewind::Rewind;
+
+/// A new connection's read buffer: most request heads fit (nginx starts at 1 KiB too).
+const FIRST_READ: usize = 1024;
+/// Heads longer than this go to hyper, which takes up to ~400 KiB before its 431.
+const LONGEST_HEAD: usize = 64 * 1024;
+/// A read buffer grown past this for one large request is let go once the request is done.
+const KEPT_READ: usize = 16 * 1024;
+/// Likewise the buffer answers' heads are encoded in.
+const KEPT_HEAD: usize = 4 * 1024;
+
+/// Whether `deadline` has passed. The timer is armed for the first request's deadline and
+/// re-armed, for the one in force, only when it fires before it: most requests cost it no
+/// timer work.
+fn timed_out(cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>, deadline: Instant) -> Poll<Read> {
+    while timer.as_mut().poll(cx).is_ready() {
+        if Instant::now() >= deadline {
+            tracing::debug!("no whole request within the header timeout; closing");
+            return Poll::Ready(Read::Closed);
+        }
+        timer.as_mut().reset(deadline);
+    }
+    Poll::Pending
+}
+
+/// How a connection's time here ended.
+pub(super) enum Served<S> {
+    Closed,
+    /// A request of a shape served by hyper arrived: hyper serves the connection from
+    /// here on, beginning with the bytes already read.
+    HandOff(Rewind<S>),
+}
+
+/// Serves requests on `io` until the client closes, the header timeout passes between
+/// requests, `finish` asks (after the request in flight), or a request calls for hyper.
+pub(super) async fn serve<S>(
+    io: S,
+    proxy: &Proxy,
+    peer: &Peer,
+    finish: &mut Finish,
+    header_timeout: Duration,
+) -> Served<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut connection = Connection {
+        io,
+        read: BytesMut::new(),
+        read_size: FIRST_READ,
+        head: Vec::new(),
+        headers: None,
+    };
+    // One timer for the connection's life, re-armed only when it fires early (see `poll_read`).
+    let timer = tokio::time::sleep(header_timeout);
+    tokio::pin!(timer);
+    loop {
+        let deadline = Instant::now() + header_timeout;
+        let parsed = match connection
+            .next_request(timer.as_mut(), deadline, finish)
+            .await
+        {
+            Next::Request(parsed) => parsed,
+            Next::Closed => return Served::Closed,
+            Next::Other => {
+                let read = connection.read.freeze();
+                return Served::HandOff(Rewind::new(connection.io, read));
+            }
+        };
+        let Parsed {
+            request,
+            keep_alive,
+            trailers,
+        } = parsed;
+        let asked = Asked {
+            head: request.method() == Method::HEAD,
+            keep_alive,
+            trailers,
+        };
+        let Some(response) = connection.answer(proxy.handle(request, peer)).await else {
+            tracing::debug!("client closed its connection before its answer");
+            return Served::Closed;
+        };
+        match connection.respond(response, asked, finish).await {
+            Ok(true) => connection.trim(),
+            Ok(false) => {
+                let _ = connection.io.shutdown().await;
+                return Served::Closed;
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "answer not delivered");
+                return Served::Closed;
+            }
+        }
+    }
+}
+
+struct Connection<S> {
+    io: S,
+    /// What the client sent that is not yet a request: empty between requests, unless it
+    /// pipelines.
+    read: BytesMut,
+    /// How much to make room for before a read; doubled while reads fill it.
+    read_size: usize,
+    /// The last answer's head, kept for its allocation.
+    head: Vec<u8>,
+    /// The last answer's header map, emptied, for the next request's.
+    headers: Option<HeaderMap>,
+}
+
+// Returned once per request and matched at once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Request(Parsed),
+    Closed,
+    Other,
+}
+
+/// What one read brought.
+enum Read {
+    More,
+    Closed,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// Reads until the buffer holds a whole request, within the header timeout. An idle
+    /// connection closes when `finish` asks.
+    async fn next_request(
+        &mut self,
+        mut timer: Pin<&mut Sleep>,
+        deadline: Instant,
+        finish: &mut Finish,
+    ) -> Next {
+        loop {
+            if !self.read.is_empty() {
+                match request::parse(&mut self.read, &mut self.headers) {
+                    Head::Request(parsed) => return Next::Request(parsed),
+                    Head::Other => return Next::Other,
+                    Head::Partial if self.read.len() >= LONGEST_HEAD => return Next::Other,
+                    Head::Partial => {}
+                    // A body that is on its way, rather than here already, streams through
+                    // hyper; one that a read can finish is read here.
+                    Head::Incomplete(length) if length > LONGEST_HEAD => return Next::Other,
+                    Head::Incomplete(length) => {
+                        self.read.reserve(length - self.read.len());
+                        match poll_fn(|cx| Poll::Ready(self.poll_read(cx))).await {
+                            Poll::Ready(Read::More) => continue,
+                            Poll::Ready(Read::Closed) => return Next::Closed,
+                            Poll::Pending => return Next::Other,
+                        }
+                    }
+                }
+            }
+            let read = poll_fn(|cx| {
+                if self.read.is_empty() && Pin::new(&mut *finish).poll(cx).is_ready() {
+                    return Poll::Ready(Read::Closed);
+                }
+                match self.poll_read(cx) {
+                    Poll::Pending => timed_out(cx, timer.as_mut(), deadline),
+                    read => read,
+                }
+            })
+            .await;
+            if let Read::Closed = read {
+                return Next::Closed;
+            }
+        }
+    }
+
+    /// Reads more of a request into the buffer.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Read> {
+        if self.read.capacity() - self.read.len() < self.read_size / 4 {
+            self.read.reserve(self.read_size);
+        }
+        let room = self.read.capacity() - self.read.len();
+        match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Read::Closed),
+            Poll::Ready(Ok(read)) => {
+                if read == room {
+                    self.read_size = (self.read_size * 2).min(LONGEST_HEAD);
+                }
+                Poll::Ready(Read::More)
+            }
+            Poll::Ready(Err(err)) => {
+                tracing::debug!(error = %err, "client connection failed");
+                Poll::Ready(Read::Closed)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Runs the request's future to its answer; `None` if the client hangs up first (the
+    /// future, dropped, counts the request as the client's 499).
+    async fn answer<F>(&mut self, handling: F) -> Option<Response<ResponseBody>>
+    where
+        F: Future<Output = Response<ResponseBody>>,
+    {
+        tokio::pin!(handling);
+        poll_fn(|cx| {
+            if let Poll::Ready(response) = handling.as_mut().poll(cx) {
+                return Poll::Ready(Some(response));
+            }
+            if self.client_left(cx) {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Whether the client closed its side while its answer is under way. Like hyper, it
+    /// stops looking once the client has sent anything more (a pipelined request).
+    fn client_left(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.read.is_empty() {
+            return false;
+        }
+        if self.read.capacity() == 0 {
+            self.read.reserve(FIRST_READ);
+        }
+        match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read) {
+            Poll::Ready(Ok(0) | Err(_)) => true,
+            Poll::Ready(Ok(_)) | Poll::Pending => false,
+        }
+    }
+
+    /// Writes the answer; whether the connection may serve another request after it.
+    async fn respond(
+        &mut self,
+        response: Response<ResponseBody>,
+        asked: Asked,
+        finish: &mut Finish,
+    ) -> Result<bool, Undelivered> {
+        let (mut parts, body) = response.into_parts();
+        let body = if parts.status.is_informational() {
+            // No interim answer is ever final; hyper answers a 500 in its place.
+            parts = Response::new(()).into_parts().0;
+            parts.status = StatusCode::INTERNAL_SERVER_ERROR;
+            ResponseBody::full(Bytes::new())
+        } else {
+            body
+        };
+        let asked = Asked {
+            keep_alive: asked.keep_alive && !finish.asked(),
+            ..asked
+        };
+        let mut head = std::mem::take(&mut self.head);
+        let framed = response::encode(&parts, &body, &asked, &mut head);
+        parts.headers.clear();
+        self.headers = Some(parts.headers);
+        let (body, encoding) = match framed.encoding {
+            Some(encoding) => (Some(body), encoding),
+            None => (None, Encoding::Length(0)),
+        };
+        let outgoing = Outgoing::new(head, Bytes::new(), body, encoding).eager();
+        tokio::pin!(outgoing);
+        let written = poll_fn(|cx| match outgoing.as_mut().poll_write(&mut self.io, cx) {
+            Poll::Ready(written) => Poll::Ready(Some(written)),
+            Poll::Pending if self.client_left(cx) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        })
+        .await;
+        let written = match written {
+            Some(Ok(())) => Ok(framed.keep_alive && !finish.asked()),
+            Some(Err(WriteFailure::Io(err))) => Err(Undelivered::Io(err)),
+            Some(Err(WriteFailure::Body(err))) => Err(Undelivered::Body(err.to_string())),
+            Some(Err(WriteFailure::Length)) => Err(Undelivered::Length),
+            None => Err(Undelivered::ClientLeft),
+        };
+        self.head = outgoing.take_buffer();
+        written
+    }
+
+    /// Lets go of buffers that one large request grew, once it is done.
+    fn trim(&mut self) {
+        if self.read.is_empty() && self.read.capacity() > KEPT_READ {
+            self.read = BytesMut::new();
+            self.read_size = FIRST_READ;
+        }
+        if self.head.capacity() > KEPT_HEAD {
+            self.head = Vec::new();
+        }
+    }
+}
+
+/// Why an answer did not reach the client whole.
+#[derive(Debug, thiserror::Error)]
+enum Undelivered {
+    #[error("writing to the client failed: {0}")]
+    Io(std::io::Error),
+    #[error("{0}")]
+    Body(String),
+    #[error("the answer's body did not match its content-length")]
+    Length,
+    #[error("the client closed its connection")]
+    ClientLeft,
+}

@@ -1,0 +1,249 @@
+//! Reading a request's head, and a body that came with it, off the connection's buffer.
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Method, Request, Uri, Version};
+
+use crate::proxy::ClientBody;
+
+/// More header lines than this go to hyper, which takes up to 100.
+const MOST_HEADERS: usize = 64;
+
+/// What the buffer holds.
+// Returned once per request and matched at once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Head {
+    /// A request of the shape served here, with its whole body.
+    Request(Parsed),
+    /// Not yet a whole head: read on.
+    Partial,
+    /// A whole head of that shape whose body is not all read: the message is this long.
+    Incomplete(usize),
+    /// A request of another shape, or none that parses: hyper's to serve or to refuse.
+    Other,
+}
+
+pub(super) struct Parsed {
+    pub request: Request<ClientBody>,
+    /// HTTP/1.1's default, unless the client said `Connection: close`.
+    pub keep_alive: bool,
+    /// The client takes trailers (`TE: trailers`).
+    pub trailers: bool,
+}
+
+/// The framing and connection facts the head states, beside the fields themselves.
+#[derive(Default)]
+struct Facts {
+    length: Option<usize>,
+    close: bool,
+    trailers: bool,
+    /// Anything served by hyper: a chunked or `Expect`ing body, an upgrade, repeated or
+    /// unreadable lengths.
+    other: bool,
+}
+
+impl Facts {
+    fn note(&mut self, name: &HeaderName, value: &[u8]) {
+        if *name == header::CONTENT_LENGTH {
+            match (self.length, parse_length(value)) {
+                (None, Some(length)) => self.length = Some(length),
+                _ => self.other = true,
+            }
+        } else if *name == header::CONNECTION {
+            self.close |= lists(value, b"close");
+        } else if *name == header::TE {
+            self.trailers |= lists(value, b"trailers");
+        } else if *name == header::TRANSFER_ENCODING
+            || *name == header::EXPECT
+            || *name == header::UPGRADE
+        {
+            self.other = true;
+        }
+    }
+}
+
+/// Takes the next request off `buffer` if it is whole and of the common shape: HTTP/1.1,
+/// no upgrade, no `Expect`, and a body of a single `Content-Length`, all of it read.
+/// `headers` is a map to fill, kept from an earlier exchange for its allocation.
+pub(super) fn parse(buffer: &mut BytesMut, headers: &mut Option<HeaderMap>) -> Head {
+    let mut fields = [httparse::EMPTY_HEADER; MOST_HEADERS];
+    let mut parsed = httparse::Request::new(&mut fields);
+    let head_length = match parsed.parse(buffer) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) => return Head::Partial,
+        Err(_) => return Head::Other,
+    };
+    let (Some(method), Some(target), Some(1)) = (parsed.method, parsed.path, parsed.version) else {
+        return Head::Other;
+    };
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Head::Other;
+    };
+    if method == Method::CONNECT {
+        return Head::Other;
+    }
+    let base = buffer.as_ref();
+    let target = within(base, target.as_bytes());
+    let mut facts = Facts::default();
+    let mut names = [const { None }; MOST_HEADERS];
+    let mut values = [const { 0..0 }; MOST_HEADERS];
+    let count = parsed.headers.len();
+    for ((field, name), value) in parsed.headers.iter().zip(&mut names).zip(&mut values) {
+        let Ok(known) = HeaderName::from_bytes(field.name.as_bytes()) else {
+            return Head::Other;
+        };
+        facts.note(&known, field.value);
+        *name = Some(known);
+        *value = within(base, field.value);
+    }
+    let body_length = facts.length.unwrap_or(0);
+    if facts.other {
+        return Head::Other;
+    }
+    if buffer.len() - head_length < body_length {
+        return Head::Incomplete(head_length + body_length);
+    }
+    let message = buffer.split_to(head_length + body_length).freeze();
+    let Ok(uri) = Uri::from_maybe_shared(message.slice(target)) else {
+        return Head::Other;
+    };
+    let mut map = headers.take().unwrap_or_default();
+    map.clear();
+    map.reserve(count);
+    for (name, value) in names.into_iter().zip(values).take(count) {
+        let (Some(name), Ok(value)) = (name, HeaderValue::from_maybe_shared(message.slice(value)))
+        else {
+            return Head::Other;
+        };
+        map.append(name, value);
+    }
+    let body = if body_length == 0 {
+        Bytes::new()
+    } else {
+        message.slice(head_length..)
+    };
+    let mut request = Request::new(ClientBody::Complete(body));
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = map;
+    Head::Request(Parsed {
+        request,
+        keep_alive: !facts.close,
+        trailers: facts.trailers,
+    })
+}
+
+/// Where `part`, a slice of `whole`, lies in it.
+fn within(whole: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+    start..start + part.len()
+}
+
+/// A `Content-Length` value: digits only, as RFC 9110 §8.6 has it.
+fn parse_length(value: &[u8]) -> Option<usize> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// Whether a comma-separated field value lists `token`.
+pub(super) fn lists(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&byte| byte == b',')
+        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(bytes: &[u8]) -> (Head, BytesMut) {
+        let mut buffer = BytesMut::from(bytes);
+        let head = parse(&mut buffer, &mut None);
+        (head, buffer)
+    }
+
+    fn served_here(bytes: &[u8]) -> (Parsed, BytesMut) {
+        match parsed(bytes) {
+            (Head::Request(parsed), rest) => (parsed, rest),
+            _ => panic!("{:?} not served here", String::from_utf8_lossy(bytes)),
+        }
+    }
+
+    #[test]
+    fn a_request_with_its_body_is_taken_off_the_buffer_and_the_next_left() {
+        let (parsed, rest) = served_here(
+            b"POST /predict?x=1 HTTP/1.1\r\nHost: m\r\nX-Tag: a\r\nx-tag: b\r\ncontent-length: 2\r\n\r\n{}GET /next",
+        );
+        let request = parsed.request;
+        assert_eq!(request.method(), Method::POST);
+        assert_eq!(request.uri(), "/predict?x=1");
+        assert_eq!(request.headers()["host"], "m");
+        let tags: Vec<_> = request.headers().get_all("x-tag").iter().collect();
+        assert_eq!(tags, ["a", "b"]);
+        assert!(matches!(request.body(), ClientBody::Complete(body) if body == "{}"));
+        assert!(parsed.keep_alive);
+        assert_eq!(&rest[..], b"GET /next");
+    }
+
+    #[test]
+    fn connection_close_and_te_trailers_are_noted() {
+        let (parsed, _) =
+            served_here(b"GET / HTTP/1.1\r\nConnection: keep-alive, Close\r\nTE: trailers\r\n\r\n");
+        assert!(!parsed.keep_alive);
+        assert!(parsed.trailers);
+    }
+
+    #[test]
+    fn a_head_not_yet_whole_waits_for_more() {
+        assert!(matches!(
+            parsed(b"GET / HTTP/1.1\r\nhost:").0,
+            Head::Partial
+        ));
+    }
+
+    #[test]
+    fn a_body_not_yet_read_is_reported_with_the_message_length() {
+        let head = b"POST / HTTP/1.1\r\ncontent-length: 10\r\n\r\n";
+        let mut bytes = head.to_vec();
+        bytes.extend_from_slice(b"12345");
+        assert!(matches!(parsed(&bytes).0, Head::Incomplete(length) if length == head.len() + 10));
+    }
+
+    #[test]
+    fn requests_of_other_shapes_are_left_whole_for_hyper() {
+        for other in [
+            &b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\ncontent-length: 1\r\nexpect: 100-continue\r\n\r\n",
+            b"GET /ws HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"CONNECT m:443 HTTP/1.1\r\n\r\n",
+            b"POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 1\r\n\r\nx",
+            b"POST / HTTP/1.1\r\ncontent-length: +1\r\n\r\nx",
+            b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
+            b"GET /\x7f HTTP/1.1\r\n\r\n",
+        ] {
+            let (head, rest) = parsed(other);
+            assert!(
+                matches!(head, Head::Other),
+                "{:?} served here",
+                String::from_utf8_lossy(other)
+            );
+            assert_eq!(&rest[..], other, "nothing taken off the buffer");
+        }
+    }
+
+    #[test]
+    fn more_header_lines_than_are_read_here_go_to_hyper() {
+        let mut request = b"GET / HTTP/1.1\r\n".to_vec();
+        for line in 0..=MOST_HEADERS {
+            request.extend_from_slice(format!("x-{line}: v\r\n").as_bytes());
+        }
+        request.extend_from_slice(b"\r\n");
+        assert!(matches!(parsed(&request).0, Head::Other));
+    }
+}

@@ -1,0 +1,251 @@
+//! Writing an answer's head, framed as hyper's server frames it (RFC 9112 §6).
+
+use std::io::Write as _;
+
+use http::header;
+use http::response::Parts;
+use http::StatusCode;
+use http_body::Body as _;
+
+use super::request::lists;
+use crate::proxy::ResponseBody;
+use crate::wire::{header_line, names_listed_in, Date, Encoding};
+
+/// What the request said that shapes its answer.
+pub(super) struct Asked {
+    pub head: bool,
+    pub keep_alive: bool,
+    /// The client takes trailers (`TE: trailers`).
+    pub trailers: bool,
+}
+
+/// An answer's head, encoded.
+pub(super) struct Framed {
+    /// How its body follows; `None` when it has none to send (HEAD, 204, 304).
+    pub encoding: Option<Encoding>,
+    /// The connection serves another request after this one.
+    pub keep_alive: bool,
+}
+
+/// Encodes `parts` into `buffer` (cleared first), with the framing its body needs: the
+/// answer's own `content-length` if it has one, else the body's exact length, else chunked.
+pub(super) fn encode(
+    parts: &Parts,
+    body: &ResponseBody,
+    asked: &Asked,
+    buffer: &mut Vec<u8>,
+) -> Framed {
+    buffer.clear();
+    let status = parts.status;
+    status_line(buffer, parts);
+    // 1xx, 204 and 304 answers, and every answer to HEAD, have no body (RFC 9112 §6.3).
+    let bodiless = asked.head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let may_have_length = !(status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED);
+    let ended = body.is_end_stream();
+    let mut keep_alive = asked.keep_alive;
+    let mut length = None;
+    let mut dated = false;
+    for (name, value) in &parts.headers {
+        match *name {
+            header::CONTENT_LENGTH => {
+                // Said once, of a body there is (or, to HEAD, of one there would be).
+                let stated = std::str::from_utf8(value.as_bytes())
+                    .ok()
+                    .and_then(|text| text.parse::<u64>().ok());
+                match stated {
+                    Some(stated)
+                        if length.is_none() && may_have_length && (asked.head || !ended) =>
+                    {
+                        length = Some(stated);
+                    }
+                    _ => continue,
+                }
+            }
+            // Framing is abproxy's to choose.
+            header::TRANSFER_ENCODING => continue,
+            header::TRAILER if bodiless => continue,
+            header::CONNECTION => keep_alive &= !lists(value.as_bytes(), b"close"),
+            header::DATE => dated = true,
+            _ => {}
+        }
+        header_line(buffer, name, value);
+    }
+    if !keep_alive && !parts.headers.contains_key(header::CONNECTION) {
+        buffer.extend_from_slice(b"connection: close\r\n");
+    }
+    let hint = body.size_hint().exact();
+    let encoding = match (length, hint) {
+        _ if bodiless => {
+            if let (true, None, Some(hint @ 1..)) = (may_have_length, length, hint) {
+                let _ = write!(buffer, "content-length: {hint}\r\n");
+            }
+            None
+        }
+        (Some(length), _) => Some(Encoding::Length(length)),
+        (None, _) if ended => {
+            buffer.extend_from_slice(b"content-length: 0\r\n");
+            Some(Encoding::Length(0))
+        }
+        (None, Some(hint)) => {
+            let _ = write!(buffer, "content-length: {hint}\r\n");
+            Some(Encoding::Length(hint))
+        }
+        (None, None) => {
+            buffer.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            let trailers = if asked.trailers {
+                names_listed_in(&parts.headers, &header::TRAILER)
+            } else {
+                Vec::new()
+            };
+            Some(Encoding::Chunked { trailers })
+        }
+    };
+    if !dated {
+        Date::write_line(buffer);
+    }
+    buffer.extend_from_slice(b"\r\n");
+    Framed {
+        encoding,
+        keep_alive,
+    }
+}
+
+fn status_line(buffer: &mut Vec<u8>, parts: &Parts) {
+    let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
+    if parts.status == StatusCode::OK && reason.is_none() {
+        buffer.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        return;
+    }
+    buffer.extend_from_slice(b"HTTP/1.1 ");
+    buffer.extend_from_slice(parts.status.as_str().as_bytes());
+    buffer.push(b' ');
+    match reason {
+        Some(reason) => buffer.extend_from_slice(reason.as_bytes()),
+        // A reason must be written: many parsers expect one.
+        None => buffer.extend_from_slice(
+            parts
+                .status
+                .canonical_reason()
+                .unwrap_or("<none>")
+                .as_bytes(),
+        ),
+    }
+    buffer.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Response;
+
+    fn asked() -> Asked {
+        Asked {
+            head: false,
+            keep_alive: true,
+            trailers: false,
+        }
+    }
+
+    /// The head as written, without its date line (checked on its own).
+    fn written(response: Response<ResponseBody>, asked: &Asked) -> (String, Framed) {
+        let (parts, body) = response.into_parts();
+        let mut buffer = Vec::new();
+        let framed = encode(&parts, &body, asked, &mut buffer);
+        let text = String::from_utf8(buffer).expect("ascii");
+        let without_date = text
+            .lines()
+            .filter(|line| !line.starts_with("date: "))
+            .collect::<Vec<_>>()
+            .join("\r\n");
+        assert_eq!(text.matches("date: ").count(), 1, "one date line");
+        (without_date, framed)
+    }
+
+    fn full(body: &'static str) -> ResponseBody {
+        ResponseBody::full(bytes::Bytes::from_static(body.as_bytes()))
+    }
+
+    #[test]
+    fn a_body_in_hand_is_framed_by_its_length() {
+        let response = Response::builder()
+            .header("x-variant", "control")
+            .body(full("{}"))
+            .expect("response");
+        let (head, framed) = written(response, &asked());
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\nx-variant: control\r\ncontent-length: 2\r\n"
+        );
+        assert!(matches!(framed.encoding, Some(Encoding::Length(2))));
+        assert!(framed.keep_alive);
+    }
+
+    #[test]
+    fn an_empty_body_says_so_but_not_on_a_204() {
+        let (head, _) = written(Response::new(full("")), &asked());
+        assert_eq!(head, "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n");
+        let no_content = Response::builder()
+            .status(204)
+            .header("content-length", "0")
+            .body(full(""))
+            .expect("response");
+        let (head, framed) = written(no_content, &asked());
+        assert_eq!(head, "HTTP/1.1 204 No Content\r\n");
+        assert!(framed.encoding.is_none());
+    }
+
+    #[test]
+    fn an_answer_to_head_keeps_its_stated_length_and_sends_no_body() {
+        let response = Response::builder()
+            .header("content-length", "1234")
+            .body(full(""))
+            .expect("response");
+        let head_request = Asked {
+            head: true,
+            ..asked()
+        };
+        let (head, framed) = written(response, &head_request);
+        assert_eq!(head, "HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n");
+        assert!(framed.encoding.is_none());
+    }
+
+    #[test]
+    fn a_closing_connection_says_so_and_a_reason_phrase_is_kept() {
+        let mut response = Response::builder()
+            .status(503)
+            .body(full(""))
+            .expect("response");
+        response
+            .extensions_mut()
+            .insert(hyper::ext::ReasonPhrase::try_from(&b"Warming Up"[..]).expect("reason"));
+        let closing = Asked {
+            keep_alive: false,
+            ..asked()
+        };
+        let (head, framed) = written(response, &closing);
+        assert_eq!(
+            head,
+            "HTTP/1.1 503 Warming Up\r\nconnection: close\r\ncontent-length: 0\r\n"
+        );
+        assert!(!framed.keep_alive);
+    }
+
+    #[test]
+    fn an_answer_that_says_close_ends_the_connection() {
+        let response = Response::builder()
+            .header("connection", "close")
+            .body(full("x"))
+            .expect("response");
+        let (head, framed) = written(response, &asked());
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n"
+        );
+        assert!(!framed.keep_alive);
+    }
+}
