@@ -343,11 +343,14 @@ impl Connection {
                         Served::Closed => return,
                         Served::HandOff(io) => io,
                     };
-                let connection = protocols
-                    .http1
-                    .serve_connection(TokioIo::new(io), service(proxy, peer, asked))
-                    .with_upgrades();
-                tokio::pin!(connection);
+                // Boxed, as h2 below: every connection's task would otherwise reserve room
+                // for hyper's, used by few.
+                let mut connection = Box::pin(
+                    protocols
+                        .http1
+                        .serve_connection(TokioIo::new(io), service(proxy, peer, asked))
+                        .with_upgrades(),
+                );
                 let served = tokio::select! {
                     served = connection.as_mut() => served,
                     () = &mut finish => {

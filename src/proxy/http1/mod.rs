@@ -88,28 +88,34 @@ where
     tokio::pin!(timer);
     loop {
         let deadline = Instant::now() + header_timeout;
-        let parsed = match connection
+        // No step's values are bound past it, so that what each holds (the request, its
+        // 3.5 KB future, the answer) shares its room in this future with the next step's.
+        let (handling, asked) = match connection
             .next_request(timer.as_mut(), deadline, finish)
             .await
         {
-            Next::Request(parsed) => parsed,
+            Next::Request(Parsed {
+                request,
+                keep_alive,
+                trailers,
+            }) => {
+                let asked = Asked {
+                    head: request.method() == Method::HEAD,
+                    keep_alive,
+                    trailers,
+                };
+                (proxy.handle(request, peer), asked)
+            }
             Next::Closed => return Served::Closed,
             Next::Other => {
                 let read = connection.read.freeze();
                 return Served::HandOff(Rewind::new(connection.io, read));
             }
         };
-        let Parsed {
-            request,
-            keep_alive,
-            trailers,
-        } = parsed;
-        let asked = Asked {
-            head: request.method() == Method::HEAD,
-            keep_alive,
-            trailers,
-        };
-        let Some(response) = connection.answer(proxy.handle(request, peer)).await else {
+        let Some(response) = ({
+            tokio::pin!(handling);
+            poll_fn(|cx| connection.poll_answer(handling.as_mut(), cx)).await
+        }) else {
             tracing::debug!("client closed its connection before its answer");
             return Served::Closed;
         };
@@ -221,23 +227,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    /// Runs the request's future to its answer; `None` if the client hangs up first (the
+    /// Polls the request's future for its answer; `None` if the client hangs up first (the
     /// future, dropped, counts the request as the client's 499).
-    async fn answer<F>(&mut self, handling: F) -> Option<Response<ResponseBody>>
+    fn poll_answer<F>(
+        &mut self,
+        handling: Pin<&mut F>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Response<ResponseBody>>>
     where
         F: Future<Output = Response<ResponseBody>>,
     {
-        tokio::pin!(handling);
-        poll_fn(|cx| {
-            if let Poll::Ready(response) = handling.as_mut().poll(cx) {
-                return Poll::Ready(Some(response));
-            }
-            if self.client_left(cx) {
-                return Poll::Ready(None);
-            }
-            Poll::Pending
-        })
-        .await
+        if let Poll::Ready(response) = handling.poll(cx) {
+            return Poll::Ready(Some(response));
+        }
+        if self.client_left(cx) {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
     }
 
     /// Whether the client closed its side while its answer is under way. Like hyper, it

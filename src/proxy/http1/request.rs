@@ -1,11 +1,12 @@
 //! Reading a request's head, and a body that came with it, off the connection's buffer.
 
-use std::ops::Range;
+use std::mem::MaybeUninit;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, Request, Uri, Version};
 
+use super::LONGEST_HEAD;
 use crate::proxy::ClientBody;
 
 /// More header lines than this go to hyper, which takes up to 100.
@@ -45,32 +46,40 @@ struct Facts {
 }
 
 impl Facts {
-    fn note(&mut self, name: &HeaderName, value: &[u8]) {
-        if *name == header::CONTENT_LENGTH {
+    /// Notes what a field says, its name compared as it came (any case).
+    fn note(&mut self, name: &[u8], value: &[u8]) {
+        let is = |known: &HeaderName| name.eq_ignore_ascii_case(known.as_str().as_bytes());
+        if is(&header::CONTENT_LENGTH) {
             match (self.length, parse_length(value)) {
                 (None, Some(length)) => self.length = Some(length),
                 _ => self.other = true,
             }
-        } else if *name == header::CONNECTION {
+        } else if is(&header::CONNECTION) {
             self.close |= lists(value, b"close");
-        } else if *name == header::TE {
+        } else if is(&header::TE) {
             self.trailers |= lists(value, b"trailers");
-        } else if *name == header::TRANSFER_ENCODING
-            || *name == header::EXPECT
-            || *name == header::UPGRADE
-        {
+        } else if is(&header::TRANSFER_ENCODING) || is(&header::EXPECT) || is(&header::UPGRADE) {
             self.other = true;
         }
     }
+}
+
+/// Where a field's name and value lie in the head: offsets, as the parser's slices borrow
+/// the buffer that the head is then split from.
+#[derive(Clone, Copy, Default)]
+struct Field {
+    name: (u32, u32),
+    value: (u32, u32),
 }
 
 /// Takes the next request off `buffer` if it is whole and of the common shape: HTTP/1.1,
 /// no upgrade, no `Expect`, and a body of a single `Content-Length`, all of it read.
 /// `headers` is a map to fill, kept from an earlier exchange for its allocation.
 pub(super) fn parse(buffer: &mut BytesMut, headers: &mut Option<HeaderMap>) -> Head {
-    let mut fields = [httparse::EMPTY_HEADER; MOST_HEADERS];
-    let mut parsed = httparse::Request::new(&mut fields);
-    let head_length = match parsed.parse(buffer) {
+    // Not zeroed: 2 KiB a request that the parser overwrites anyway.
+    let mut uninit = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MOST_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let head_length = match parsed.parse_with_uninit_headers(buffer, &mut uninit) {
         Ok(httparse::Status::Complete(length)) => length,
         Ok(httparse::Status::Partial) => return Head::Partial,
         Err(_) => return Head::Other,
@@ -81,22 +90,20 @@ pub(super) fn parse(buffer: &mut BytesMut, headers: &mut Option<HeaderMap>) -> H
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return Head::Other;
     };
-    if method == Method::CONNECT {
+    if method == Method::CONNECT || head_length > LONGEST_HEAD {
         return Head::Other;
     }
     let base = buffer.as_ref();
     let target = within(base, target.as_bytes());
     let mut facts = Facts::default();
-    let mut names = [const { None }; MOST_HEADERS];
-    let mut values = [const { 0..0 }; MOST_HEADERS];
+    let mut fields = [Field::default(); MOST_HEADERS];
     let count = parsed.headers.len();
-    for ((field, name), value) in parsed.headers.iter().zip(&mut names).zip(&mut values) {
-        let Ok(known) = HeaderName::from_bytes(field.name.as_bytes()) else {
-            return Head::Other;
+    for (field, at) in parsed.headers.iter().zip(&mut fields) {
+        facts.note(field.name.as_bytes(), field.value);
+        *at = Field {
+            name: within(base, field.name.as_bytes()),
+            value: within(base, field.value),
         };
-        facts.note(&known, field.value);
-        *name = Some(known);
-        *value = within(base, field.value);
     }
     let body_length = facts.length.unwrap_or(0);
     if facts.other {
@@ -106,16 +113,19 @@ pub(super) fn parse(buffer: &mut BytesMut, headers: &mut Option<HeaderMap>) -> H
         return Head::Incomplete(head_length + body_length);
     }
     let message = buffer.split_to(head_length + body_length).freeze();
-    let Ok(uri) = Uri::from_maybe_shared(message.slice(target)) else {
+    let slice = |(start, end): (u32, u32)| message.slice(start as usize..end as usize);
+    let Ok(uri) = Uri::from_maybe_shared(slice(target)) else {
         return Head::Other;
     };
     let mut map = headers.take().unwrap_or_default();
     map.clear();
     map.reserve(count);
-    for (name, value) in names.into_iter().zip(values).take(count) {
-        let (Some(name), Ok(value)) = (name, HeaderValue::from_maybe_shared(message.slice(value)))
-        else {
-            return Head::Other;
+    for field in &fields[..count] {
+        let (start, end) = field.name;
+        let name = HeaderName::from_bytes(&message[start as usize..end as usize]);
+        let value = HeaderValue::from_maybe_shared(slice(field.value));
+        let (Ok(name), Ok(value)) = (name, value) else {
+            return rejoined(message, buffer);
         };
         map.append(name, value);
     }
@@ -136,10 +146,21 @@ pub(super) fn parse(buffer: &mut BytesMut, headers: &mut Option<HeaderMap>) -> H
     })
 }
 
-/// Where `part`, a slice of `whole`, lies in it.
-fn within(whole: &[u8], part: &[u8]) -> Range<usize> {
+/// Puts a message taken off the buffer back in front of it, for hyper (a rare path: a field
+/// name or value that httparse takes and `http` does not).
+fn rejoined(message: Bytes, buffer: &mut BytesMut) -> Head {
+    let mut whole = BytesMut::with_capacity(message.len() + buffer.len());
+    whole.extend_from_slice(&message);
+    whole.extend_from_slice(buffer);
+    *buffer = whole;
+    Head::Other
+}
+
+/// Where `part`, a slice of `whole` (a head no longer than `LONGEST_HEAD`), lies in it.
+fn within(whole: &[u8], part: &[u8]) -> (u32, u32) {
     let start = part.as_ptr() as usize - whole.as_ptr() as usize;
-    start..start + part.len()
+    let offset = |at: usize| u32::try_from(at).unwrap_or(u32::MAX);
+    (offset(start), offset(start + part.len()))
 }
 
 /// A `Content-Length` value: digits only, as RFC 9110 §8.6 has it.
