@@ -423,3 +423,55 @@ async fn a_streamed_answer_is_chunked_with_its_trailers_for_clients_that_take_th
     assert_eq!(answer.body, b"hello");
     assert!(answer.trailers.is_empty(), "{:?}", answer.trailers);
 }
+
+/// The last chunk and the end of a chunked answer often come in one read: the answer is
+/// still framed in order.
+#[tokio::test]
+async fn a_chunked_answer_whose_end_comes_with_its_last_chunk_is_framed_in_order() {
+    let upstream = answering(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await;
+    let proxy = Proxy::start(&format!(
+        "[[variant]]\nname = \"control\"\nupstream = \"{upstream}\"\nweight = 100\n"
+    ))
+    .await;
+    let mut wire = Wire::to(&proxy).await;
+    for _ in 0..2 {
+        wire.send(get("/", "a").as_bytes()).await;
+        let answer = wire.answer(false).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body, b"hello world");
+    }
+}
+
+/// A target httparse reads and `http` refuses is hyper's 400, and the request pipelined
+/// behind it is answered after it.
+#[tokio::test]
+async fn a_target_that_does_not_parse_is_a_400_before_the_next_request_is_answered() {
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(&backend, "").await;
+    let mut wire = Wire::to(&proxy).await;
+    let both = [
+        "GET {} HTTP/1.1\r\nhost: proxy\r\n\r\n".to_string(),
+        get("/next", "a"),
+    ]
+    .concat();
+    wire.send(both.as_bytes()).await;
+    assert_eq!(wire.answer(false).await.status, 400);
+    assert_eq!(backend.count(), 0);
+}
+
+#[tokio::test]
+async fn a_content_length_beyond_any_memory_is_refused_not_a_crash() {
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(&backend, "").await;
+    let mut wire = Wire::to(&proxy).await;
+    wire.send(b"POST / HTTP/1.1\r\nhost: proxy\r\nx-user-id: a\r\ncontent-length: 18446744073709551615\r\n\r\n").await;
+    let answer = wire.answer(false).await;
+    assert!((400..500).contains(&answer.status), "{}", answer.status);
+    // The proxy serves on.
+    let mut wire = Wire::to(&proxy).await;
+    wire.send(get("/", "a").as_bytes()).await;
+    assert_eq!(wire.answer(false).await.status, 200);
+}

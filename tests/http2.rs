@@ -388,3 +388,39 @@ async fn shadows_reach_h2c_upstreams_too() {
     })
     .await;
 }
+
+/// A body of one frame and unknown length, which says it has ended as that frame is taken:
+/// what an h2 client sends as DATA with END_STREAM and no `content-length`.
+struct OneFrame(Option<Bytes>);
+
+impl hyper::body::Body for OneFrame {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.take().map(|data| Ok(hyper::body::Frame::data(data))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+#[tokio::test]
+async fn an_h2c_upload_of_unknown_length_reaches_an_http1_upstream_whole() {
+    let control = Backend::start("control").await;
+    let proxy = Proxy::start(&support::variants(&[("control", &control, 100.0)])).await;
+    let mut client = h2c_client::<OneFrame>(&proxy).await;
+    let request = Request::post(format!("http://{}/predict", proxy.addr))
+        .version(Version::HTTP_2)
+        .header("x-user-id", "alice")
+        .body(OneFrame(Some(Bytes::from_static(br#"{"x":1}"#))))
+        .expect("request");
+    let response = client.send_request(request).await.expect("answer");
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.expect("body");
+    assert_eq!(control.received()[0].body, r#"{"x":1}"#);
+}

@@ -40,6 +40,8 @@ struct Framer {
     encoding: Encoding,
     /// A chunk's data went out and its closing line break has not.
     chunk_open: bool,
+    /// The body has ended; the last chunk follows once the data in hand is written.
+    ending: bool,
     /// Take the body's first data before writing the head, so that both go out in one write.
     eager: bool,
     wrote_any: bool,
@@ -73,6 +75,7 @@ where
                 data,
                 encoding,
                 chunk_open: false,
+                ending: false,
                 eager: false,
                 wrote_any: false,
             },
@@ -154,6 +157,10 @@ where
                 framer.data.advance(written - from_framing);
                 continue;
             }
+            if std::mem::take(&mut framer.ending) {
+                framer.end().map_err(|()| WriteFailure::Length)?;
+                continue;
+            }
             if this.body.is_some() {
                 // What is written reaches the peer while the body is slow.
                 let _ = Pin::new(io).poll_flush(cx);
@@ -223,9 +230,14 @@ impl Framer {
             self.data = data;
         }
         // Once the declared length is out, or the body says it has ended, it is not polled
-        // again (its end may come only in a later, empty frame).
+        // again (its end may come only in a later, empty frame). The last chunk follows the
+        // data in hand.
         if ends || matches!(self.encoding, Encoding::Length(0)) {
-            self.end()?;
+            if self.data.is_empty() {
+                self.end()?;
+            } else {
+                self.ending = true;
+            }
             return Ok(true);
         }
         Ok(false)
@@ -274,7 +286,8 @@ mod tests {
     use std::collections::VecDeque;
     use std::convert::Infallible;
 
-    /// A body of the given frames, each ready at once.
+    /// A body of the given frames, each ready at once, that says it has ended as soon as
+    /// its last frame is taken.
     struct Frames(VecDeque<Frame<Bytes>>);
 
     impl Body for Frames {
@@ -286,6 +299,10 @@ mod tests {
             _: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
             Poll::Ready(self.0.pop_front().map(Ok))
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
         }
     }
 
@@ -315,6 +332,19 @@ mod tests {
         let (wire, result) = written(Encoding::Length(5), data(&["he", "llo"])).await;
         assert!(result.is_ok());
         assert_eq!(wire, "HEAD\r\n\r\nhello");
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_whose_last_data_ends_it_is_closed_after_that_data() {
+        let (wire, result) = written(
+            Encoding::Chunked {
+                trailers: Vec::new(),
+            },
+            data(&["he", "llo"]),
+        )
+        .await;
+        assert!(result.is_ok());
+        assert_eq!(wire, "HEAD\r\n\r\n2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n");
     }
 
     #[tokio::test]

@@ -173,6 +173,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if !self.read.is_empty() {
                 match request::parse(&mut self.read, &mut self.headers) {
                     Head::Request(parsed) => return Next::Request(parsed),
+                    // hyper, asked to finish as it starts, would close before this request.
+                    Head::Other | Head::Incomplete(_) if finish.asked() => return Next::Closed,
                     Head::Other => return Next::Other,
                     Head::Partial if self.read.len() >= LONGEST_HEAD => return Next::Other,
                     Head::Partial => {}
@@ -269,8 +271,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         finish: &mut Finish,
     ) -> Result<bool, Undelivered> {
         let (mut parts, body) = response.into_parts();
-        let body = if parts.status.is_informational() {
-            // No interim answer is ever final; hyper answers a 500 in its place.
+        let interim = parts.status.is_informational();
+        let body = if interim {
+            // No interim answer is ever final; hyper answers a 500 in its place, and closes.
             parts = Response::new(()).into_parts().0;
             parts.status = StatusCode::INTERNAL_SERVER_ERROR;
             ResponseBody::full(Bytes::new())
@@ -278,7 +281,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             body
         };
         let asked = Asked {
-            keep_alive: asked.keep_alive && !finish.asked(),
+            keep_alive: asked.keep_alive && !interim && !finish.asked(),
             ..asked
         };
         let mut head = std::mem::take(&mut self.head);

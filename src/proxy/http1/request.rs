@@ -106,7 +106,8 @@ pub(super) fn parse(buffer: &mut BytesMut, headers: &mut Option<HeaderMap>) -> H
         };
     }
     let body_length = facts.length.unwrap_or(0);
-    if facts.other {
+    // A body longer than a head may be streams through hyper.
+    if facts.other || body_length > LONGEST_HEAD {
         return Head::Other;
     }
     if buffer.len() - head_length < body_length {
@@ -115,7 +116,7 @@ pub(super) fn parse(buffer: &mut BytesMut, headers: &mut Option<HeaderMap>) -> H
     let message = buffer.split_to(head_length + body_length).freeze();
     let slice = |(start, end): (u32, u32)| message.slice(start as usize..end as usize);
     let Ok(uri) = Uri::from_maybe_shared(slice(target)) else {
-        return Head::Other;
+        return rejoined(message, buffer);
     };
     let mut map = headers.take().unwrap_or_default();
     map.clear();
@@ -146,8 +147,8 @@ pub(super) fn parse(buffer: &mut BytesMut, headers: &mut Option<HeaderMap>) -> H
     })
 }
 
-/// Puts a message taken off the buffer back in front of it, for hyper (a rare path: a field
-/// name or value that httparse takes and `http` does not).
+/// Puts a message taken off the buffer back in front of it, for hyper to refuse (a target,
+/// field name or value that httparse takes and `http` does not).
 fn rejoined(message: Bytes, buffer: &mut BytesMut) -> Head {
     let mut whole = BytesMut::with_capacity(message.len() + buffer.len());
     whole.extend_from_slice(&message);
@@ -247,6 +248,10 @@ mod tests {
             b"POST / HTTP/1.1\r\ncontent-length: +1\r\n\r\nx",
             b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
             b"GET /\x7f HTTP/1.1\r\n\r\n",
+            b"GET {} HTTP/1.1\r\n\r\nGET /next HTTP/1.1\r\n\r\n",
+            b"GET http://[::1/ HTTP/1.1\r\n\r\n",
+            b"POST / HTTP/1.1\r\ncontent-length: 18446744073709551615\r\n\r\n",
+            b"POST / HTTP/1.1\r\ncontent-length: 99999999999999999999999\r\n\r\n",
         ] {
             let (head, rest) = parsed(other);
             assert!(

@@ -50,6 +50,7 @@ pub(super) fn encode(
     let mut keep_alive = asked.keep_alive;
     let mut length = None;
     let mut dated = false;
+    let mut says_close = false;
     for (name, value) in &parts.headers {
         match *name {
             header::CONTENT_LENGTH => {
@@ -69,13 +70,16 @@ pub(super) fn encode(
             // Framing is abproxy's to choose.
             header::TRANSFER_ENCODING => continue,
             header::TRAILER if bodiless => continue,
-            header::CONNECTION => keep_alive &= !lists(value.as_bytes(), b"close"),
+            header::CONNECTION if lists(value.as_bytes(), b"close") => {
+                keep_alive = false;
+                says_close = true;
+            }
             header::DATE => dated = true,
             _ => {}
         }
         header_line(buffer, name, value);
     }
-    if !keep_alive && !parts.headers.contains_key(header::CONNECTION) {
+    if !keep_alive && !says_close {
         buffer.extend_from_slice(b"connection: close\r\n");
     }
     let hint = body.size_hint().exact();
