@@ -4,6 +4,7 @@
 //! an immutable [`route::Generation`] swapped whole by [`reload::Reloader`].
 
 pub mod admin;
+mod alarm;
 pub mod assign;
 pub mod canary;
 pub mod cli;

@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{self, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{timeout_at, Instant};
 
 mod connect;
 mod error;
@@ -182,35 +183,41 @@ impl Upstream {
     /// Sends `request` and waits at most `timeout` for a free connection and the response
     /// head. The lease returned with the response holds the request's place in the
     /// connection limit until the caller drops it with the body.
-    pub fn send(
+    ///
+    /// Only the rare waits (for a connection's place, a new connection, an HTTP/2 stream)
+    /// arm a timer of their own; on a pooled HTTP/1.1 connection the deadline is watched by
+    /// the connection's `Alarm`.
+    pub async fn send(
         &self,
         mut request: Request<UpstreamBody>,
         timeout: Duration,
-    ) -> impl Future<Output = Result<(Response<Body>, Lease), SendError>> + '_ {
-        // `request` is reassigned, never rebound, and `send` is no `async fn`: every binding
-        // of it would be one more slot in this future, which hyper moves on every request and
-        // keeps per client connection.
-        let exchange = async move {
-            let permit = match self.connections.clone().try_acquire_owned() {
-                Ok(permit) => permit,
-                Err(_) => {
-                    request = detach(request);
-                    let permit = self.connections.clone().acquire_owned().await;
-                    permit.map_err(|_| UpstreamError::closed())?
-                }
-            };
-            let response = match &self.transport {
-                Transport::Http1 { idle, .. } => self.exchange(request, idle).await?,
-                Transport::Http2 { connections, .. } => {
-                    // Boxed: its retry and replay state would triple every HTTP/1.1
-                    // request's future; an HTTP/2 request pays one allocation for it.
-                    let send = connections.send(request, || Box::pin(self.connect_http2()));
-                    Box::pin(send).await?.map(Body::hyper)
-                }
-            };
-            Ok((response, Lease { _permit: permit }))
+    ) -> Result<(Response<Body>, Lease), SendError> {
+        // `request` is reassigned, never rebound: every binding of it would be one more slot
+        // in this future, which lives in every client connection's.
+        let deadline = Instant::now() + timeout;
+        let late = || SendError::from(UpstreamError::no_response_within(timeout));
+        let permit = match self.connections.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                request = detach(request);
+                let waiting = self.connections.clone().acquire_owned();
+                let permit = timeout_at(deadline, waiting).await.map_err(|_| late())?;
+                permit.map_err(|_| UpstreamError::closed())?
+            }
         };
-        Deadline::new(timeout, exchange)
+        let response = match &self.transport {
+            Transport::Http1 { idle, .. } => {
+                self.exchange(request, idle, deadline, timeout).await?
+            }
+            Transport::Http2 { connections, .. } => {
+                // Boxed: its retry and replay state would triple every HTTP/1.1 request's
+                // future; an HTTP/2 request pays one allocation for it.
+                let send = connections.send(request, || Box::pin(self.connect_http2()));
+                let answer = timeout_at(deadline, Box::pin(send)).await;
+                answer.map_err(|_| late())??.map(Body::hyper)
+            }
+        };
+        Ok((response, Lease { _permit: permit }))
     }
 
     /// One request on a pooled connection, or a new one. A request the pooled connection
@@ -220,17 +227,19 @@ impl Upstream {
         &self,
         request: Request<UpstreamBody>,
         idle: &Arc<http1::Pool>,
+        deadline: Instant,
+        timeout: Duration,
     ) -> Result<Response<Body>, SendError> {
         let pooled = poll_fn(|cx| Poll::Ready(idle.take(cx))).await;
         // Boxed, as every connect below: opening a connection (TCP, maybe TLS) is the rare
         // path, and inline its future would size every request's.
         let Some(connection) = pooled else {
-            return Box::pin(self.send_on_new_http1(request, idle)).await;
+            return Box::pin(self.send_on_new_http1(request, idle, deadline, timeout)).await;
         };
-        match connection.send(request, idle).await {
+        match connection.send(request, idle, deadline, timeout).await {
             Ok(response) => Ok(response.map(Body::http1)),
             Err(SendError::NotSent { request, .. }) => {
-                Box::pin(self.send_on_new_http1(*request.0, idle)).await
+                Box::pin(self.send_on_new_http1(*request.0, idle, deadline, timeout)).await
             }
             Err(err) => Err(err),
         }
@@ -241,12 +250,16 @@ impl Upstream {
         &self,
         request: Request<UpstreamBody>,
         idle: &Arc<http1::Pool>,
+        deadline: Instant,
+        timeout: Duration,
     ) -> Result<Response<Body>, SendError> {
-        let stream = match self.connect().await {
-            Ok(stream) => stream,
-            Err(err) => return Err(SendError::not_sent(err, request)),
+        let stream = match timeout_at(deadline, self.connect()).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => return Err(SendError::not_sent(err, request)),
+            Err(_) => return Err(UpstreamError::no_response_within(timeout).into()),
         };
-        let response = http1::Connection::new(stream).send(request, idle).await?;
+        let connection = http1::Connection::new(stream);
+        let response = connection.send(request, idle, deadline, timeout).await?;
         Ok(response.map(Body::http1))
     }
 

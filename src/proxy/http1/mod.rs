@@ -23,11 +23,12 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_util::io::poll_read_buf;
 
 use super::listener::Finish;
 use super::{Peer, Proxy, ResponseBody};
+use crate::alarm::Alarm;
 use crate::wire::{Encoding, Outgoing, WriteFailure};
 use request::{Head, Parsed};
 use response::Asked;
@@ -41,20 +42,6 @@ const LONGEST_HEAD: usize = 64 * 1024;
 const KEPT_READ: usize = 16 * 1024;
 /// Likewise the buffer answers' heads are encoded in.
 const KEPT_HEAD: usize = 4 * 1024;
-
-/// Whether `deadline` has passed. The timer is armed for the first request's deadline and
-/// re-armed, for the one in force, only when it fires before it: most requests cost it no
-/// timer work.
-fn timed_out(cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>, deadline: Instant) -> Poll<Read> {
-    while timer.as_mut().poll(cx).is_ready() {
-        if Instant::now() >= deadline {
-            tracing::debug!("no whole request within the header timeout; closing");
-            return Poll::Ready(Read::Closed);
-        }
-        timer.as_mut().reset(deadline);
-    }
-    Poll::Pending
-}
 
 /// How a connection's time here ended.
 pub(super) enum Served<S> {
@@ -83,17 +70,13 @@ where
         head: Vec::new(),
         headers: None,
     };
-    // One timer for the connection's life, re-armed only when it fires early (see `poll_read`).
-    let timer = tokio::time::sleep(header_timeout);
-    tokio::pin!(timer);
+    // The header timeout's one timer for the connection's life.
+    let mut alarm = Alarm::default();
     loop {
         let deadline = Instant::now() + header_timeout;
         // No step's values are bound past it, so that what each holds (the request, its
         // 3.5 KB future, the answer) shares its room in this future with the next step's.
-        let (handling, asked) = match connection
-            .next_request(timer.as_mut(), deadline, finish)
-            .await
-        {
+        let (handling, asked) = match connection.next_request(&mut alarm, deadline, finish).await {
             Next::Request(Parsed {
                 request,
                 keep_alive,
@@ -165,7 +148,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// connection closes when `finish` asks.
     async fn next_request(
         &mut self,
-        mut timer: Pin<&mut Sleep>,
+        alarm: &mut Alarm,
         deadline: Instant,
         finish: &mut Finish,
     ) -> Next {
@@ -196,7 +179,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     return Poll::Ready(Read::Closed);
                 }
                 match self.poll_read(cx) {
-                    Poll::Pending => timed_out(cx, timer.as_mut(), deadline),
+                    Poll::Pending => alarm.poll_passed(cx, deadline).map(|()| {
+                        tracing::debug!("no whole request within the header timeout; closing");
+                        Read::Closed
+                    }),
                     read => read,
                 }
             })

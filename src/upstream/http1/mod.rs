@@ -18,6 +18,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::request::Parts;
@@ -25,6 +26,7 @@ use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::{Either, Full};
 use tokio::io::AsyncRead;
+use tokio::time::Instant;
 
 pub use body::Body;
 pub(super) use pool::Pool;
@@ -32,6 +34,7 @@ use request::{Outgoing, Payload, WriteFailure};
 
 use super::error::{io_failure_kind, SendError};
 use super::{Stream, UpstreamBody, UpstreamError, UpstreamErrorKind};
+use crate::alarm::Alarm;
 
 /// An upload that did not match its declared length: hyper and h2 check the client's, so
 /// only a body of abproxy's own making could.
@@ -54,6 +57,8 @@ pub(super) struct Connection {
     /// Whether the upstream has sent anything, an interim answer included, since the
     /// request began.
     heard: bool,
+    /// Watches each exchange's deadline for its response head.
+    alarm: Alarm,
 }
 
 impl Connection {
@@ -65,17 +70,27 @@ impl Connection {
             head: Vec::new(),
             reused: false,
             heard: false,
+            alarm: Alarm::default(),
         }
     }
 
     /// Sends `request` and reads the response head. The response's body holds the
     /// connection, and returns it to `pool` once read to its end if it can serve again.
     /// A request none of which could be written comes back in `SendError::NotSent`.
-    pub fn send(self, request: Request<UpstreamBody>, pool: &Arc<Pool>) -> Exchange<'_> {
+    /// No response head by `deadline` is an upstream timeout (`timeout` long).
+    pub fn send(
+        self,
+        request: Request<UpstreamBody>,
+        pool: &Arc<Pool>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Exchange<'_> {
         Exchange {
             connection: Some(self),
             state: State::Start(request),
             pool,
+            deadline,
+            timeout,
         }
     }
 
@@ -150,6 +165,8 @@ pub(super) struct Exchange<'a> {
     connection: Option<Connection>,
     state: State,
     pool: &'a Arc<Pool>,
+    deadline: Instant,
+    timeout: Duration,
 }
 
 enum State {
@@ -222,9 +239,19 @@ impl Future for Exchange<'_> {
             }
         }
         // Read while writing: an upstream may answer (a 413, say) before the upload ends.
-        let head = match ready!(connection.poll_head(cx, *head_request)) {
-            Ok(head) => head,
-            Err(err) => {
+        let head = match connection.poll_head(cx, *head_request) {
+            Poll::Ready(Ok(head)) => head,
+            Poll::Pending => {
+                if connection.alarm.poll_passed(cx, this.deadline).is_pending() {
+                    return Poll::Pending;
+                }
+                // Given up on: the connection, mid-exchange, serves no other.
+                this.connection = None;
+                this.state = State::Done;
+                let timeout = UpstreamError::no_response_within(this.timeout);
+                return Poll::Ready(Err(timeout.into()));
+            }
+            Poll::Ready(Err(err)) => {
                 let failure = match write_error.take() {
                     Some(io) => Failure::Write(WriteFailure::Io(io)),
                     None => Failure::Read(err),
@@ -540,6 +567,13 @@ mod tests {
             .expect("request")
     }
 
+    /// A timeout no test reaches.
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    fn far() -> Instant {
+        Instant::now() + MINUTE
+    }
+
     async fn pooled(pool: &Pool) -> Option<Connection> {
         poll_fn(|cx| Poll::Ready(pool.take(cx))).await
     }
@@ -549,7 +583,7 @@ mod tests {
         request: Request<UpstreamBody>,
         pool: &Arc<Pool>,
     ) -> Response<Body> {
-        match connection.send(request, pool).await {
+        match connection.send(request, pool, far(), MINUTE).await {
             Ok(response) => response,
             Err(err) => panic!("failed: {err}"),
         }
@@ -717,11 +751,38 @@ mod tests {
         assert!(pooled(&pool).await.is_none());
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_silent_past_the_deadline_is_a_timeout_and_its_connection_dropped() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let holding = tokio::spawn(async move { listener.accept().await });
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let pool = Arc::new(Pool::default());
+        let started = Instant::now();
+        let timeout = Duration::from_secs(5);
+        let failed = Connection::new(Stream::Left(stream))
+            .send(get("/"), &pool, started + timeout, timeout)
+            .await;
+        let Err(SendError::Upstream(err)) = failed else {
+            panic!("no answer came, and the request went out");
+        };
+        assert_eq!(err.kind, UpstreamErrorKind::Timeout);
+        assert_eq!(started.elapsed(), timeout);
+        assert!(pooled(&pool).await.is_none());
+        drop(holding);
+    }
+
     #[tokio::test]
     async fn an_upstream_that_closes_before_answering_is_a_reset() {
         let upstream = Scripted::start(&[]).await;
         let pool = Arc::new(Pool::default());
-        let failed = upstream.connect().await.send(get("/"), &pool).await;
+        let failed = upstream
+            .connect()
+            .await
+            .send(get("/"), &pool, far(), MINUTE)
+            .await;
         let Err(SendError::Upstream(err)) = failed else {
             panic!("the request went out, and no answer came");
         };
@@ -741,7 +802,7 @@ mod tests {
         let upstream = Scripted::start(&[(OK, Then::KeepOpen)]).await;
         let pool = Arc::new(Pool::default());
         let connection = timed_out_on_reuse(&upstream, &pool).await;
-        let failed = connection.send(get("/again"), &pool).await;
+        let failed = connection.send(get("/again"), &pool, far(), MINUTE).await;
         let Err(SendError::NotSent { source, request }) = failed else {
             panic!("not given back to be sent again");
         };
@@ -755,7 +816,9 @@ mod tests {
         let upstream = Scripted::start(&[(OK, Then::KeepOpen)]).await;
         let pool = Arc::new(Pool::default());
         let connection = timed_out_on_reuse(&upstream, &pool).await;
-        let failed = connection.send(post("/predict", "{}"), &pool).await;
+        let failed = connection
+            .send(post("/predict", "{}"), &pool, far(), MINUTE)
+            .await;
         let Err(SendError::Upstream(err)) = failed else {
             panic!("a POST that reached the upstream may not be sent twice");
         };
@@ -771,7 +834,7 @@ mod tests {
         .await;
         let pool = Arc::new(Pool::default());
         let connection = timed_out_on_reuse(&upstream, &pool).await;
-        let failed = connection.send(get("/again"), &pool).await;
+        let failed = connection.send(get("/again"), &pool, far(), MINUTE).await;
         assert!(
             matches!(failed, Err(SendError::Upstream(_))),
             "an upstream that said anything was alive when the request arrived"
@@ -788,7 +851,7 @@ mod tests {
         .await;
         let pool = Arc::new(Pool::default());
         let response = connection
-            .send(large_post("/predict"), &pool)
+            .send(large_post("/predict"), &pool, far(), MINUTE)
             .await
             .expect("the upstream's answer, not the reset of the upload");
         assert_eq!(response.status(), 413);
@@ -832,7 +895,11 @@ mod tests {
     async fn a_garbled_answer_is_a_protocol_error() {
         let upstream = Scripted::start(&[("HTTP/1.1 OK 200\r\n\r\n", Then::KeepOpen)]).await;
         let pool = Arc::new(Pool::default());
-        let failed = upstream.connect().await.send(get("/"), &pool).await;
+        let failed = upstream
+            .connect()
+            .await
+            .send(get("/"), &pool, far(), MINUTE)
+            .await;
         let Err(SendError::Upstream(err)) = failed else {
             panic!("a garbled answer was taken");
         };
@@ -864,7 +931,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let pool = Arc::new(Pool::default());
         let failed = Connection::new(Stream::Left(stream))
-            .send(post("/predict", "{\"x\":1}"), &pool)
+            .send(post("/predict", "{\"x\":1}"), &pool, far(), MINUTE)
             .await;
         let Err(SendError::NotSent { source, request }) = failed else {
             panic!("the request was not given back");

@@ -1,0 +1,82 @@
+//! Deadlines per request, watched by one timer per connection.
+//!
+//! A tokio timer armed for each request and dropped at its end takes the timer driver's
+//! lock twice a request. A connection's requests come one after another, each deadline
+//! later than the last: an `Alarm` is armed once, for the first, and when it fires before
+//! the deadline in force it is re-armed for that one. It touches the timer wheel once per
+//! timeout at most, however many requests pass.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::time::{Instant, Sleep};
+
+#[derive(Default)]
+pub(crate) struct Alarm {
+    /// Boxed, as connections move (in and out of a pool); made at the first wait.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Alarm {
+    /// Ready once `deadline` has passed; until then the task is woken by it at the latest.
+    pub fn poll_passed(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<()> {
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        // A deadline earlier than the one armed (a reload shortened the timeout) re-arms it.
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn each_deadline_is_kept_though_the_timer_was_armed_for_the_first() {
+        let mut alarm = Alarm::default();
+        let start = Instant::now();
+        // Three requests a second apart, each with a 5 s deadline; the last one times out.
+        for request in 0..3 {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            if request < 2 {
+                let waited = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    poll_fn(|cx| alarm.poll_passed(cx, deadline)),
+                )
+                .await;
+                assert!(waited.is_err(), "request {request} timed out early");
+            } else {
+                poll_fn(|cx| alarm.poll_passed(cx, deadline)).await;
+                assert_eq!(start.elapsed(), Duration::from_secs(7));
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shorter_deadline_than_the_one_armed_is_kept() {
+        let mut alarm = Alarm::default();
+        let start = Instant::now();
+        let long = start + Duration::from_secs(30);
+        let waited = tokio::time::timeout(
+            Duration::from_secs(1),
+            poll_fn(|cx| alarm.poll_passed(cx, long)),
+        )
+        .await;
+        assert!(waited.is_err());
+        poll_fn(|cx| alarm.poll_passed(cx, start + Duration::from_secs(3))).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+    }
+}
