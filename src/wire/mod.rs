@@ -2,12 +2,14 @@
 //! (`proxy::http1`) and requests to upstreams (`upstream::http1`).
 
 mod date;
+mod fields;
 mod outgoing;
 
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
 
 pub(crate) use date::Date;
+pub(crate) use fields::{fill, locate, within, InvalidField, Span};
 pub(crate) use outgoing::{Encoding, Outgoing, WriteFailure};
 
 /// The field names that the lines of `field` (`Trailer`, `Connection`) list, comma-separated.

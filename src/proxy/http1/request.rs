@@ -4,10 +4,11 @@ use std::mem::MaybeUninit;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue, Method, Request, Uri, Version};
+use http::{HeaderMap, Method, Request, Uri, Version};
 
 use super::LONGEST_HEAD;
 use crate::proxy::ClientBody;
+use crate::wire::{fill, locate, within, Span};
 
 /// More header lines than this go to hyper, which takes up to 100.
 const MOST_HEADERS: usize = 64;
@@ -64,14 +65,6 @@ impl Facts {
     }
 }
 
-/// Where a field's name and value lie in the head: offsets, as the parser's slices borrow
-/// the buffer that the head is then split from.
-#[derive(Clone, Copy, Default)]
-struct Field {
-    name: (u32, u32),
-    value: (u32, u32),
-}
-
 /// Takes the next request off `buffer` if it is whole and of the common shape: HTTP/1.1,
 /// no upgrade, no `Expect`, and a body of a single `Content-Length`, all of it read.
 /// `headers` is a map to fill, kept from an earlier exchange for its allocation.
@@ -96,15 +89,11 @@ pub(super) fn parse(buffer: &mut BytesMut, headers: &mut Option<HeaderMap>) -> H
     let base = buffer.as_ref();
     let target = within(base, target.as_bytes());
     let mut facts = Facts::default();
-    let mut fields = [Field::default(); MOST_HEADERS];
-    let count = parsed.headers.len();
-    for (field, at) in parsed.headers.iter().zip(&mut fields) {
+    for field in parsed.headers.iter() {
         facts.note(field.name.as_bytes(), field.value);
-        *at = Field {
-            name: within(base, field.name.as_bytes()),
-            value: within(base, field.value),
-        };
     }
+    let mut spans = [Span::default(); MOST_HEADERS];
+    let spans = locate(base, parsed.headers, &mut spans);
     let body_length = facts.length.unwrap_or(0);
     // A body longer than a head may be streams through hyper.
     if facts.other || body_length > LONGEST_HEAD {
@@ -120,15 +109,9 @@ pub(super) fn parse(buffer: &mut BytesMut, headers: &mut Option<HeaderMap>) -> H
     };
     let mut map = headers.take().unwrap_or_default();
     map.clear();
-    map.reserve(count);
-    for field in &fields[..count] {
-        let (start, end) = field.name;
-        let name = HeaderName::from_bytes(&message[start as usize..end as usize]);
-        let value = HeaderValue::from_maybe_shared(slice(field.value));
-        let (Ok(name), Ok(value)) = (name, value) else {
-            return rejoined(message, buffer);
-        };
-        map.append(name, value);
+    map.reserve(spans.len());
+    if fill(&mut map, &message, spans).is_err() {
+        return rejoined(message, buffer);
     }
     let body = if body_length == 0 {
         Bytes::new()
@@ -155,13 +138,6 @@ fn rejoined(message: Bytes, buffer: &mut BytesMut) -> Head {
     whole.extend_from_slice(buffer);
     *buffer = whole;
     Head::Other
-}
-
-/// Where `part`, a slice of `whole` (a head no longer than `LONGEST_HEAD`), lies in it.
-fn within(whole: &[u8], part: &[u8]) -> (u32, u32) {
-    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
-    let offset = |at: usize| u32::try_from(at).unwrap_or(u32::MAX);
-    (offset(start), offset(start + part.len()))
 }
 
 /// A `Content-Length` value: digits only, as RFC 9110 §8.6 has it.

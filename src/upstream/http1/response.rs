@@ -1,10 +1,13 @@
 //! Reading an upstream's HTTP/1.1 response: its head, then its body as RFC 9112 §6.3 frames it.
 
+use std::mem::MaybeUninit;
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Version};
+use http::{HeaderMap, Response, StatusCode, Version};
 
 use crate::upstream::{UpstreamError, UpstreamErrorKind};
+use crate::wire::{fill, locate, InvalidField, Span};
 
 /// As hyper's client: more header lines than this is no response a model server sends.
 const MAX_HEADERS: usize = 100;
@@ -28,9 +31,12 @@ pub(super) fn parse_head(
     head_request: bool,
 ) -> Result<Option<Head>, UpstreamError> {
     loop {
-        let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut lines);
-        let length = match parsed.parse(read) {
+        // Not zeroed: 3 KiB a response that the parser overwrites anyway.
+        let mut lines = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let parsing = httparse::ParserConfig::default();
+        let length = match parsing.parse_response_with_uninit_headers(&mut parsed, read, &mut lines)
+        {
             Ok(httparse::Status::Complete(length)) => length,
             Ok(httparse::Status::Partial) if read.len() > MAX_HEAD => {
                 return Err(protocol(format!(
@@ -94,39 +100,13 @@ pub(super) fn parse_head(
     }
 }
 
-/// Where a header line's name and value lie in the buffer it was parsed from, so that the
-/// buffer can be split off (and shared by the values) once the parser lets go of it.
-#[derive(Debug, Clone, Copy, Default)]
-struct Span {
-    name: (usize, usize),
-    value: (usize, usize),
-}
-
-fn locate<'s>(buffer: &[u8], lines: &[httparse::Header<'_>], spans: &'s mut [Span]) -> &'s [Span] {
-    let start = buffer.as_ptr() as usize;
-    let offset = |part: &[u8]| {
-        let from = part.as_ptr() as usize - start;
-        (from, from + part.len())
-    };
-    for (span, line) in spans.iter_mut().zip(lines) {
-        *span = Span {
-            name: offset(line.name.as_bytes()),
-            value: offset(line.value),
-        };
-    }
-    &spans[..lines.len()]
-}
-
 fn header_map(bytes: &Bytes, spans: &[Span]) -> Result<HeaderMap, UpstreamError> {
     // Room for the variant header abproxy adds, so that adding it does not grow the map.
     let mut headers = HeaderMap::with_capacity(spans.len() + 1);
-    for span in spans {
-        let name = HeaderName::from_bytes(&bytes[span.name.0..span.name.1])
-            .map_err(|_| protocol("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(bytes.slice(span.value.0..span.value.1))
-            .map_err(|_| protocol(format!("invalid value of header {name}")))?;
-        headers.append(name, value);
-    }
+    fill(&mut headers, bytes, spans).map_err(|invalid| match invalid {
+        InvalidField::Name => protocol("invalid header name"),
+        InvalidField::Value(name) => protocol(format!("invalid value of header {name}")),
+    })?;
     Ok(headers)
 }
 
