@@ -76,7 +76,7 @@ where
         let deadline = Instant::now() + header_timeout;
         // No step's values are bound past it, so that what each holds (the request, its
         // 3.5 KB future, the answer) shares its room in this future with the next step's.
-        let (handling, asked) = match connection.next_request(&mut alarm, deadline, finish).await {
+        let (request, asked) = match connection.next_request(&mut alarm, deadline, finish).await {
             Next::Request(Parsed {
                 request,
                 keep_alive,
@@ -87,7 +87,7 @@ where
                     keep_alive,
                     trailers,
                 };
-                (proxy.handle(request, peer), asked)
+                (request, asked)
             }
             Next::Closed => return Served::Closed,
             Next::Other => {
@@ -96,6 +96,8 @@ where
             }
         };
         let Some(response) = ({
+            // Made in its pinned place: moved, the 3.5 KB future would be copied.
+            let handling = proxy.handle(request, peer);
             tokio::pin!(handling);
             poll_fn(|cx| connection.poll_answer(handling.as_mut(), cx)).await
         }) else {
