@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use tokio::time::{Instant, Sleep};
 
@@ -16,6 +16,9 @@ use tokio::time::{Instant, Sleep};
 pub(crate) struct Alarm {
     /// Boxed, as connections move (in and out of a pool); made at the first wait.
     timer: Option<Pin<Box<Sleep>>>,
+    /// The task the timer wakes: while it is the one waiting and the timer has not fired,
+    /// polling the timer again would change nothing.
+    waking: Option<Waker>,
 }
 
 impl Alarm {
@@ -27,7 +30,16 @@ impl Alarm {
         // A deadline earlier than the one armed (a reload shortened the timeout) re-arms it.
         if timer.deadline() > deadline {
             timer.as_mut().reset(deadline);
+            self.waking = None;
         }
+        let registered = self
+            .waking
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()));
+        if registered && !timer.is_elapsed() {
+            return Poll::Pending;
+        }
+        self.waking = Some(cx.waker().clone());
         while timer.as_mut().poll(cx).is_ready() {
             if Instant::now() >= deadline {
                 return Poll::Ready(());
@@ -78,5 +90,33 @@ mod tests {
         assert!(waited.is_err());
         poll_fn(|cx| alarm.poll_passed(cx, start + Duration::from_secs(3))).await;
         assert_eq!(start.elapsed(), Duration::from_secs(3));
+    }
+
+    /// An upstream connection's alarm serves one client connection's task, then another's.
+    #[tokio::test(start_paused = true)]
+    async fn the_task_waiting_now_is_the_one_woken() {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(5);
+        let mut alarm = Alarm::default();
+        // The first task waits a moment, then gives the alarm up (its request ended).
+        let mut alarm = tokio::spawn(async move {
+            let waited = tokio::time::timeout(
+                Duration::from_secs(1),
+                poll_fn(|cx| alarm.poll_passed(cx, deadline)),
+            )
+            .await;
+            assert!(waited.is_err());
+            alarm
+        })
+        .await
+        .expect("first task");
+        // This task must be woken at the deadline, not the first one.
+        let woken = tokio::time::timeout(
+            Duration::from_secs(60),
+            poll_fn(|cx| alarm.poll_passed(cx, deadline)),
+        )
+        .await;
+        assert!(woken.is_ok(), "never woken");
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
     }
 }

@@ -155,10 +155,25 @@ pub fn client_response_headers(headers: &mut HeaderMap) {
     remove_hop_by_hop(headers);
 }
 
+/// One of `HOP_BY_HOP`: a match on the name's text is a length switch and one comparison,
+/// where comparing with each of the seven names is seven.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authenticate"
+    )
+}
+
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the few names present costs less than a hashed
     // lookup for each of the eight (callgrind: 800 → 290 instructions a call, two a request).
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     // `Connection: keep-alive` or `close` name nothing else to drop: skip the scan.
@@ -211,6 +226,16 @@ mod tests {
         remove_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("x-end-to-end"));
+    }
+
+    #[test]
+    fn the_hop_by_hop_match_names_exactly_the_hop_by_hop_headers() {
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in ["host", "content-type", "x-user-id", "trailer", "tee"] {
+            assert!(!is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
     }
 
     #[test]
