@@ -72,7 +72,11 @@ impl Proxy {
         let generation = self.current.load_full();
         let config = &generation.config;
         let (mut parts, body) = request.into_parts();
-        let upgrade = Upgrade::requested(&mut parts);
+        // abproxy's server hands every upgrade to hyper: a body read whole came with none.
+        let upgrade = match body {
+            ClientBody::Complete(_) => None,
+            ClientBody::Streaming(_) => Upgrade::requested(&mut parts),
+        };
         let mut tally = Tally::new(
             self.unassigned.clone(),
             started,
