@@ -40,7 +40,12 @@ impl Alarm {
             return Poll::Pending;
         }
         self.waking = Some(cx.waker().clone());
-        while timer.as_mut().poll(cx).is_ready() {
+        // Unconstrained: a task that has spent its tokio budget would otherwise be told to
+        // yield, the timer left unregistered, and the skip above would never poll it again.
+        while Pin::new(&mut tokio::task::unconstrained(timer.as_mut()))
+            .poll(cx)
+            .is_ready()
+        {
             if Instant::now() >= deadline {
                 return Poll::Ready(());
             }
@@ -114,6 +119,32 @@ mod tests {
         let woken = tokio::time::timeout(
             Duration::from_secs(60),
             poll_fn(|cx| alarm.poll_passed(cx, deadline)),
+        )
+        .await;
+        assert!(woken.is_ok(), "never woken");
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+    }
+
+    /// A task that has spent its tokio budget when it first waits (a large upload written
+    /// in the same turn) is still woken at the deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_task_out_of_budget_is_still_woken() {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(5);
+        let mut alarm = Alarm::default();
+        let mut spent = false;
+        let woken = tokio::time::timeout(
+            Duration::from_secs(60),
+            poll_fn(|cx| {
+                if !spent {
+                    spent = true;
+                    while std::pin::pin!(tokio::task::consume_budget())
+                        .poll(cx)
+                        .is_ready()
+                    {}
+                }
+                alarm.poll_passed(cx, deadline)
+            }),
         )
         .await;
         assert!(woken.is_ok(), "never woken");

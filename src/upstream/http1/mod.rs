@@ -774,6 +774,51 @@ mod tests {
         drop(holding);
     }
 
+    /// A pooled connection's deadline, watched for a task other than the one that used it
+    /// last: the upstream answers once, then reads the next request and stays silent.
+    #[tokio::test(start_paused = true)]
+    async fn a_pooled_connection_silent_past_the_deadline_times_out_in_another_task() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let upstream = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut buf = [0; 4096];
+            let _ = stream.read(&mut buf).await;
+            stream.write_all(OK.as_bytes()).await.expect("answer");
+            let _ = stream.read(&mut buf).await;
+            std::future::pending::<()>().await;
+        });
+        let pool = Arc::new(Pool::default());
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let response = send(Connection::new(Stream::Left(stream)), get("/"), &pool).await;
+        read(response.into_body()).await.expect("body");
+        let timeout = Duration::from_secs(5);
+        let second = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                let started = Instant::now();
+                let connection = pooled(&pool).await.expect("kept");
+                let failed = connection
+                    .send(get("/again"), &pool, started + timeout, timeout)
+                    .await;
+                (failed.err(), started.elapsed())
+            }
+        });
+        let (failed, waited) = tokio::time::timeout(Duration::from_secs(60), second)
+            .await
+            .expect("woken by the deadline")
+            .expect("task");
+        let Some(SendError::Upstream(err)) = failed else {
+            panic!("the request went out, and no answer came");
+        };
+        assert_eq!(err.kind, UpstreamErrorKind::Timeout);
+        assert_eq!(waited, timeout);
+        upstream.abort();
+    }
+
     #[tokio::test]
     async fn an_upstream_that_closes_before_answering_is_a_reset() {
         let upstream = Scripted::start(&[]).await;
