@@ -8,8 +8,9 @@
 //! data in one write, the rest as the body yields it.
 //!
 //! Requests of any other shape (a body still on its way, `Expect: 100-continue`, an upgrade,
-//! HTTP/1.0, a head that does not parse) hand the connection, and what was read of it, to
-//! hyper for the rest of its life: it streams, upgrades and refuses as before.
+//! CONNECT, HTTP/1.0, a head over 64 KiB or that does not parse) hand the connection, and
+//! what was read of it, to hyper for the rest of its life: it streams, upgrades and refuses
+//! as before.
 
 mod request;
 mod response;
