@@ -206,8 +206,33 @@ impl Upstream {
             }
         };
         let response = match &self.transport {
+            // Inline rather than a function of its own: each layer of future would hold
+            // (and copy) the request again.
             Transport::Http1 { idle, .. } => {
-                self.exchange(request, idle, deadline, timeout).await?
+                let pooled = poll_fn(|cx| Poll::Ready(idle.take(cx))).await;
+                let reused = pooled.is_some();
+                // Boxed, as every connect below: opening a connection (TCP, maybe TLS) is the
+                // rare path, and inline its future would size every request's.
+                let sent = match pooled {
+                    Some(connection) => {
+                        let sent = connection.send(request, idle, deadline, timeout).await;
+                        sent.map(|response| response.map(Body::http1))
+                    }
+                    None => {
+                        Box::pin(self.send_on_new_http1(request, idle, deadline, timeout)).await
+                    }
+                };
+                match sent {
+                    Ok(response) => response,
+                    // Given back unsent by a pooled connection (none of it written, or an
+                    // idempotent request the upstream closed the connection under before
+                    // answering): sent again on a fresh one.
+                    Err(SendError::NotSent { request, .. }) if reused => {
+                        Box::pin(self.send_on_new_http1(*request.0, idle, deadline, timeout))
+                            .await?
+                    }
+                    Err(err) => return Err(err),
+                }
             }
             Transport::Http2 { connections, .. } => {
                 // Boxed: its retry and replay state would triple every HTTP/1.1 request's
@@ -218,31 +243,6 @@ impl Upstream {
             }
         };
         Ok((response, Lease { _permit: permit }))
-    }
-
-    /// One request on a pooled connection, or a new one. A request the pooled connection
-    /// gives back (`NotSent`: none of it was written, or an idempotent one the upstream
-    /// closed the connection under before answering) is sent again on a fresh connection.
-    async fn exchange(
-        &self,
-        request: Request<UpstreamBody>,
-        idle: &Arc<http1::Pool>,
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<Response<Body>, SendError> {
-        let pooled = poll_fn(|cx| Poll::Ready(idle.take(cx))).await;
-        // Boxed, as every connect below: opening a connection (TCP, maybe TLS) is the rare
-        // path, and inline its future would size every request's.
-        let Some(connection) = pooled else {
-            return Box::pin(self.send_on_new_http1(request, idle, deadline, timeout)).await;
-        };
-        match connection.send(request, idle, deadline, timeout).await {
-            Ok(response) => Ok(response.map(Body::http1)),
-            Err(SendError::NotSent { request, .. }) => {
-                Box::pin(self.send_on_new_http1(*request.0, idle, deadline, timeout)).await
-            }
-            Err(err) => Err(err),
-        }
     }
 
     /// `request` on a new HTTP/1.1 connection; one that never went out may go elsewhere.

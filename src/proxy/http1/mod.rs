@@ -105,7 +105,14 @@ where
             tracing::debug!("client closed its connection before its answer");
             return Served::Closed;
         };
-        match connection.respond(response, asked, finish).await {
+        let (delivered, keep_alive) = {
+            let (outgoing, keep_alive) = connection.answer(response, asked, finish);
+            tokio::pin!(outgoing);
+            let delivered = poll_fn(|cx| connection.poll_deliver(outgoing.as_mut(), cx)).await;
+            connection.head = outgoing.take_buffer();
+            (delivered, keep_alive && !finish.asked())
+        };
+        match delivered.map(|()| keep_alive) {
             Ok(true) => connection.trim(),
             Ok(false) => {
                 let _ = connection.io.shutdown().await;
@@ -252,13 +259,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    /// Writes the answer; whether the connection may serve another request after it.
-    async fn respond(
+    /// Encodes the answer's head; the message to write, and whether the connection may
+    /// serve another request after it. A plain function, so that the message is made where
+    /// it is written from rather than in a future of its own moved into this one's.
+    fn answer(
         &mut self,
         response: Response<ResponseBody>,
         asked: Asked,
         finish: &mut Finish,
-    ) -> Result<bool, Undelivered> {
+    ) -> (Outgoing<ResponseBody>, bool) {
         let (mut parts, body) = response.into_parts();
         let interim = parts.status.is_informational();
         let body = if interim {
@@ -282,22 +291,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             None => (None, Encoding::Length(0)),
         };
         let outgoing = Outgoing::new(head, Bytes::new(), body, encoding).eager();
-        tokio::pin!(outgoing);
-        let written = poll_fn(|cx| match outgoing.as_mut().poll_write(&mut self.io, cx) {
-            Poll::Ready(written) => Poll::Ready(Some(written)),
-            Poll::Pending if self.client_left(cx) => Poll::Ready(None),
+        (outgoing, framed.keep_alive)
+    }
+
+    /// Writes the answer, watching for the client to hang up.
+    fn poll_deliver(
+        &mut self,
+        outgoing: Pin<&mut Outgoing<ResponseBody>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), Undelivered>> {
+        match outgoing.poll_write(&mut self.io, cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(WriteFailure::Io(err))) => Poll::Ready(Err(Undelivered::Io(err))),
+            Poll::Ready(Err(WriteFailure::Body(err))) => {
+                Poll::Ready(Err(Undelivered::Body(err.to_string())))
+            }
+            Poll::Ready(Err(WriteFailure::Length)) => Poll::Ready(Err(Undelivered::Length)),
+            Poll::Pending if self.client_left(cx) => Poll::Ready(Err(Undelivered::ClientLeft)),
             Poll::Pending => Poll::Pending,
-        })
-        .await;
-        let written = match written {
-            Some(Ok(())) => Ok(framed.keep_alive && !finish.asked()),
-            Some(Err(WriteFailure::Io(err))) => Err(Undelivered::Io(err)),
-            Some(Err(WriteFailure::Body(err))) => Err(Undelivered::Body(err.to_string())),
-            Some(Err(WriteFailure::Length)) => Err(Undelivered::Length),
-            None => Err(Undelivered::ClientLeft),
-        };
-        self.head = outgoing.take_buffer();
-        written
+        }
     }
 
     /// Lets go of buffers that one large request grew, once it is done.
