@@ -106,7 +106,7 @@ where
             return Served::Closed;
         };
         let (delivered, keep_alive) = {
-            let (outgoing, keep_alive) = connection.answer(response, asked, finish);
+            let (outgoing, keep_alive) = connection.outgoing(response, asked, finish);
             tokio::pin!(outgoing);
             let delivered = poll_fn(|cx| connection.poll_deliver(outgoing.as_mut(), cx)).await;
             connection.head = outgoing.take_buffer();
@@ -262,7 +262,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Encodes the answer's head; the message to write, and whether the connection may
     /// serve another request after it. A plain function, so that the message is made where
     /// it is written from rather than in a future of its own moved into this one's.
-    fn answer(
+    fn outgoing(
         &mut self,
         response: Response<ResponseBody>,
         asked: Asked,
