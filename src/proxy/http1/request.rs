@@ -95,7 +95,7 @@ pub(super) fn parse(buffer: &mut BytesMut, headers: &mut Option<HeaderMap>) -> H
     let mut spans = [Span::default(); MOST_HEADERS];
     let spans = locate(base, parsed.headers, &mut spans);
     let body_length = facts.length.unwrap_or(0);
-    // A body longer than a head may be streams through hyper.
+    // A body longer than the longest head streams through hyper.
     if facts.other || body_length > LONGEST_HEAD {
         return Head::Other;
     }

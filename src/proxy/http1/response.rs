@@ -38,14 +38,12 @@ pub(super) fn encode(
     buffer.clear();
     let status = parts.status;
     status_line(buffer, parts);
-    // 1xx, 204 and 304 answers, and every answer to HEAD, have no body (RFC 9112 §6.3).
-    let bodiless = asked.head
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
+    // 1xx, 204 and 304 answers have no body and say no length; an answer to HEAD has no
+    // body but may say the length a GET would get (RFC 9112 §6.3, RFC 9110 §8.6).
     let may_have_length = !(status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED);
+    let bodiless = asked.head || !may_have_length;
     let ended = body.is_end_stream();
     let mut keep_alive = asked.keep_alive;
     let mut length = None;
