@@ -9,7 +9,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Request, Version};
 
-use crate::grpc;
 use crate::upstream::{Upstream, UpstreamBody};
 use crate::wire::names_listed_in;
 
@@ -84,17 +83,19 @@ impl ClientHead {
     }
 }
 
-/// Turns the client's request into the one sent to `upstream`.
+/// Turns the client's request into the one sent to `upstream`. `grpc_call`: the request is
+/// a gRPC call (as the tally found when it began; its content-type is read once).
 pub fn upstream_request(
     mut parts: Parts,
     body: UpstreamBody,
     upstream: &Upstream,
     client: &Peer,
     preserve_host: bool,
+    grpc_call: bool,
 ) -> Result<Request<UpstreamBody>, http::Error> {
     let headers = &mut parts.headers;
     // gRPC requires `te: trailers` end to end (it tells servers the client reads trailers).
-    let keeps_te = grpc::is_call(headers)
+    let keeps_te = grpc_call
         && headers
             .get(header::TE)
             .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));

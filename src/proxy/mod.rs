@@ -135,6 +135,7 @@ impl Proxy {
             &route.upstream,
             client,
             config.server.preserve_host,
+            tally.is_grpc(),
         );
         let mirror =
             mirror.and_then(|source| source.copy(request.as_ref().ok(), &generation.shadows));
@@ -275,6 +276,7 @@ impl<'a> Exchange<'a> {
             &fallback.upstream,
             self.client,
             config.server.preserve_host,
+            tally.is_grpc(),
         );
         let answer = match request {
             Ok(request) => match fallback
