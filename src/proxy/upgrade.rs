@@ -12,6 +12,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use crate::upstream::Lease;
+use crate::wire::lists;
 
 /// A client's request to switch protocols, taken from its request.
 pub struct Upgrade {
@@ -27,21 +28,18 @@ impl Upgrade {
         if parts.version != Version::HTTP_11 {
             return None;
         }
-        let websocket = parts.headers.get_all(header::UPGRADE).iter().any(|value| {
-            value
-                .as_bytes()
-                .split(|&byte| byte == b',')
-                .any(|protocol| protocol.trim_ascii().eq_ignore_ascii_case(b"websocket"))
-        });
+        let lists_in = |name, token| {
+            parts
+                .headers
+                .get_all(name)
+                .iter()
+                .any(|value| lists(value.as_bytes(), token))
+        };
+        let websocket = lists_in(header::UPGRADE, b"websocket");
         if !websocket {
             return None;
         }
-        let asks = parts
-            .headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
-            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+        let asks = lists_in(header::CONNECTION, b"upgrade");
         let protocol = parts.headers.get(header::UPGRADE)?.clone();
         if !asks {
             return None;

@@ -5,8 +5,14 @@ mod date;
 mod fields;
 mod outgoing;
 
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::BytesMut;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
+use tokio::io::AsyncRead;
 
 pub(crate) use date::Date;
 pub(crate) use fields::{fill, locate, within, InvalidField, Span};
@@ -21,6 +27,43 @@ pub(crate) fn names_listed_in(headers: &HeaderMap, field: &HeaderName) -> Vec<He
         .flat_map(|names| names.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect()
+}
+
+/// Whether a comma-separated field value (`Connection`, `TE`, `Upgrade`) lists `token`.
+pub(crate) fn lists(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&byte| byte == b',')
+        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// A `Content-Length` value: digits only (RFC 9110 §8.6), where `parse` would take a sign.
+pub(crate) fn content_length(value: &[u8]) -> Option<u64> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Reads what the peer sent into `buffer`; 0 once it has closed. Room for `size` bytes is
+/// made first when less than half of that is free, and `size` doubles, up to `largest`,
+/// while reads fill the room: a large message takes few reads, a small one little memory.
+pub(crate) fn poll_fill<R: AsyncRead + Unpin>(
+    io: &mut R,
+    cx: &mut Context<'_>,
+    buffer: &mut BytesMut,
+    size: &mut usize,
+    largest: usize,
+) -> Poll<io::Result<usize>> {
+    if buffer.capacity() - buffer.len() < *size / 2 {
+        buffer.reserve(*size);
+    }
+    let room = buffer.capacity() - buffer.len();
+    let read = ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, buffer))?;
+    if read == room {
+        *size = (*size * 2).min(largest);
+    }
+    Poll::Ready(Ok(read))
 }
 
 pub(crate) fn header_line(buffer: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
@@ -48,4 +91,31 @@ fn may_trail(name: &HeaderName) -> bool {
         header::TE,
     ]
     .contains(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_content_length_is_digits_alone() {
+        assert_eq!(content_length(b"42"), Some(42));
+        assert_eq!(content_length(b" 42 "), Some(42));
+        for refused in [
+            &b""[..],
+            b"+42",
+            b"-1",
+            b"4 2",
+            b"0x10",
+            b"99999999999999999999999",
+        ] {
+            assert_eq!(content_length(refused), None, "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn a_listed_token_is_found_in_any_case_and_spacing() {
+        assert!(lists(b"keep-alive, Upgrade", b"upgrade"));
+        assert!(!lists(b"upgrade-insecure", b"upgrade"));
+    }
 }

@@ -18,7 +18,7 @@ mod rewind;
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -30,7 +30,7 @@ use tokio_util::io::poll_read_buf;
 use super::listener::Finish;
 use super::{Peer, Proxy, ResponseBody};
 use crate::alarm::Alarm;
-use crate::wire::{Encoding, Outgoing, WriteFailure};
+use crate::wire::{self, Encoding, Outgoing, WriteFailure};
 use request::{Head, Parsed};
 use response::Asked;
 pub(super) use rewind::Rewind;
@@ -205,23 +205,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Reads more of a request into the buffer.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Read> {
-        if self.read.capacity() - self.read.len() < self.read_size / 4 {
-            self.read.reserve(self.read_size);
-        }
-        let room = self.read.capacity() - self.read.len();
-        match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read) {
-            Poll::Ready(Ok(0)) => Poll::Ready(Read::Closed),
-            Poll::Ready(Ok(read)) => {
-                if read == room {
-                    self.read_size = (self.read_size * 2).min(LONGEST_HEAD);
-                }
-                Poll::Ready(Read::More)
-            }
-            Poll::Ready(Err(err)) => {
+        let filled = wire::poll_fill(
+            &mut self.io,
+            cx,
+            &mut self.read,
+            &mut self.read_size,
+            LONGEST_HEAD,
+        );
+        match ready!(filled) {
+            Ok(0) => Poll::Ready(Read::Closed),
+            Ok(_) => Poll::Ready(Read::More),
+            Err(err) => {
                 tracing::debug!(error = %err, "client connection failed");
                 Poll::Ready(Read::Closed)
             }
-            Poll::Pending => Poll::Pending,
         }
     }
 

@@ -8,7 +8,7 @@ use http::{HeaderMap, Method, Request, Uri, Version};
 
 use super::LONGEST_HEAD;
 use crate::proxy::ClientBody;
-use crate::wire::{fill, locate, within, Span};
+use crate::wire::{content_length, fill, lists, locate, within, Span};
 
 /// More header lines than this go to hyper, which takes up to 100.
 const MOST_HEADERS: usize = 64;
@@ -51,8 +51,12 @@ impl Facts {
     fn note(&mut self, name: &[u8], value: &[u8]) {
         let is = |known: &HeaderName| name.eq_ignore_ascii_case(known.as_str().as_bytes());
         if is(&header::CONTENT_LENGTH) {
-            match (self.length, parse_length(value)) {
-                (None, Some(length)) => self.length = Some(length),
+            match (self.length, content_length(value)) {
+                // Past what a `usize` holds is past any body read here: hyper's.
+                (None, Some(length)) => match usize::try_from(length) {
+                    Ok(length) => self.length = Some(length),
+                    Err(_) => self.other = true,
+                },
                 _ => self.other = true,
             }
         } else if is(&header::CONNECTION) {
@@ -138,21 +142,6 @@ fn rejoined(message: Bytes, buffer: &mut BytesMut) -> Head {
     whole.extend_from_slice(buffer);
     *buffer = whole;
     Head::Other
-}
-
-/// A `Content-Length` value: digits only, as RFC 9110 §8.6 has it.
-fn parse_length(value: &[u8]) -> Option<usize> {
-    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(value).ok()?.parse().ok()
-}
-
-/// Whether a comma-separated field value lists `token`.
-pub(super) fn lists(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|&byte| byte == b',')
-        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 #[cfg(test)]

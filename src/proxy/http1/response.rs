@@ -7,9 +7,8 @@ use http::response::Parts;
 use http::StatusCode;
 use http_body::Body as _;
 
-use super::request::lists;
 use crate::proxy::ResponseBody;
-use crate::wire::{header_line, names_listed_in, Date, Encoding};
+use crate::wire::{content_length, header_line, lists, names_listed_in, Date, Encoding};
 
 /// What the request said that shapes its answer.
 pub(super) struct Asked {
@@ -53,10 +52,7 @@ pub(super) fn encode(
         match *name {
             header::CONTENT_LENGTH => {
                 // Said once, of a body there is (or, to HEAD, of one there would be).
-                let stated = std::str::from_utf8(value.as_bytes())
-                    .ok()
-                    .and_then(|text| text.parse::<u64>().ok());
-                match stated {
+                match content_length(value.as_bytes()) {
                     Some(stated)
                         if length.is_none() && may_have_length && (asked.head || !ended) =>
                     {

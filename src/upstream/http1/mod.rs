@@ -35,6 +35,7 @@ use request::{Outgoing, Payload, WriteFailure};
 use super::error::{io_failure_kind, SendError};
 use super::{Stream, UpstreamBody, UpstreamError, UpstreamErrorKind};
 use crate::alarm::Alarm;
+use crate::wire;
 
 /// An upload that did not match its declared length: hyper and h2 check the client's, so
 /// only a body of abproxy's own making could.
@@ -118,20 +119,14 @@ impl Connection {
 
     /// Reads what the upstream has sent into `read`; 0 once it has closed the connection.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, UpstreamError>> {
-        if self.read.capacity() - self.read.len() < self.read_size / 2 {
-            self.read.reserve(self.read_size);
-        }
-        let spare = self.read.capacity() - self.read.len();
-        let read = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.io),
+        wire::poll_fill(
+            &mut self.io,
             cx,
-            &mut self.read
-        ))
-        .map_err(|err| io_error("reading the response", &err))?;
-        if read == spare && self.read_size < LARGEST_READ {
-            self.read_size *= 2;
-        }
-        Poll::Ready(Ok(read))
+            &mut self.read,
+            &mut self.read_size,
+            LARGEST_READ,
+        )
+        .map_err(|err| io_error("reading the response", &err))
     }
 
     /// Lets go of buffers a large answer or request head grew, so that an idle connection

@@ -7,7 +7,7 @@ use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, Response, StatusCode, Version};
 
 use crate::upstream::{UpstreamError, UpstreamErrorKind};
-use crate::wire::{fill, locate, InvalidField, Span};
+use crate::wire::{content_length, fill, lists, locate, InvalidField, Span};
 
 /// As hyper's client: more header lines than this is no response a model server sends.
 const MAX_HEADERS: usize = 100;
@@ -113,17 +113,15 @@ fn header_map(bytes: &Bytes, spans: &[Span]) -> Result<HeaderMap, UpstreamError>
 /// HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 closes it unless told
 /// `keep-alive`.
 fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let says = |token: &str| {
-        headers.get_all(CONNECTION).iter().any(|value| {
-            value
-                .as_bytes()
-                .split(|&byte| byte == b',')
-                .any(|item| item.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-        })
+    let says = |token: &[u8]| {
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .any(|value| lists(value.as_bytes(), token))
     };
     match version {
-        Version::HTTP_11 => !says("close"),
-        _ => says("keep-alive"),
+        Version::HTTP_11 => !says(b"close"),
+        _ => says(b"keep-alive"),
     }
 }
 
@@ -172,12 +170,7 @@ impl Framing {
         }
         let mut length = None;
         for value in headers.get_all(CONTENT_LENGTH) {
-            // Digits only: `parse` would take a sign, which hyper's server then passes on.
-            let digits = value.as_bytes().trim_ascii();
-            let parsed = std::str::from_utf8(digits)
-                .ok()
-                .filter(|text| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|text| text.parse::<u64>().ok())
+            let parsed = content_length(value.as_bytes())
                 .ok_or_else(|| protocol("invalid content-length"))?;
             if length.is_some_and(|earlier| earlier != parsed) {
                 return Err(protocol("conflicting content-length values"));
