@@ -157,7 +157,11 @@ impl Proxy {
             let response = Box::pin(exchange.upgrade(route, request, upgrade)).await;
             return answered(route, response, tally, config);
         }
-        let (route, response) = match route.upstream.send(request, limits.request_timeout).await {
+        let (route, response) = match route
+            .upstream
+            .send(request, started.into(), limits.request_timeout)
+            .await
+        {
             Ok(answer) => (route, Ok(answer)),
             Err(failed) => Box::pin(exchange.recover(route, failed, spare, &mut tally)).await,
         };
@@ -281,7 +285,11 @@ impl<'a> Exchange<'a> {
         let answer = match request {
             Ok(request) => match fallback
                 .upstream
-                .send(request, config.limits.request_timeout)
+                .send(
+                    request,
+                    Instant::now().into(),
+                    config.limits.request_timeout,
+                )
                 .await
             {
                 Ok(answer) => Ok(answer),

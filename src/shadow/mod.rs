@@ -332,7 +332,11 @@ impl Worker {
             }
         };
         // The lease lives until the body has been read, as the connection is busy until then.
-        let (response, _lease) = match self.upstream.send(request, self.config.timeout).await {
+        let (response, _lease) = match self
+            .upstream
+            .send(request, Instant::now().into(), self.config.timeout)
+            .await
+        {
             Ok(answer) => answer,
             Err(SendError::Upstream(err) | SendError::NotSent { source: err, .. }) => {
                 return Answer::Failed {

@@ -180,8 +180,9 @@ impl Upstream {
         &self.host
     }
 
-    /// Sends `request` and waits at most `timeout` for a free connection and the response
-    /// head. The lease returned with the response holds the request's place in the
+    /// Sends `request` and waits at most `timeout` from `started` for a free connection and
+    /// the response head. `started` is the caller's clock read (when its request arrived):
+    /// the deadline and the pool's idle check need no other. The lease returned with the response holds the request's place in the
     /// connection limit until the caller drops it with the body.
     ///
     /// Only the rare waits (for a connection's place, a new connection, an HTTP/2 stream)
@@ -190,11 +191,12 @@ impl Upstream {
     pub async fn send(
         &self,
         mut request: Request<UpstreamBody>,
+        started: Instant,
         timeout: Duration,
     ) -> Result<(Response<Body>, Lease), SendError> {
         // `request` is reassigned, never rebound: every binding of it would be one more slot
         // in this future, which lives in every client connection's.
-        let deadline = Instant::now() + timeout;
+        let deadline = started + timeout;
         let late = || SendError::from(UpstreamError::no_response_within(timeout));
         let permit = match self.connections.clone().try_acquire_owned() {
             Ok(permit) => permit,
@@ -209,7 +211,7 @@ impl Upstream {
             // Inline rather than a function of its own: each layer of future would hold
             // (and copy) the request again.
             Transport::Http1 { idle, .. } => {
-                let pooled = poll_fn(|cx| Poll::Ready(idle.take(cx))).await;
+                let pooled = poll_fn(|cx| Poll::Ready(idle.take(cx, started.into_std()))).await;
                 let reused = pooled.is_some();
                 // Boxed, as every connect below: opening a connection (TCP, maybe TLS) is the
                 // rare path, and inline its future would size every request's.

@@ -570,7 +570,7 @@ mod tests {
     }
 
     async fn pooled(pool: &Pool) -> Option<Connection> {
-        poll_fn(|cx| Poll::Ready(pool.take(cx))).await
+        poll_fn(|cx| Poll::Ready(pool.take(cx, std::time::Instant::now()))).await
     }
 
     async fn send(

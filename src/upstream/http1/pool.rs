@@ -15,12 +15,14 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub(in crate::upstream) struct Pool(Mutex<VecDeque<(Connection, Instant)>>);
 
 impl Pool {
-    /// The warmest connection the upstream has not closed, if any. Checking one costs no
-    /// system call unless its socket turned readable while it was idle.
-    pub fn take(&self, cx: &mut Context<'_>) -> Option<Connection> {
+    /// The warmest connection the upstream has not closed, if any, at `now` (the request's
+    /// own clock read). Checking one costs no system call unless its socket turned readable
+    /// while it was idle.
+    pub fn take(&self, cx: &mut Context<'_>, now: Instant) -> Option<Connection> {
         loop {
             let (mut connection, since) = self.lock().pop_back()?;
-            if since.elapsed() <= IDLE_TIMEOUT && connection.is_usable(cx) {
+            // `since` may be later than `now`: put back while this request was on its way.
+            if now.saturating_duration_since(since) <= IDLE_TIMEOUT && connection.is_usable(cx) {
                 return Some(connection);
             }
         }

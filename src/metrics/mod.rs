@@ -1,7 +1,10 @@
 //! Prometheus metrics with the names and labels of the spec, as prebuilt handles.
 //!
 //! Handles are registered once (per variant, per shadow, per process) and then only
-//! incremented, so the request path never formats a label or looks one up.
+//! incremented, so the request path never formats a label or looks one up. The series every
+//! request touches are kept by abproxy itself (`direct`); the exporter keeps the rest.
+
+mod direct;
 
 use std::sync::{Arc, OnceLock};
 
@@ -18,6 +21,8 @@ use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, 
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
+
+use direct::{Direct, Family};
 
 static METADATA: Metadata<'static> = Metadata::new("abproxy", Level::INFO, Some(module_path!()));
 
@@ -38,6 +43,7 @@ const ABS_DIFF_BUCKETS: &[f64] = &[
 pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
+    direct: Arc<Direct>,
     classes: Arc<ClassTable>,
 }
 
@@ -65,8 +71,6 @@ impl Metrics {
     pub fn with_prediction_buckets(prediction_buckets: &[f64]) -> Metrics {
         let builder = PrometheusBuilder::new();
         let builder = [
-            ("abproxy_request_duration_seconds", LATENCY_BUCKETS),
-            ("abproxy_response_duration_seconds", STREAM_BUCKETS),
             ("abproxy_shadow_duration_seconds", LATENCY_BUCKETS),
             ("abproxy_shadow_abs_diff", ABS_DIFF_BUCKETS),
             ("abproxy_prediction", prediction_buckets),
@@ -82,6 +86,7 @@ impl Metrics {
         let metrics = Metrics {
             recorder: Arc::new(recorder),
             handle,
+            direct: Arc::default(),
             classes: Arc::default(),
         };
         metrics.describe();
@@ -90,7 +95,6 @@ impl Metrics {
 
     fn describe(&self) {
         let counters = [
-            ("abproxy_requests_total", "Requests answered, by variant and HTTP status returned to the client (499: the client hung up first), and gRPC code for gRPC calls."),
             ("abproxy_upstream_errors_total", "Failed upstream exchanges, by variant and kind (connect, timeout, reset, protocol, tls)."),
             ("abproxy_fallbacks_total", "Requests a variant could not send to its upstream, served by its fallback variant instead."),
             ("abproxy_abandoned_answers_total", "Answers whose client hung up after their head, mid-body (counted as 499 in abproxy_requests_total too, but not as the variant's failure)."),
@@ -119,10 +123,6 @@ impl Metrics {
                 "Number of the config generation serving requests.",
             ),
             (
-                "abproxy_requests_in_flight",
-                "Client requests being served now.",
-            ),
-            (
                 "abproxy_canary_weight_percent",
                 "Weight the canary guard gives the canary now, in percent.",
             ),
@@ -135,16 +135,6 @@ impl Metrics {
             self.recorder.describe_gauge(name.into(), None, help.into());
         }
         let histograms = [
-            (
-                "abproxy_request_duration_seconds",
-                Some(Unit::Seconds),
-                "Time from request received to response head sent (time to first byte).",
-            ),
-            (
-                "abproxy_response_duration_seconds",
-                Some(Unit::Seconds),
-                "Time from request received to the last byte of the response body sent.",
-            ),
             (
                 "abproxy_shadow_duration_seconds",
                 Some(Unit::Seconds),
@@ -169,7 +159,9 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        self.handle.render()
+        let mut text = self.handle.render();
+        self.direct.render(&mut text);
+        text
     }
 
     /// Drains histogram samples into their buckets; run periodically so memory stays flat.
@@ -191,6 +183,16 @@ impl Metrics {
             .register_histogram(&key(name, labels), &METADATA)
     }
 
+    /// A variant's time to the response head or to its end.
+    fn latency(&self, family: Family, variant: &str) -> Histogram {
+        let buckets = match family {
+            Family::ResponseDuration => STREAM_BUCKETS,
+            _ => LATENCY_BUCKETS,
+        };
+        self.direct
+            .histogram(family, &[("variant", variant)], buckets)
+    }
+
     /// The handles of one configured variant; `window` is the canary guard's, for the canary
     /// and its baseline.
     pub fn variant(
@@ -210,8 +212,8 @@ impl Metrics {
             registry: self.clone(),
             requests: (0..STATUS_CODES).map(|_| OnceLock::new()).collect(),
             grpc_requests: (0..grpc::Code::COUNT).map(|_| OnceLock::new()).collect(),
-            duration: self.histogram("abproxy_request_duration_seconds", &[("variant", name)]),
-            complete: self.histogram("abproxy_response_duration_seconds", &[("variant", name)]),
+            duration: self.latency(Family::RequestDuration, name),
+            complete: self.latency(Family::ResponseDuration, name),
             upstream_errors: UpstreamErrorKind::ALL.map(|kind| error(kind.as_str())),
             left_mid_answer: self.counter("abproxy_abandoned_answers_total", &[("variant", name)]),
             fallbacks: match fallback {
@@ -234,8 +236,8 @@ impl Metrics {
             registry: self.clone(),
             requests: (0..STATUS_CODES).map(|_| OnceLock::new()).collect(),
             grpc_requests: (0..grpc::Code::COUNT).map(|_| OnceLock::new()).collect(),
-            duration: self.histogram("abproxy_request_duration_seconds", &[("variant", "none")]),
-            complete: self.histogram("abproxy_response_duration_seconds", &[("variant", "none")]),
+            duration: self.latency(Family::RequestDuration, "none"),
+            complete: self.latency(Family::ResponseDuration, "none"),
             upstream_errors: UpstreamErrorKind::ALL.map(|_| Counter::noop()),
             fallbacks: Counter::noop(),
             left_mid_answer: Counter::noop(),
@@ -278,7 +280,7 @@ impl Metrics {
 
     pub fn process(&self) -> ProcessMetrics {
         ProcessMetrics {
-            in_flight: self.gauge("abproxy_requests_in_flight", &[]),
+            in_flight: self.direct.gauge(Family::InFlight, &[]),
             generation: self.gauge("abproxy_config_generation", &[]),
             reloads_ok: self.counter("abproxy_config_reloads_total", &[("result", "ok")]),
             reloads_error: self.counter("abproxy_config_reloads_total", &[("result", "error")]),
@@ -438,8 +440,8 @@ impl VariantMetrics {
         match answer.grpc {
             Some(code) if status == StatusCode::OK => {
                 self.grpc_requests[code.index()].get_or_init(|| {
-                    self.registry.counter(
-                        "abproxy_requests_total",
+                    self.registry.direct.counter(
+                        Family::Requests,
                         &[
                             ("variant", &self.name),
                             ("code", status.as_str()),
@@ -453,8 +455,8 @@ impl VariantMetrics {
                     .saturating_sub(100)
                     .min(STATUS_CODES - 1);
                 self.requests[slot].get_or_init(|| {
-                    self.registry.counter(
-                        "abproxy_requests_total",
+                    self.registry.direct.counter(
+                        Family::Requests,
                         &[("variant", &self.name), ("code", status.as_str())],
                     )
                 })
