@@ -315,7 +315,7 @@ mod tests {
         let labels = [("variant", "a"), ("code", "200")];
         direct.counter(Family::Requests, &labels).increment(2);
         direct.counter(Family::Requests, &labels).increment(3);
-        direct.counter(Family::Requests, &[("variant", "b"), ("code", "500")]);
+        let _unused = direct.counter(Family::Requests, &[("variant", "b"), ("code", "500")]);
         let mut text = String::new();
         direct.render(&mut text);
         assert!(text.contains("abproxy_requests_total{variant=\"a\",code=\"200\"} 5\n"));
