@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::tally::Ending;
 use crate::prediction::{Inspection, Predictions};
-use crate::upstream::{self, paused_too_long, Lease, UpstreamErrorKind};
+use crate::upstream::{self, Lease, PauseTimer, UpstreamErrorKind};
 use std::sync::Arc;
 
 pin_project_lite::pin_project! {
@@ -23,12 +23,13 @@ pin_project_lite::pin_project! {
             #[pin]
             body: upstream::Body,
             // Armed only while the upstream keeps the body waiting, so a body that streams
-            // without pause never touches the timer wheel.
-            #[pin]
-            stall: Option<tokio::time::Sleep>,
+            // without pause never touches the timer wheel. It, the shadows' copy and the
+            // prediction's reader are boxed: most answers have none of them, and the answer
+            // moves several times on its way to the client.
+            stall: PauseTimer,
             idle_timeout: Duration,
-            capture: Option<Capture>,
-            inspection: Option<Inspection>,
+            capture: Option<Box<Capture>>,
+            inspection: Option<Box<Inspection>>,
             // Counts the request when the body ends (or, dropped first, as the client's 499).
             ending: Option<Ending>,
             // The exchange's place in the upstream's connection limit, until this body is done.
@@ -44,7 +45,7 @@ impl ResponseBody {
     pub fn upstream(body: upstream::Body, idle_timeout: Duration, lease: Lease) -> ResponseBody {
         ResponseBody::Upstream {
             body,
-            stall: None,
+            stall: PauseTimer::default(),
             idle_timeout,
             capture: None,
             inspection: None,
@@ -74,7 +75,7 @@ impl ResponseBody {
         } = &mut self
         {
             if !body.is_end_stream() {
-                *inspection = Some(Inspection::new(predictions));
+                *inspection = Some(Box::new(Inspection::new(predictions)));
             }
         }
         self
@@ -100,11 +101,11 @@ impl ResponseBody {
                 lease,
             } => {
                 let (sender, receiver) = watch::channel(None);
-                let capture = Some(Capture {
+                let capture = Some(Box::new(Capture {
                     copy: BytesMut::new(),
                     limit,
                     sender: Some(sender),
-                });
+                }));
                 let body = ResponseBody::Upstream {
                     body,
                     stall,
@@ -159,7 +160,7 @@ impl Body for ResponseBody {
         match self.project() {
             ResponseBodyProj::Upstream {
                 mut body,
-                mut stall,
+                stall,
                 idle_timeout,
                 capture,
                 inspection,
@@ -169,7 +170,7 @@ impl Body for ResponseBody {
                 let frame = match body.as_mut().poll_frame(cx) {
                     Poll::Ready(frame) => frame,
                     Poll::Pending => {
-                        if paused_too_long(stall.as_mut(), *idle_timeout, cx) {
+                        if stall.paused_too_long(*idle_timeout, cx) {
                             if let Some(ending) = ending.take() {
                                 ending.upstream_failed(UpstreamErrorKind::Timeout);
                             }
@@ -178,7 +179,7 @@ impl Body for ResponseBody {
                         return Poll::Pending;
                     }
                 };
-                stall.set(None);
+                stall.reset();
                 // hyper stops polling once the body reports its end.
                 let ended = match &frame {
                     // Trailers come last; hyper polls no further after them, nor, once the

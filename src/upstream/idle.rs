@@ -10,7 +10,7 @@ use tokio::time::Sleep;
 
 /// Polls the pause timer in `slot`, starting it for `limit` if it is not running; true once
 /// the pause has lasted `limit`. Clear the slot (`set(None)`) whenever the body moves.
-pub fn paused_too_long(
+fn paused_too_long(
     mut slot: Pin<&mut Option<Sleep>>,
     limit: Duration,
     cx: &mut Context<'_>,
@@ -22,8 +22,9 @@ pub fn paused_too_long(
         .is_some_and(|timer| timer.poll(cx).is_ready())
 }
 
-/// The same timer for a body that must be `Unpin` (an upload, which the HTTP/2 client
-/// sends from a task of its own): boxed the first time the body pauses, then re-armed.
+/// The timer, boxed the first time the body pauses and then re-armed: a body that never
+/// pauses carries a pointer, not the timer, and stays `Unpin` (an upload, which the HTTP/2
+/// client sends from a task of its own, must be).
 #[derive(Default)]
 pub struct PauseTimer(Option<Pin<Box<Option<Sleep>>>>);
 

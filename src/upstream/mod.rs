@@ -36,7 +36,7 @@ mod upload;
 pub(crate) use error::client_went_away;
 use error::io_failure_kind;
 pub use error::{BodyError, SendError, Unsent, UpstreamError, UpstreamErrorKind};
-pub use idle::paused_too_long;
+pub use idle::PauseTimer;
 pub use tls::{ClientTls, TlsError, TlsSettings};
 pub use upload::{Upload, UploadError, UploadProgress};
 

@@ -14,7 +14,7 @@ use crate::upstream::{BodyError, SendError, UpstreamError, UpstreamErrorKind};
 
 /// Dropped before its end, it closes the connection: the rest of the body is still on it.
 pub struct Body {
-    connection: Option<Connection>,
+    connection: Option<Box<Connection>>,
     framing: Framing,
     keep_alive: bool,
     /// The rest of a request the upstream began to answer before it was all written.
@@ -24,7 +24,7 @@ pub struct Body {
 
 impl Body {
     pub(super) fn new(
-        connection: Connection,
+        connection: Box<Connection>,
         framing: Framing,
         keep_alive: bool,
         sending: Option<Box<Outgoing>>,

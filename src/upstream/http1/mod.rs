@@ -63,8 +63,10 @@ pub(super) struct Connection {
 }
 
 impl Connection {
-    pub fn new(io: Stream) -> Connection {
-        Connection {
+    /// Boxed once, when it is opened: it moves from the pool to an exchange, to a response
+    /// body and back with every request, and a pointer moves for less than the connection.
+    pub fn new(io: Stream) -> Box<Connection> {
+        Box::new(Connection {
             io,
             read: BytesMut::new(),
             read_size: FIRST_READ,
@@ -72,7 +74,7 @@ impl Connection {
             reused: false,
             heard: false,
             alarm: Alarm::default(),
-        }
+        })
     }
 
     /// Sends `request` and reads the response head. The response's body holds the
@@ -80,7 +82,7 @@ impl Connection {
     /// A request none of which could be written comes back in `SendError::NotSent`.
     /// No response head by `deadline` is an upstream timeout (`timeout` long).
     pub fn send(
-        self,
+        self: Box<Self>,
         request: Request<UpstreamBody>,
         pool: &Arc<Pool>,
         deadline: Instant,
@@ -157,7 +159,7 @@ impl Connection {
 /// client connection's.
 pub(super) struct Exchange<'a> {
     /// Until the head arrives; then the response body's.
-    connection: Option<Connection>,
+    connection: Option<Box<Connection>>,
     state: State,
     pool: &'a Arc<Pool>,
     deadline: Instant,
@@ -428,7 +430,7 @@ mod tests {
             }
         }
 
-        async fn connect(&self) -> Connection {
+        async fn connect(&self) -> Box<Connection> {
             let stream = TcpStream::connect(self.addr).await.expect("connect");
             Connection::new(Stream::Left(stream))
         }
@@ -526,7 +528,7 @@ mod tests {
 
     /// A connection to an upstream that, once it has a request's head, hands its socket and
     /// the count of body bytes that came with the head to `then`.
-    async fn on_request_head<F, Fut>(then: F) -> Connection
+    async fn on_request_head<F, Fut>(then: F) -> Box<Connection>
     where
         F: FnOnce(TcpStream, usize) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send,
@@ -569,12 +571,12 @@ mod tests {
         Instant::now() + MINUTE
     }
 
-    async fn pooled(pool: &Pool) -> Option<Connection> {
+    async fn pooled(pool: &Pool) -> Option<Box<Connection>> {
         poll_fn(|cx| Poll::Ready(pool.take(cx, std::time::Instant::now()))).await
     }
 
     async fn send(
-        connection: Connection,
+        connection: Box<Connection>,
         request: Request<UpstreamBody>,
         pool: &Arc<Pool>,
     ) -> Response<Body> {
@@ -831,7 +833,7 @@ mod tests {
 
     /// A connection that served one request, on which the upstream then reads the next and
     /// closes without answering: a keep-alive timeout racing the request.
-    async fn timed_out_on_reuse(upstream: &Scripted, pool: &Arc<Pool>) -> Connection {
+    async fn timed_out_on_reuse(upstream: &Scripted, pool: &Arc<Pool>) -> Box<Connection> {
         let response = send(upstream.connect().await, get("/"), pool).await;
         read(response.into_body()).await.expect("body");
         pooled(pool).await.expect("kept")

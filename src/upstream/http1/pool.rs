@@ -12,13 +12,13 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Idle connections to one upstream, the most recently used last.
 #[derive(Default)]
-pub(in crate::upstream) struct Pool(Mutex<VecDeque<(Connection, Instant)>>);
+pub(in crate::upstream) struct Pool(Mutex<VecDeque<(Box<Connection>, Instant)>>);
 
 impl Pool {
     /// The warmest connection the upstream has not closed, if any, at `now` (the request's
     /// own clock read). Checking one costs no system call unless its socket turned readable
     /// while it was idle.
-    pub fn take(&self, cx: &mut Context<'_>, now: Instant) -> Option<Connection> {
+    pub fn take(&self, cx: &mut Context<'_>, now: Instant) -> Option<Box<Connection>> {
         loop {
             let (mut connection, since) = self.lock().pop_back()?;
             // `since` may be later than `now`: put back while this request was on its way.
@@ -28,7 +28,7 @@ impl Pool {
         }
     }
 
-    pub fn put(&self, mut connection: Connection) {
+    pub fn put(&self, mut connection: Box<Connection>) {
         connection.reused = true;
         connection.trim();
         let now = Instant::now();
@@ -43,7 +43,7 @@ impl Pool {
         idle.push_back((connection, now));
     }
 
-    fn lock(&self) -> MutexGuard<'_, VecDeque<(Connection, Instant)>> {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<(Box<Connection>, Instant)>> {
         // Nothing panics while holding the lock, and the list is valid whatever happened.
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
