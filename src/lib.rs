@@ -8,6 +8,7 @@ mod alarm;
 pub mod assign;
 pub mod canary;
 pub mod cli;
+mod clock;
 pub mod config;
 pub mod demo;
 mod detach;

@@ -238,11 +238,12 @@ fn add(bits: &AtomicU64, value: f64) {
     });
 }
 
-/// A histogram of fixed buckets: a count per bucket (the last one `+Inf`) and the sum.
+/// A latency histogram of fixed buckets: a count per bucket (the last one `+Inf`) and the
+/// sum, kept in whole nanoseconds so that adding to it is one atomic add.
 struct Buckets {
     bounds: &'static [f64],
     counts: Box<[AtomicU64]>,
-    sum: AtomicU64,
+    nanos: AtomicU64,
 }
 
 impl Buckets {
@@ -250,7 +251,7 @@ impl Buckets {
         Buckets {
             bounds,
             counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum: AtomicU64::new(0),
+            nanos: AtomicU64::new(0),
         }
     }
 
@@ -264,20 +265,27 @@ impl Buckets {
                 None => line(out, name, "_bucket", labels, Some(&"+Inf"), total),
             }
         }
-        let sum = f64::from_bits(self.sum.load(Relaxed));
+        let sum = self.nanos.load(Relaxed) as f64 / 1e9;
         line(out, name, "_sum", labels, None, sum);
         line(out, name, "_count", labels, None, total);
     }
 }
 
 impl HistogramFn for Buckets {
-    fn record(&self, value: f64) {
-        // `le`: the first bucket whose bound the value does not pass.
-        let at = self.bounds.partition_point(|&bound| bound < value);
+    fn record(&self, seconds: f64) {
+        // `le`: the first bucket whose bound the value does not pass. Searched from the
+        // smallest, where most answers fall.
+        let at = self
+            .bounds
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(self.bounds.len());
         if let Some(count) = self.counts.get(at) {
             count.fetch_add(1, Relaxed);
         }
-        add(&self.sum, value);
+        // Saturating: a negative or NaN value adds nothing.
+        self.nanos
+            .fetch_add((seconds * 1e9).round() as u64, Relaxed);
     }
 }
 

@@ -1,7 +1,9 @@
 //! The `Date` an answer carries (RFC 9110 §6.6.1), formatted once a second per thread.
 
 use std::cell::RefCell;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
+
+use crate::clock;
 
 /// `Sun, 06 Nov 1994 08:49:37 GMT`: always 29 bytes.
 const LENGTH: usize = 29;
@@ -20,13 +22,10 @@ thread_local! {
 impl Date {
     /// Appends `date: <now>\r\n`.
     pub(crate) fn write_line(buffer: &mut Vec<u8>) {
-        let now = SystemTime::now();
-        let second = now
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| since.as_secs());
+        let second = clock::coarse_unix_seconds();
         CACHED.with_borrow_mut(|cached| {
             if cached.second != second {
-                let text = httpdate::fmt_http_date(now);
+                let text = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(second));
                 if text.len() == LENGTH {
                     cached.text.copy_from_slice(text.as_bytes());
                     cached.second = second;
@@ -42,6 +41,7 @@ impl Date {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::SystemTime;
 
     #[test]
     fn the_date_line_is_an_http_date_of_now() {

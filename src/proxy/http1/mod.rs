@@ -30,6 +30,7 @@ use tokio_util::io::poll_read_buf;
 use super::listener::Finish;
 use super::{Peer, Proxy, ResponseBody};
 use crate::alarm::Alarm;
+use crate::clock;
 use crate::wire::{self, Encoding, Outgoing, WriteFailure};
 use request::{Head, Parsed};
 use response::Asked;
@@ -74,7 +75,7 @@ where
     // The header timeout's one timer for the connection's life.
     let mut alarm = Alarm::default();
     loop {
-        let deadline = Instant::now() + header_timeout;
+        let deadline = Instant::from_std(clock::coarse_now()) + header_timeout;
         // No step's values are bound past it, so that what each holds (the request, its
         // 3.5 KB future, the answer) shares its room in this future with the next step's.
         let (request, asked) = match connection.next_request(&mut alarm, deadline, finish).await {

@@ -6,6 +6,7 @@ use std::task::Context;
 use std::time::{Duration, Instant};
 
 use super::Connection;
+use crate::clock;
 
 /// How long an idle upstream connection stays in the pool.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -31,7 +32,7 @@ impl Pool {
     pub fn put(&self, mut connection: Box<Connection>) {
         connection.reused = true;
         connection.trim();
-        let now = Instant::now();
+        let now = clock::coarse_now();
         let mut idle = self.lock();
         // The oldest are at the front: close those idle for too long.
         while idle
