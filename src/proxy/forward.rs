@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Request, Version};
 
@@ -103,18 +103,20 @@ pub fn upstream_request(
     if keeps_te {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    let host = match headers.get(header::HOST) {
-        Some(_) if preserve_host => None,
+    let host = if !preserve_host {
+        Some(upstream.host().clone())
+    } else if headers.contains_key(header::HOST) {
+        None
+    } else {
         // HTTP/2 clients send the authority as a pseudo-header, not as `Host`; an HTTP/1.0
         // client may send neither, and an HTTP/1.1 upstream needs one.
-        None if preserve_host => Some(
+        Some(
             parts
                 .uri
                 .authority()
                 .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
                 .unwrap_or_else(|| upstream.host().clone()),
-        ),
-        _ => Some(upstream.host().clone()),
+        )
     };
     let (uri, version) = if upstream.is_http2() {
         // HTTP/2 names the host in `:authority` alone.
@@ -138,9 +140,9 @@ pub fn upstream_request(
     };
     append_forwarded_for(headers, client);
     // A load balancer in front that terminated TLS has said `https`: keep its word.
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO.clone(), client.proto.clone());
-    }
+    headers
+        .entry(&X_FORWARDED_PROTO)
+        .or_insert_with(|| client.proto.clone());
 
     let mut request = Request::new(body);
     *request.method_mut() = parts.method;
@@ -194,19 +196,21 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Appends the client to `X-Forwarded-For`, folding earlier lines of it into one.
 fn append_forwarded_for(headers: &mut HeaderMap, client: &Peer) {
-    let mut earlier = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
-    if earlier.peek().is_none() {
-        headers.insert(X_FORWARDED_FOR.clone(), client.forwarded_for.clone());
-        return;
-    }
+    let mut earlier = match headers.entry(&X_FORWARDED_FOR) {
+        Entry::Vacant(entry) => {
+            entry.insert(client.forwarded_for.clone());
+            return;
+        }
+        Entry::Occupied(entry) => entry,
+    };
     let mut value = Vec::new();
-    for line in earlier {
+    for line in earlier.iter() {
         value.extend_from_slice(line.as_bytes());
         value.extend_from_slice(b", ");
     }
     value.extend_from_slice(client.forwarded_for.as_bytes());
     let value = HeaderValue::from_bytes(&value).unwrap_or_else(|_| client.forwarded_for.clone());
-    headers.insert(X_FORWARDED_FOR.clone(), value);
+    earlier.insert(value);
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::request::Parts;
-use http::{Request, Response};
+use http::{HeaderMap, Request, Response};
 use http_body::Body as _;
 use http_body_util::{Either, Full};
 use tokio::io::AsyncRead;
@@ -44,6 +44,8 @@ const LENGTH_MISMATCH: &str = "the request body did not match its declared lengt
 /// The first read of a response; doubled while reads fill it, for a large body.
 const FIRST_READ: usize = 8 * 1024;
 const LARGEST_READ: usize = 256 * 1024;
+/// A kept header map with room for more fields than this is let go, as the buffers are.
+const SPARE_FIELDS: usize = 64;
 
 /// A keep-alive connection to an upstream, idle between exchanges.
 pub(super) struct Connection {
@@ -60,6 +62,9 @@ pub(super) struct Connection {
     heard: bool,
     /// Watches each exchange's deadline for its response head.
     alarm: Alarm,
+    /// The last request's header map, emptied, for the next response's head: maps go round
+    /// between the client's side and the upstream's instead of being made and freed.
+    spare: Option<HeaderMap>,
 }
 
 impl Connection {
@@ -74,6 +79,7 @@ impl Connection {
             reused: false,
             heard: false,
             alarm: Alarm::default(),
+            spare: None,
         })
     }
 
@@ -104,7 +110,8 @@ impl Connection {
     ) -> Poll<Result<response::Head, UpstreamError>> {
         loop {
             if !self.read.is_empty() {
-                if let Some(head) = response::parse_head(&mut self.read, head_request)? {
+                let parsed = response::parse_head(&mut self.read, head_request, &mut self.spare)?;
+                if let Some(head) = parsed {
                     return Poll::Ready(Ok(head));
                 }
             }
@@ -131,9 +138,25 @@ impl Connection {
         .map_err(|err| io_error("reading the response", &err))
     }
 
+    /// Keeps a sent request's header map for the next response head.
+    fn keep_map(&mut self, sent: Option<Parts>) {
+        if let Some(parts) = sent {
+            let mut map = parts.headers;
+            map.clear();
+            self.spare = Some(map);
+        }
+    }
+
     /// Lets go of buffers a large answer or request head grew, so that an idle connection
     /// holds no more than a small one.
     fn trim(&mut self) {
+        if self
+            .spare
+            .as_ref()
+            .is_some_and(|map| map.capacity() > SPARE_FIELDS)
+        {
+            self.spare = None;
+        }
         if self.read.capacity() > 2 * FIRST_READ {
             self.read = BytesMut::new();
         }
@@ -222,7 +245,7 @@ impl Future for Exchange<'_> {
                 Poll::Ready(Ok(())) => {
                     *written = true;
                     if replay.is_none() {
-                        *unsent = None;
+                        connection.keep_map(unsent.take());
                     }
                 }
                 Poll::Ready(Err(WriteFailure::Io(err))) => {
@@ -259,6 +282,7 @@ impl Future for Exchange<'_> {
         let State::Sending {
             outgoing,
             write_error,
+            unsent,
             ..
         } = std::mem::replace(&mut this.state, State::Done)
         else {
@@ -267,6 +291,7 @@ impl Future for Exchange<'_> {
         let Some(mut connection) = this.connection.take() else {
             unreachable!("taken only here")
         };
+        connection.keep_map(unsent);
         connection.read_size = FIRST_READ;
         // An answer before the request was all written (a model streaming as it reads an
         // upload, or a 413): the rest goes out beside the answer, as the body is read. A
@@ -385,7 +410,6 @@ mod tests {
 
     use std::future::poll_fn;
 
-    use http::HeaderMap;
     use http_body_util::BodyExt as _;
 
     use crate::upstream::BodyError;
@@ -625,6 +649,44 @@ mod tests {
                 "GET /health HTTP/1.1\r\nhost: model\r\n\r\n",
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn an_answer_read_into_the_last_requests_map_has_only_its_own_fields() {
+        let upstream = Scripted::start(&[
+            (OK, Then::KeepOpen),
+            (
+                "HTTP/1.1 200 OK\r\nx-answer: 2\r\ncontent-length: 2\r\n\r\nok",
+                Then::KeepOpen,
+            ),
+        ])
+        .await;
+        let names = |response: &Response<Body>| {
+            let names = response
+                .headers()
+                .keys()
+                .map(|name| name.as_str().to_owned());
+            names.collect::<Vec<_>>()
+        };
+        let with_user = || {
+            let mut request = get("/");
+            let alice = http::HeaderValue::from_static("alice");
+            request.headers_mut().insert("x-user-id", alice);
+            request
+        };
+        // Written whole before the answer: its map holds the answer.
+        let (response, pool) = first_answer(&upstream, with_user()).await;
+        assert_eq!(names(&response), ["content-length"]);
+        read(response.into_body()).await.expect("body");
+
+        // Kept until the answer on a reused connection (it might be sent again), then kept
+        // for the next answer.
+        let connection = pooled(&pool).await.expect("kept");
+        let response = send(connection, with_user(), &pool).await;
+        assert_eq!(names(&response), ["x-answer", "content-length"]);
+        read(response.into_body()).await.expect("body");
+        let connection = pooled(&pool).await.expect("kept");
+        assert!(connection.spare.is_some(), "the sent request's map is kept");
     }
 
     #[tokio::test]

@@ -26,9 +26,11 @@ pub(super) struct Head {
 
 /// Parses a complete response head off the front of `read`, skipping interim (1xx) ones.
 /// `None`: more bytes are needed.
+/// `spare`: a header map to fill, if the connection kept one.
 pub(super) fn parse_head(
     read: &mut BytesMut,
     head_request: bool,
+    spare: &mut Option<HeaderMap>,
 ) -> Result<Option<Head>, UpstreamError> {
     loop {
         // Not zeroed: 3 KiB a response that the parser overwrites anyway.
@@ -75,7 +77,7 @@ pub(super) fn parse_head(
         let mut spans = [Span::default(); MAX_HEADERS];
         let spans = locate(read, parsed.headers, &mut spans);
         let bytes = read.split_to(length).freeze();
-        let mut headers = header_map(&bytes, spans)?;
+        let mut headers = header_map(&bytes, spans, spare.take())?;
         let framing = Framing::of(status, &headers, head_request)?;
         let mut keep_alive = framing.leaves_connection_usable() && keeps_alive(version, &headers);
         if headers.contains_key(TRANSFER_ENCODING) {
@@ -100,9 +102,14 @@ pub(super) fn parse_head(
     }
 }
 
-fn header_map(bytes: &Bytes, spans: &[Span]) -> Result<HeaderMap, UpstreamError> {
+fn header_map(
+    bytes: &Bytes,
+    spans: &[Span],
+    spare: Option<HeaderMap>,
+) -> Result<HeaderMap, UpstreamError> {
+    let mut headers = spare.unwrap_or_default();
     // Room for the variant header abproxy adds, so that adding it does not grow the map.
-    let mut headers = HeaderMap::with_capacity(spans.len() + 1);
+    headers.reserve(spans.len() + 1);
     fill(&mut headers, bytes, spans).map_err(|invalid| match invalid {
         InvalidField::Name => protocol("invalid header name"),
         InvalidField::Value(name) => protocol(format!("invalid value of header {name}")),
@@ -316,7 +323,7 @@ fn decode_chunk_framing(chunk: &mut Chunk, read: &mut BytesMut) -> Result<Step, 
                     let mut spans = [Span::default(); MAX_HEADERS];
                     let spans = locate(read, parsed, &mut spans);
                     let bytes = read.split_to(length).freeze();
-                    let trailers = header_map(&bytes, spans)?;
+                    let trailers = header_map(&bytes, spans, None)?;
                     *chunk = Chunk::Done;
                     Ok(Step::Trailers(trailers))
                 }
@@ -343,7 +350,7 @@ mod tests {
     use super::*;
 
     fn head(bytes: &[u8], head_request: bool) -> Result<Option<Head>, UpstreamError> {
-        parse_head(&mut BytesMut::from(bytes), head_request)
+        parse_head(&mut BytesMut::from(bytes), head_request, &mut None)
     }
 
     fn parsed(bytes: &[u8]) -> Head {
