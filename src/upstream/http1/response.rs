@@ -73,18 +73,19 @@ pub(super) fn parse_head(
             Some(0) => Version::HTTP_10,
             _ => Version::HTTP_11,
         };
+        let facts = Facts::of(parsed.headers);
+        let framing = Framing::of(status, &facts, head_request)?;
+        let mut keep_alive = framing.leaves_connection_usable() && facts.keeps_alive(version);
         // Header values share the head's bytes: no copy of a value, one reference count.
         let mut spans = [Span::default(); MAX_HEADERS];
         let spans = locate(read, parsed.headers, &mut spans);
         let bytes = read.split_to(length).freeze();
         let mut headers = header_map(&bytes, spans, spare.take())?;
-        let framing = Framing::of(status, &headers, head_request)?;
-        let mut keep_alive = framing.leaves_connection_usable() && keeps_alive(version, &headers);
-        if headers.contains_key(TRANSFER_ENCODING) {
+        if facts.chunked.is_some() {
             // Both framings at once, or chunked from an HTTP/1.0 server: the chunking wins
             // but the message is suspect (RFC 9112 §6.1, §6.3), so the length is not passed
             // on and the connection not kept.
-            keep_alive &= version == Version::HTTP_11 && !headers.contains_key(CONTENT_LENGTH);
+            keep_alive &= version == Version::HTTP_11 && facts.length.is_none();
             headers.remove(CONTENT_LENGTH);
         }
         let mut response = Response::new(());
@@ -117,18 +118,54 @@ fn header_map(
     Ok(headers)
 }
 
-/// HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 closes it unless told
-/// `keep-alive`.
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let says = |token: &[u8]| {
-        headers
-            .get_all(CONNECTION)
-            .iter()
-            .any(|value| lists(value.as_bytes(), token))
-    };
-    match version {
-        Version::HTTP_11 => !says(b"close"),
-        _ => says(b"keep-alive"),
+/// What a head's framing and connection fields say, read off the parsed lines in one pass
+/// (comparing names as they came, in any case) rather than looked up in the map.
+#[derive(Default)]
+struct Facts {
+    /// Whether the last coding of the last `Transfer-Encoding` line is `chunked`, if there
+    /// is one.
+    chunked: Option<bool>,
+    /// The `Content-Length`, once every line of it agrees; an error for one that does not
+    /// parse or differs.
+    length: Option<Result<u64, &'static str>>,
+    close: bool,
+    keep_alive: bool,
+}
+
+impl Facts {
+    fn of(lines: &[httparse::Header<'_>]) -> Facts {
+        let mut facts = Facts::default();
+        for line in lines {
+            let name = line.name.as_bytes();
+            if name.eq_ignore_ascii_case(TRANSFER_ENCODING.as_str().as_bytes()) {
+                let last = line.value.rsplit(|&byte| byte == b',').next();
+                let chunked =
+                    last.is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                facts.chunked = Some(chunked);
+            } else if name.eq_ignore_ascii_case(CONTENT_LENGTH.as_str().as_bytes()) {
+                facts.length = Some(match (facts.length, content_length(line.value)) {
+                    (Some(Err(earlier)), _) => Err(earlier),
+                    (_, None) => Err("invalid content-length"),
+                    (Some(Ok(earlier)), Some(length)) if earlier != length => {
+                        Err("conflicting content-length values")
+                    }
+                    (_, Some(length)) => Ok(length),
+                });
+            } else if name.eq_ignore_ascii_case(CONNECTION.as_str().as_bytes()) {
+                facts.close |= lists(line.value, b"close");
+                facts.keep_alive |= lists(line.value, b"keep-alive");
+            }
+        }
+        facts
+    }
+
+    /// HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 closes it unless told
+    /// `keep-alive`.
+    fn keeps_alive(&self, version: Version) -> bool {
+        match version {
+            Version::HTTP_11 => !self.close,
+            _ => self.keep_alive,
+        }
     }
 }
 
@@ -155,36 +192,22 @@ pub(super) enum Chunk {
 }
 
 impl Framing {
-    fn of(
-        status: StatusCode,
-        headers: &HeaderMap,
-        head_request: bool,
-    ) -> Result<Framing, UpstreamError> {
+    fn of(status: StatusCode, facts: &Facts, head_request: bool) -> Result<Framing, UpstreamError> {
         if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             return Ok(Framing::Empty);
         }
-        if let Some(last) = headers.get_all(TRANSFER_ENCODING).iter().next_back() {
-            let chunked = last
-                .as_bytes()
-                .rsplit(|&byte| byte == b',')
-                .next()
-                .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        if let Some(chunked) = facts.chunked {
             return Ok(if chunked {
                 Framing::Chunked(Chunk::Size)
             } else {
                 Framing::UntilClose
             });
         }
-        let mut length = None;
-        for value in headers.get_all(CONTENT_LENGTH) {
-            let parsed = content_length(value.as_bytes())
-                .ok_or_else(|| protocol("invalid content-length"))?;
-            if length.is_some_and(|earlier| earlier != parsed) {
-                return Err(protocol("conflicting content-length values"));
-            }
-            length = Some(parsed);
+        match facts.length {
+            None => Ok(Framing::UntilClose),
+            Some(Ok(length)) => Ok(Framing::Length(length)),
+            Some(Err(problem)) => Err(protocol(problem)),
         }
-        Ok(length.map_or(Framing::UntilClose, Framing::Length))
     }
 
     /// A body read to its end leaves the connection ready for another request, unless its end
