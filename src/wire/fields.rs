@@ -1,8 +1,19 @@
 //! A head's fields as the parser found them, kept as offsets: the buffer is split off once
 //! the parser lets go of it, and the values share its bytes (no copy, one reference count).
 
+use std::cell::RefCell;
+
 use bytes::Bytes;
+use http::header::InvalidHeaderName;
 use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// How many `x-` names a thread keeps: a client's and its upstreams' own few, and no more
+/// whatever names a client makes up.
+const MOST_KEPT: usize = 16;
+
+thread_local! {
+    static KEPT: RefCell<Vec<HeaderName>> = const { RefCell::new(Vec::new()) };
+}
 
 /// Where a field's name and value lie in the buffer it was parsed from.
 #[derive(Debug, Clone, Copy, Default)]
@@ -49,14 +60,37 @@ pub(crate) fn fill(
 ) -> Result<(), InvalidField> {
     let range = |(start, end): (u32, u32)| start as usize..end as usize;
     for span in spans {
-        let name =
-            HeaderName::from_bytes(&bytes[range(span.name)]).map_err(|_| InvalidField::Name)?;
+        let name = field_name(&bytes[range(span.name)]).map_err(|_| InvalidField::Name)?;
         let Ok(value) = HeaderValue::from_maybe_shared(bytes.slice(range(span.value))) else {
             return Err(InvalidField::Value(name));
         };
         headers.append(name, value);
     }
     Ok(())
+}
+
+/// A field's name. `http` knows the standard names; any other it copies into an allocation
+/// of its own. Names of the `x-` kind (`x-user-id`, `x-request-id`) come with most requests:
+/// those a thread has seen are cloned from its few kept ones, a reference count.
+fn field_name(raw: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
+    if !raw
+        .get(..2)
+        .is_some_and(|start| start.eq_ignore_ascii_case(b"x-"))
+    {
+        return HeaderName::from_bytes(raw);
+    }
+    KEPT.with_borrow_mut(|kept| {
+        // Names are kept lowercased; one that matches in any case is the same name.
+        let same = |name: &&HeaderName| name.as_str().as_bytes().eq_ignore_ascii_case(raw);
+        if let Some(name) = kept.iter().find(same) {
+            return Ok(name.clone());
+        }
+        let name = HeaderName::from_bytes(raw)?;
+        if kept.len() < MOST_KEPT {
+            kept.push(name.clone());
+        }
+        Ok(name)
+    })
 }
 
 #[cfg(test)]
@@ -77,5 +111,19 @@ mod tests {
         assert_eq!(headers["content-type"], "text/plain");
         let tags: Vec<_> = headers.get_all("x-tag").iter().collect();
         assert_eq!(tags, ["a", "b"]);
+    }
+
+    #[test]
+    fn kept_names_match_in_any_case_and_made_up_ones_are_not_kept_past_the_limit() {
+        assert_eq!(field_name(b"X-User-Id").expect("valid"), "x-user-id");
+        assert_eq!(field_name(b"x-USER-id").expect("valid"), "x-user-id");
+        assert!(field_name(b"x-bad name").is_err());
+        for made_up in 0..100 {
+            let name = format!("x-made-up-{made_up}");
+            assert_eq!(field_name(name.as_bytes()).expect("valid"), name.as_str());
+        }
+        KEPT.with_borrow(|kept| assert_eq!(kept.len(), MOST_KEPT));
+        assert_eq!(field_name(b"x-made-up-99").expect("valid"), "x-made-up-99");
+        assert_eq!(field_name(b"Content-Type").expect("valid"), "content-type");
     }
 }
