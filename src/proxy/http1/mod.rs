@@ -186,16 +186,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
             }
             let read = poll_fn(|cx| {
+                let read = self.poll_read(cx);
+                if read.is_ready() {
+                    return read;
+                }
+                // Only a connection that waits looks at `finish` (a request that came is
+                // served, and the connection closes after it): one look a request, not two.
                 if self.read.is_empty() && Pin::new(&mut *finish).poll(cx).is_ready() {
                     return Poll::Ready(Read::Closed);
                 }
-                match self.poll_read(cx) {
-                    Poll::Pending => alarm.poll_passed(cx, deadline).map(|()| {
-                        tracing::debug!("no whole request within the header timeout; closing");
-                        Read::Closed
-                    }),
-                    read => read,
-                }
+                alarm.poll_passed(cx, deadline).map(|()| {
+                    tracing::debug!("no whole request within the header timeout; closing");
+                    Read::Closed
+                })
             })
             .await;
             if let Read::Closed = read {
