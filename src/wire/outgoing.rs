@@ -83,10 +83,10 @@ where
         }
     }
 
-    /// Holds the head back until the body's first data is in hand (or the body waits).
-    pub fn eager(mut self) -> Outgoing<B> {
+    /// Holds the head back until the body's first data is in hand (or the body waits), to
+    /// write both at once.
+    pub fn hold_head_for_data(&mut self) {
         self.framer.eager = true;
-        self
     }
 
     /// Writes what it can; ready once the whole message is out and flushed.
@@ -320,7 +320,8 @@ mod tests {
         body: Frames,
     ) -> (String, Result<(), WriteFailure<Infallible>>) {
         let mut outgoing =
-            Outgoing::new(b"HEAD\r\n\r\n".to_vec(), Bytes::new(), Some(body), encoding).eager();
+            Outgoing::new(b"HEAD\r\n\r\n".to_vec(), Bytes::new(), Some(body), encoding);
+        outgoing.hold_head_for_data();
         let mut wire = Vec::new();
         let result =
             std::future::poll_fn(|cx| Pin::new(&mut outgoing).poll_write(&mut wire, cx)).await;

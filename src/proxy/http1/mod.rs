@@ -269,16 +269,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         asked: Asked,
         finish: &mut Finish,
     ) -> (Outgoing<ResponseBody>, bool) {
-        let (mut parts, body) = response.into_parts();
+        // Rebound and matched in place, never moved: the answer is a few hundred bytes.
+        let (mut parts, mut body) = response.into_parts();
         let interim = parts.status.is_informational();
-        let body = if interim {
+        if interim {
             // No interim answer is ever final; hyper answers a 500 in its place, and closes.
             parts = Response::new(()).into_parts().0;
             parts.status = StatusCode::INTERNAL_SERVER_ERROR;
-            ResponseBody::full(Bytes::new())
-        } else {
-            body
-        };
+            body = ResponseBody::full(Bytes::new());
+        }
         let asked = Asked {
             keep_alive: asked.keep_alive && !interim && !finish.asked(),
             ..asked
@@ -287,11 +286,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let framed = response::encode(&parts, &body, &asked, &mut head);
         parts.headers.clear();
         self.headers = Some(parts.headers);
-        let (body, encoding) = match framed.encoding {
-            Some(encoding) => (Some(body), encoding),
-            None => (None, Encoding::Length(0)),
+        let mut outgoing = match framed.encoding {
+            Some(encoding) => Outgoing::new(head, Bytes::new(), Some(body), encoding),
+            None => Outgoing::new(head, Bytes::new(), None, Encoding::Length(0)),
         };
-        let outgoing = Outgoing::new(head, Bytes::new(), body, encoding).eager();
+        outgoing.hold_head_for_data();
         (outgoing, framed.keep_alive)
     }
 
