@@ -733,6 +733,36 @@ async fn an_upload_still_under_way_when_the_answer_is_due_is_the_clients_delay()
     answered_408_as_the_clients_delay(&proxy, &mut stream).await;
 }
 
+/// The upstream's time starts when the request can go to it: a slow but steady upload read
+/// first (here for a `json:` source) takes none of it.
+#[tokio::test]
+async fn a_slow_upload_read_for_a_json_source_leaves_the_upstream_its_whole_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start("control").await;
+    let proxy = one_variant(
+        &backend,
+        "[limits]\nrequest_timeout = \"300ms\"\nclient_body_timeout = \"5s\"\n[assignment]\nsources = [\"json:/user_id\"]",
+    )
+    .await;
+    let body = br#"{"user_id":"alice","inputs":[1,2,3]}"#;
+    let head = format!(
+        "POST /predict HTTP/1.1\r\nhost: abproxy\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut stream = sending(&proxy, head.as_bytes()).await;
+    // 600 ms in all, twice the upstream's timeout.
+    for piece in body.chunks(6) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stream.write_all(piece).await.expect("write");
+    }
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer));
+    read.await.expect("answered").expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    proxy.wait_for_requests("control", "200", 1.0).await;
+}
+
 #[tokio::test]
 async fn a_stalled_upload_read_for_a_json_source_is_a_408() {
     let backend = Backend::start("control").await;

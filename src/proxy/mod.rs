@@ -73,9 +73,9 @@ impl Proxy {
         let config = &generation.config;
         let (mut parts, body) = request.into_parts();
         // abproxy's server hands every upgrade to hyper: a body read whole came with none.
-        let upgrade = match body {
-            ClientBody::Complete(_) => None,
-            ClientBody::Streaming(_) => Upgrade::requested(&mut parts),
+        let (upgrade, arrived_whole) = match body {
+            ClientBody::Complete(_) => (None, true),
+            ClientBody::Streaming(_) => (Upgrade::requested(&mut parts), false),
         };
         let mut tally = Tally::new(
             self.unassigned.clone(),
@@ -157,9 +157,17 @@ impl Proxy {
             let response = Box::pin(exchange.upgrade(route, request, upgrade)).await;
             return answered(route, response, tally, config);
         }
+        // The upstream's time runs from when the request can go: a body still on its way
+        // may have been read first (for a `json:` source, for the shadows), on the client's
+        // time. One that came with its head costs no second clock read.
+        let ready = if arrived_whole {
+            started
+        } else {
+            Instant::now()
+        };
         let (route, response) = match route
             .upstream
-            .send(request, started.into(), limits.request_timeout)
+            .send(request, ready.into(), limits.request_timeout)
             .await
         {
             Ok(answer) => (route, Ok(answer)),
