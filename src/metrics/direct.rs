@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use metrics::{Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn};
 
+use super::{LATENCY_BUCKETS, STREAM_BUCKETS};
+
 /// The families kept here, with the names, help and buckets of the spec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum Family {
@@ -59,10 +61,21 @@ impl Family {
             Family::RequestDuration | Family::ResponseDuration => "histogram",
         }
     }
+
+    /// A new series of this family, at zero.
+    fn series(self) -> Series {
+        match self {
+            Family::Requests => Series::Count(Arc::default()),
+            Family::InFlight => Series::Level(Arc::default()),
+            Family::RequestDuration => Series::Buckets(Arc::new(Buckets::new(LATENCY_BUCKETS))),
+            Family::ResponseDuration => Series::Buckets(Arc::new(Buckets::new(STREAM_BUCKETS))),
+        }
+    }
 }
 
 type Labels = Vec<(&'static str, String)>;
 
+#[derive(Clone)]
 enum Series {
     Count(Arc<Count>),
     Level(Arc<Level>),
@@ -75,42 +88,34 @@ enum Series {
 pub(super) struct Direct(Mutex<BTreeMap<(Family, Labels), Series>>);
 
 impl Direct {
+    /// The counter of `family` (`Requests`) with `labels`.
     pub fn counter(&self, family: Family, labels: &[(&'static str, &str)]) -> Counter {
-        let mut series = self.lock();
-        let entry = series
-            .entry((family, owned(labels)))
-            .or_insert_with(|| Series::Count(Arc::default()));
-        match entry {
-            Series::Count(count) => Counter::from_arc(count.clone()),
+        match self.series(family, labels) {
+            Series::Count(count) => Counter::from_arc(count),
             _ => Counter::noop(),
         }
     }
 
+    /// The gauge of `family` (`InFlight`) with `labels`.
     pub fn gauge(&self, family: Family, labels: &[(&'static str, &str)]) -> Gauge {
-        let mut series = self.lock();
-        let entry = series
-            .entry((family, owned(labels)))
-            .or_insert_with(|| Series::Level(Arc::default()));
-        match entry {
-            Series::Level(level) => Gauge::from_arc(level.clone()),
+        match self.series(family, labels) {
+            Series::Level(level) => Gauge::from_arc(level),
             _ => Gauge::noop(),
         }
     }
 
-    pub fn histogram(
-        &self,
-        family: Family,
-        labels: &[(&'static str, &str)],
-        bounds: &'static [f64],
-    ) -> Histogram {
-        let mut series = self.lock();
-        let entry = series
-            .entry((family, owned(labels)))
-            .or_insert_with(|| Series::Buckets(Arc::new(Buckets::new(bounds))));
-        match entry {
-            Series::Buckets(buckets) => Histogram::from_arc(buckets.clone()),
+    /// The histogram of `family` (a duration) with `labels`, in the family's buckets.
+    pub fn histogram(&self, family: Family, labels: &[(&'static str, &str)]) -> Histogram {
+        match self.series(family, labels) {
+            Series::Buckets(buckets) => Histogram::from_arc(buckets),
             _ => Histogram::noop(),
         }
+    }
+
+    fn series(&self, family: Family, labels: &[(&'static str, &str)]) -> Series {
+        let mut series = self.lock();
+        let entry = series.entry((family, owned(labels)));
+        entry.or_insert_with(|| family.series()).clone()
     }
 
     /// Appends the Prometheus text of every family that has a series.
@@ -299,7 +304,13 @@ mod tests {
     #[test]
     fn a_histogram_counts_each_value_in_the_first_bucket_it_does_not_pass() {
         let direct = Direct::default();
-        let histogram = direct.histogram(Family::RequestDuration, &[("variant", "a")], BOUNDS);
+        // Three buckets rather than the family's fifteen, to read the text whole.
+        let labels = vec![("variant", "a".to_owned())];
+        let series = Series::Buckets(Arc::new(Buckets::new(BOUNDS)));
+        direct
+            .lock()
+            .insert((Family::RequestDuration, labels), series);
+        let histogram = direct.histogram(Family::RequestDuration, &[("variant", "a")]);
         for value in [0.0005, 0.001, 0.002, 0.5] {
             histogram.record(value);
         }

@@ -185,12 +185,7 @@ impl Metrics {
 
     /// A variant's time to the response head or to its end.
     fn latency(&self, family: Family, variant: &str) -> Histogram {
-        let buckets = match family {
-            Family::ResponseDuration => STREAM_BUCKETS,
-            _ => LATENCY_BUCKETS,
-        };
-        self.direct
-            .histogram(family, &[("variant", variant)], buckets)
+        self.direct.histogram(family, &[("variant", variant)])
     }
 
     /// The handles of one configured variant; `window` is the canary guard's, for the canary
