@@ -81,7 +81,7 @@ fn field_name(raw: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
     }
     KEPT.with_borrow_mut(|kept| {
         // Names are kept lowercased; one that matches in any case is the same name.
-        let same = |name: &&HeaderName| name.as_str().as_bytes().eq_ignore_ascii_case(raw);
+        let same = |name: &&HeaderName| super::is_named(raw, name);
         if let Some(name) = kept.iter().find(same) {
             return Ok(name.clone());
         }

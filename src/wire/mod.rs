@@ -29,6 +29,11 @@ pub(crate) fn names_listed_in(headers: &HeaderMap, field: &HeaderName) -> Vec<He
         .collect()
 }
 
+/// Whether a field name as it came off the wire (any case) is `known`.
+pub(crate) fn is_named(name: &[u8], known: &HeaderName) -> bool {
+    name.eq_ignore_ascii_case(known.as_str().as_bytes())
+}
+
 /// Whether a comma-separated field value (`Connection`, `TE`, `Upgrade`) lists `token`.
 pub(crate) fn lists(value: &[u8], token: &[u8]) -> bool {
     value

@@ -8,7 +8,7 @@ use http::{HeaderMap, Method, Request, Uri, Version};
 
 use super::LONGEST_HEAD;
 use crate::proxy::ClientBody;
-use crate::wire::{content_length, fill, lists, locate, within, Span};
+use crate::wire::{content_length, fill, is_named, lists, locate, within, Span};
 
 /// More header lines than this go to hyper, which takes up to 100.
 const MOST_HEADERS: usize = 64;
@@ -49,7 +49,7 @@ struct Facts {
 impl Facts {
     /// Notes what a field says, its name compared as it came (any case).
     fn note(&mut self, name: &[u8], value: &[u8]) {
-        let is = |known: &HeaderName| name.eq_ignore_ascii_case(known.as_str().as_bytes());
+        let is = |known: &HeaderName| is_named(name, known);
         if is(&header::CONTENT_LENGTH) {
             match (self.length, content_length(value)) {
                 // Past what a `usize` holds is past any body read here: hyper's.

@@ -7,7 +7,7 @@ use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, Response, StatusCode, Version};
 
 use crate::upstream::{UpstreamError, UpstreamErrorKind};
-use crate::wire::{content_length, fill, lists, locate, InvalidField, Span};
+use crate::wire::{content_length, fill, is_named, lists, locate, InvalidField, Span};
 
 /// As hyper's client: more header lines than this is no response a model server sends.
 const MAX_HEADERS: usize = 100;
@@ -137,12 +137,12 @@ impl Facts {
         let mut facts = Facts::default();
         for line in lines {
             let name = line.name.as_bytes();
-            if name.eq_ignore_ascii_case(TRANSFER_ENCODING.as_str().as_bytes()) {
+            if is_named(name, &TRANSFER_ENCODING) {
                 let last = line.value.rsplit(|&byte| byte == b',').next();
                 let chunked =
                     last.is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
                 facts.chunked = Some(chunked);
-            } else if name.eq_ignore_ascii_case(CONTENT_LENGTH.as_str().as_bytes()) {
+            } else if is_named(name, &CONTENT_LENGTH) {
                 facts.length = Some(match (facts.length, content_length(line.value)) {
                     (Some(Err(earlier)), _) => Err(earlier),
                     (_, None) => Err("invalid content-length"),
@@ -151,7 +151,7 @@ impl Facts {
                     }
                     (_, Some(length)) => Ok(length),
                 });
-            } else if name.eq_ignore_ascii_case(CONNECTION.as_str().as_bytes()) {
+            } else if is_named(name, &CONNECTION) {
                 facts.close |= lists(line.value, b"close");
                 facts.keep_alive |= lists(line.value, b"keep-alive");
             }
