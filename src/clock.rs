@@ -2,7 +2,7 @@
 //! idle timestamps, the second an answer's `Date` names.
 //!
 //! Linux keeps coarse clocks, the time at the last tick (1–10 ms ago), that the vDSO reads
-//! without the TSC: 4 ns a read here against 16 for `Instant::now()`. A request reads them
+//! without the TSC: 6.7 ns a read here against 19 for `Instant::now()`. A request reads them
 //! for its header deadline, its connection's return to the pool and its `Date`; the latencies
 //! the metrics record keep the fine clock.
 

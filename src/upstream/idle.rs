@@ -8,20 +8,6 @@ use std::time::Duration;
 
 use tokio::time::Sleep;
 
-/// Polls the pause timer in `slot`, starting it for `limit` if it is not running; true once
-/// the pause has lasted `limit`. Clear the slot (`set(None)`) whenever the body moves.
-fn paused_too_long(
-    mut slot: Pin<&mut Option<Sleep>>,
-    limit: Duration,
-    cx: &mut Context<'_>,
-) -> bool {
-    if slot.is_none() {
-        slot.set(Some(tokio::time::sleep(limit)));
-    }
-    slot.as_pin_mut()
-        .is_some_and(|timer| timer.poll(cx).is_ready())
-}
-
 /// The timer, boxed the first time the body pauses and then re-armed: a body that never
 /// pauses carries a pointer, not the timer, and stays `Unpin` (an upload, which the HTTP/2
 /// client sends from a task of its own, must be).
@@ -31,8 +17,12 @@ pub struct PauseTimer(Option<Pin<Box<Option<Sleep>>>>);
 impl PauseTimer {
     /// True once the pause has lasted `limit`; starts the timer if it is not running.
     pub fn paused_too_long(&mut self, limit: Duration, cx: &mut Context<'_>) -> bool {
-        let slot = self.0.get_or_insert_with(|| Box::pin(None));
-        paused_too_long(slot.as_mut(), limit, cx)
+        let mut slot = self.0.get_or_insert_with(|| Box::pin(None)).as_mut();
+        if slot.is_none() {
+            slot.set(Some(tokio::time::sleep(limit)));
+        }
+        slot.as_pin_mut()
+            .is_some_and(|timer| timer.poll(cx).is_ready())
     }
 
     /// The body moved: the next pause is timed afresh.

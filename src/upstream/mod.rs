@@ -182,8 +182,9 @@ impl Upstream {
 
     /// Sends `request` and waits at most `timeout` from `started` for a free connection and
     /// the response head. `started` is the caller's clock read, taken when the request was
-    /// ready to go: the deadline and the pool's idle check need no other. The lease returned with the response holds the request's place in the
-    /// connection limit until the caller drops it with the body.
+    /// ready to go: the deadline and the pool's idle check need no other. The lease returned
+    /// with the response holds the request's place in the connection limit until the caller
+    /// drops it with the body.
     ///
     /// Only the rare waits (for a connection's place, a new connection, an HTTP/2 stream)
     /// arm a timer of their own; on a pooled HTTP/1.1 connection the deadline is watched by

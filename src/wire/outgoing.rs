@@ -43,7 +43,7 @@ struct Framer {
     /// The body has ended; the last chunk follows once the data in hand is written.
     ending: bool,
     /// Take the body's first data before writing the head, so that both go out in one write.
-    eager: bool,
+    hold_head: bool,
     wrote_any: bool,
 }
 
@@ -76,7 +76,7 @@ where
                 encoding,
                 chunk_open: false,
                 ending: false,
-                eager: false,
+                hold_head: false,
                 wrote_any: false,
             },
             body,
@@ -86,7 +86,7 @@ where
     /// Holds the head back until the body's first data is in hand (or the body waits), to
     /// write both at once.
     pub fn hold_head_for_data(&mut self) {
-        self.framer.eager = true;
+        self.framer.hold_head = true;
     }
 
     /// Writes what it can; ready once the whole message is out and flushed.
@@ -100,7 +100,7 @@ where
         let mut body_waits = false;
         loop {
             let framing_written = framer.framed == framer.framing.len();
-            let gather = framer.data.is_empty() && (framing_written || framer.eager);
+            let gather = framer.data.is_empty() && (framing_written || framer.hold_head);
             if let (false, true, Some(body)) = (body_waits, gather, this.body.as_mut().as_pin_mut())
             {
                 let ended = match body.poll_frame(cx) {
@@ -268,7 +268,7 @@ impl Framer {
     }
 
     /// Readies the framing for the next piece, opening it with the line break that closes
-    /// the last chunk; framing not yet written (an eager head) stays ahead of it.
+    /// the last chunk; framing not yet written (a head held for data) stays ahead of it.
     fn start_piece(&mut self) {
         if self.framed == self.framing.len() {
             self.framing.clear();
