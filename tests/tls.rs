@@ -558,7 +558,15 @@ async fn bytes_that_are_not_a_tls_handshake_are_closed_within_the_timeout_and_co
         .expect("write");
     let (answer, closed) = read_until_closed(&mut plain, limit).await;
     assert!(closed.is_some(), "plain HTTP: left open");
-    assert!(!answer.starts_with(b"HTTP/"), "plain HTTP was served");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400 ") && answer.contains("HTTPS"),
+        "plain HTTP is told it reached the TLS port: {answer}"
+    );
+    assert!(
+        !answer.contains("x-variant"),
+        "plain HTTP reached no variant: {answer}"
+    );
 
     let mut silent = TcpStream::connect(proxy.addr).await.expect("connect");
     let (_, closed) = read_until_closed(&mut silent, limit).await;
@@ -595,6 +603,28 @@ async fn bytes_that_are_not_a_tls_handshake_are_closed_within_the_timeout_and_co
         .await
         .expect("still serving");
     assert_eq!(reply.status, 200);
+}
+
+#[tokio::test]
+async fn curl_sent_to_the_tls_port_over_plain_http_reads_a_400_that_says_so() {
+    let (_control, _treatment, config) = split().await;
+    let pki = Pki::new();
+    let proxy = tls_proxy(&pki, &pki.server(&["localhost"]), "", &config).await;
+    let output = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-w", "\n%{http_code}"])
+        .args(["-H", "x-user-id: alice", "--data", "{\"x\":1}"])
+        .arg(format!("http://{}/predict", proxy.addr))
+        .output()
+        .await
+        .expect("curl runs (bash .ci/run installs it)");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "curl failed: {output:?}");
+    assert!(printed.ends_with("\n400"), "{printed}");
+    assert!(printed.contains("plain HTTP"), "{printed}");
+    eventually(Duration::from_secs(5), || async {
+        handshake_failures(&proxy, "not_tls").await == 1.0
+    })
+    .await;
 }
 
 #[tokio::test]

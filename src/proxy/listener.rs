@@ -129,6 +129,39 @@ async fn sniff(stream: &TcpStream) -> io::Result<Protocol> {
     })
 }
 
+/// Whether the client opened the TLS port with plain HTTP: a TLS connection starts with a
+/// handshake record (0x16), an HTTP/1.x request with its method's first capital letter.
+async fn starts_as_plain_http(stream: &TcpStream) -> io::Result<bool> {
+    let mut first = [0; 1];
+    let read = stream.peek(&mut first).await?;
+    Ok(read == 1 && first[0].is_ascii_uppercase())
+}
+
+/// Tells a plain-HTTP client that it reached the TLS port, as nginx does, rather than
+/// resetting it: the answer, then the client's bytes read and dropped until it closes (up
+/// to 64 KiB), so that unread input does not turn the close into a reset before the client
+/// has read the answer.
+async fn refuse_plain_http(mut stream: TcpStream) -> io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BODY: &str = "This port speaks HTTPS: the request came as plain HTTP. Use https://.\n";
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    stream.write_all(answer.as_bytes()).await?;
+    stream.shutdown().await?;
+    let mut unread = [0; 4096];
+    let mut dropped = 0;
+    while dropped < 64 * 1024 {
+        match stream.read(&mut unread).await? {
+            0 => break,
+            read => dropped += read,
+        }
+    }
+    Ok(())
+}
+
 /// What a listener speaks: plain HTTP, or TLS with the live certificates.
 #[derive(Clone)]
 enum Transport {
@@ -275,15 +308,28 @@ impl Connection {
 
     /// A TLS handshake within `handshake_timeout`, then h2 if ALPN chose it, else HTTP/1.1.
     /// A failed handshake is counted by reason; it never reached a variant, so no request
-    /// metric sees it.
+    /// metric sees it. Plain HTTP is answered `400` (one `peek` a connection tells it).
     async fn tls(self, stream: TcpStream, tls: &Terminator, mut finish: Finish) {
         let timeout = self.proxy.handshake_timeout();
+        // `Err`: the connection opened with plain HTTP, and is given back to be answered.
+        let handshake = async {
+            if starts_as_plain_http(&stream).await? {
+                return Ok(Err(stream));
+            }
+            tls.acceptor().accept(stream).await.map(Ok)
+        };
         let accepted = tokio::select! {
-            accepted = tokio::time::timeout(timeout, tls.acceptor().accept(stream)) => accepted,
+            accepted = tokio::time::timeout(timeout, handshake) => accepted,
             _ = &mut finish => return,
         };
         let stream = match accepted {
-            Ok(Ok(stream)) => stream,
+            Ok(Ok(Ok(stream))) => stream,
+            Ok(Ok(Err(plain))) => {
+                tracing::debug!(client = %self.client, "plain HTTP on the TLS port, answered 400");
+                tls.handshake_failed(HandshakeFailure::NotTls);
+                let _ = tokio::time::timeout(timeout, refuse_plain_http(plain)).await;
+                return;
+            }
             Ok(Err(err)) => {
                 let reason = HandshakeFailure::of(&err);
                 tracing::debug!(client = %self.client, reason = reason.as_str(), error = %err, "TLS handshake failed");

@@ -10,7 +10,7 @@ pub enum HandshakeFailure {
     /// No finished handshake within `handshake_timeout` (including a client that never
     /// sends a ClientHello).
     Timeout,
-    /// The bytes are not TLS: plain HTTP on the TLS port, or garbage.
+    /// The bytes are not TLS: plain HTTP on the TLS port (answered 400), or garbage.
     NotTls,
     /// The client hung up mid-handshake.
     Closed,
