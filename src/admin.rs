@@ -128,7 +128,7 @@ impl Admin {
         }
         match path {
             "/metrics" => {
-                let mut response = text(StatusCode::OK, self.metrics.render());
+                let mut response = text(StatusCode::OK, self.metrics_text());
                 response.headers_mut().insert(
                     CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -143,7 +143,7 @@ impl Admin {
             ),
             "/status" => json_response(StatusCode::OK, &self.status()),
             "/canary" => json_response(StatusCode::OK, &self.guard.status()),
-            "/ui/snapshot" => ui::snapshot_response(&self.metrics.render()),
+            "/ui/snapshot" => ui::snapshot_response(&self.metrics_text()),
             _ => ui::asset(path).unwrap_or_else(|| {
                 text(
                     StatusCode::NOT_FOUND,
@@ -195,6 +195,15 @@ impl Admin {
             }
             Err(err @ CommandError::Refused(_)) => error(StatusCode::CONFLICT, &err.to_string()),
         }
+    }
+
+    /// The Prometheus text: the registry's series, then those read at scrape time.
+    fn metrics_text(&self) -> String {
+        let mut text = self.metrics.render();
+        if let Some(tls) = &self.tls {
+            tls.render_expiry(&mut text);
+        }
+        text
     }
 
     fn status(&self) -> serde_json::Value {

@@ -331,7 +331,17 @@ async fn scrape_a_running_abproxy() -> Exported {
     .await;
     let text = proxy.metrics().await;
     proxy.stop().await;
-    Exported::parse(&text)
+    // The TLS listener's series come from an abproxy that terminates TLS.
+    let pki = support::tls::Pki::new();
+    let (cert, key) = pki.write_pair("server", &pki.server(&["localhost"]));
+    let tls = Proxy::start_with_server(
+        &support::tls::tls_section(&cert, &key, ""),
+        &variants(&[("control", &control, 100.0)]),
+    )
+    .await;
+    let tls_text = tls.metrics().await;
+    tls.stop().await;
+    Exported::parse(&format!("{text}\n{tls_text}"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -894,6 +904,7 @@ async fn the_rules_dashboard_and_templates_name_only_what_abproxy_exports() {
         "abproxy_prediction",
         "abproxy_prediction_class_total",
         "abproxy_config_reloads_total",
+        "abproxy_tls_certificate_expiry_timestamp_seconds",
     ] {
         assert!(
             bases.contains(name),

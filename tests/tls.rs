@@ -512,6 +512,57 @@ async fn a_config_reload_naming_other_certificate_files_loads_them() {
 }
 
 #[tokio::test]
+async fn the_expiry_metric_follows_the_certificates_served_and_drops_one_a_reload_removed() {
+    let (_control, _treatment, config) = split().await;
+    let pki = Pki::new();
+    let default = pki.server_until(&["localhost"], (2031, 7, 31));
+    let a = pki.server_until(&["a.test"], (2030, 1, 15));
+    let (a_cert, a_key) = pki.write_pair("a", &a);
+    let sni =
+        format!("[[server.tls.sni]]\nname = \"a.test\"\ncert = {a_cert:?}\nkey = {a_key:?}\n");
+    let proxy = tls_proxy(&pki, &default, &sni, &config).await;
+    let seconds = |rfc3339: &str| {
+        let at = humantime::parse_rfc3339(rfc3339).expect("a date");
+        at.duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs() as f64
+    };
+    let expiry = "abproxy_tls_certificate_expiry_timestamp_seconds";
+
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        support::proxy::sample(&metrics, expiry, &[("server_name", "")]),
+        seconds("2031-07-31T00:00:00Z"),
+        "{metrics}"
+    );
+    assert_eq!(
+        support::proxy::sample(&metrics, expiry, &[("server_name", "a.test")]),
+        seconds("2030-01-15T00:00:00Z")
+    );
+    let a_path = a_cert.display().to_string();
+    assert_eq!(
+        support::proxy::sample(&metrics, expiry, &[("cert", &a_path)]),
+        seconds("2030-01-15T00:00:00Z")
+    );
+    promtool_check(&metrics);
+
+    // The SNI certificate is dropped from the config: its series goes with it.
+    let (cert, key) = pki.write_pair("server", &default);
+    proxy.edit_config(
+        &format!("{}{config}", tls_section(&cert, &key, "")),
+        Edit::Rename,
+    );
+    proxy.wait_for_generation(2).await;
+    eventually(Duration::from_secs(5), || async {
+        let metrics = proxy.metrics().await;
+        support::proxy::sample(&metrics, expiry, &[("server_name", "a.test")]) == 0.0
+            && support::proxy::sample(&metrics, expiry, &[("server_name", "")])
+                == seconds("2031-07-31T00:00:00Z")
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn turning_tls_off_by_reload_takes_a_restart_and_tls_keeps_serving() {
     let (control, treatment, config) = split().await;
     let pki = Pki::new();

@@ -151,6 +151,27 @@ impl Direct {
     }
 }
 
+/// Appends a gauge family whose series are read at scrape time, so that a series whose
+/// subject is gone (a certificate no longer served) goes with it: `# HELP`, `# TYPE` and a
+/// line a series. Nothing when there are none.
+pub fn render_gauges<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (&'a [(&'static str, &'a str)], f64)>,
+) {
+    let mut series = series.into_iter().peekable();
+    if series.peek().is_none() {
+        return;
+    }
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} gauge");
+    for (labels, value) in series {
+        line(out, name, "", &owned(labels), None, value);
+    }
+    out.push('\n');
+}
+
 fn owned(labels: &[(&'static str, &str)]) -> Labels {
     labels
         .iter()
@@ -361,6 +382,20 @@ mod tests {
             "# HELP abproxy_requests_in_flight Client requests being served now.\n\
              # TYPE abproxy_requests_in_flight gauge\n\
              abproxy_requests_in_flight 1\n\n"
+        );
+    }
+
+    #[test]
+    fn scrape_time_gauges_render_with_their_help_and_none_renders_nothing() {
+        let mut text = String::new();
+        render_gauges(&mut text, "abproxy_x_seconds", "A test.", []);
+        assert_eq!(text, "");
+        let labels: &[(&'static str, &str)] = &[("server_name", "a.example"), ("cert", "/c\"")];
+        render_gauges(&mut text, "abproxy_x_seconds", "A test.", [(labels, 1.5)]);
+        assert_eq!(
+            text,
+            "# HELP abproxy_x_seconds A test.\n# TYPE abproxy_x_seconds gauge\n\
+             abproxy_x_seconds{server_name=\"a.example\",cert=\"/c\\\"\"} 1.5\n\n"
         );
     }
 

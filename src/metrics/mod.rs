@@ -6,6 +6,8 @@
 
 mod direct;
 
+pub use direct::render_gauges;
+
 use std::sync::{Arc, OnceLock};
 
 use crate::canary::window::ArmWindow;

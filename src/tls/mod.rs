@@ -124,6 +124,31 @@ impl Terminator {
         self.state().status.clone()
     }
 
+    /// Appends `abproxy_tls_certificate_expiry_timestamp_seconds`, one series a certificate
+    /// serving now (`server_name` empty for the default one), read at scrape time so that a
+    /// certificate a reload dropped leaves no series behind to alert on.
+    pub fn render_expiry(&self, out: &mut String) {
+        let status = self.status();
+        let series: Vec<([(&'static str, &str); 2], f64)> = status
+            .certificates
+            .iter()
+            .filter_map(|certificate| {
+                let seconds = certificate.not_after_seconds?;
+                let server_name = certificate.server_name.as_deref().unwrap_or("");
+                Some((
+                    [("server_name", server_name), ("cert", &certificate.cert)],
+                    seconds as f64,
+                ))
+            })
+            .collect();
+        crate::metrics::render_gauges(
+            out,
+            "abproxy_tls_certificate_expiry_timestamp_seconds",
+            "When each TLS certificate the listener serves expires (its notAfter), in seconds since the epoch; server_name is empty for the default certificate.",
+            series.iter().map(|(labels, seconds)| (&labels[..], *seconds)),
+        );
+    }
+
     /// The settings the serving certificates were loaded from.
     pub fn settings(&self) -> config::Tls {
         self.state().settings.clone()

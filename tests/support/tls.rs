@@ -76,10 +76,32 @@ impl Pki {
         self.issue(&[name], ExtendedKeyUsagePurpose::ClientAuth)
     }
 
+    /// A server certificate for `names` that expires at the start of `year`-`month`-`day`
+    /// (UTC).
+    pub fn server_until(&self, names: &[&str], (year, month, day): (i32, u8, u8)) -> Issued {
+        self.issue_until(
+            names,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            Some((year, month, day)),
+        )
+    }
+
     fn issue(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Issued {
+        self.issue_until(names, usage, None)
+    }
+
+    fn issue_until(
+        &self,
+        names: &[&str],
+        usage: ExtendedKeyUsagePurpose,
+        until: Option<(i32, u8, u8)>,
+    ) -> Issued {
         let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
         let mut params = CertificateParams::new(names).expect("params");
         params.extended_key_usages = vec![usage];
+        if let Some((year, month, day)) = until {
+            params.not_after = rcgen::date_time_ymd(year, month, day);
+        }
         let key = KeyPair::generate().expect("key");
         let cert = params.signed_by(&key, &self.ca).expect("signed");
         Issued {
