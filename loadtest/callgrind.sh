@@ -4,14 +4,16 @@
 #
 #   bash loadtest/callgrind.sh abproxy|nginx|relay   (build first: cargo build --release --workspace)
 #
-# Counts, not seconds: the same binary and load give the same figures on a busy machine.
+# Counts, not seconds: the same binary and load give the same figures on a busy machine
+# (within a few hundred instructions: how often a socket is found not ready varies).
 # The proxy runs under callgrind with instrumentation off; 2,000 requests on 16 keep-alive
 # connections warm it up, then instrumentation is on for 20,000 more. Instructions: every
-# instruction the process ran, over the requests. Atomic read-modify-writes: executions of
-# `lock`-prefixed instructions and of `xchg` with memory (callgrind's per-instruction counts,
-# matched against objdump), with the functions that ran most of them. Under valgrind,
-# SHA-256 runs in software (~3,500 instructions of abproxy's count); the CPU's SHA
-# extensions take a few hundred. Needs valgrind, objdump (binutils) and python3.
+# instruction the process ran, over the answers (a run with errors is refused). Atomic
+# read-modify-writes: executions of `lock`-prefixed instructions and of `xchg` with memory
+# (callgrind's per-instruction counts, matched against objdump), with the functions that ran
+# most of them. Under valgrind, SHA-256 runs in software (~3,500 instructions of abproxy's
+# count); the CPU's SHA extensions take a few hundred. Needs valgrind, objdump (binutils),
+# curl and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,8 +21,11 @@ PROXY=${1:-abproxy}
 REQUESTS=20000
 BIN=target/release
 LT=$BIN/loadtest
-for tool in valgrind callgrind_control objdump python3; do
+for tool in valgrind callgrind_control objdump python3 curl; do
     command -v "$tool" >/dev/null || { echo "callgrind.sh: $tool is missing" >&2; exit 1; }
+done
+for tool in "$BIN/abproxy" "$LT" "$BIN/loadtest-backend" "$BIN/relay-floor"; do
+    [[ -x $tool ]] || { echo "callgrind.sh: $tool is missing (cargo build --release --workspace)" >&2; exit 1; }
 done
 
 TMP=$(mktemp -d)
@@ -95,24 +100,40 @@ valgrind --tool=callgrind --instr-atstart=no --dump-instr=yes \
     --callgrind-out-file="$TMP/callgrind.out" "${COMMAND[@]}" >"$TMP/proxy.log" 2>&1 &
 VALGRIND=$!
 PIDS+=("$VALGRIND")
+answering=0
 for _ in $(seq 120); do
-    curl -fs -o /dev/null -H 'x-user-id: probe' http://127.0.0.1:18960/ && break
+    if curl -fs -o /dev/null -H 'x-user-id: probe' http://127.0.0.1:18960/; then
+        answering=1
+        break
+    fi
     sleep 0.5
 done
+if ((!answering)); then
+    echo "callgrind.sh: $PROXY did not answer under valgrind; its output:" >&2
+    cat "$TMP/proxy.log" >&2
+    exit 1
+fi
 
 load() {
-    "$LT" --url http://127.0.0.1:18960 --requests "$1" --connections 16 -q --json >/dev/null
+    "$LT" --url http://127.0.0.1:18960 --requests "$1" --connections 16 -q --json >"$TMP/load.json"
 }
 load 2000
 callgrind_control -i on "$VALGRIND" >/dev/null
 load "$REQUESTS"
+# Per request means per answer: a run with errors is not a run of this proxy's path.
+ANSWERS=$(sed -n 's/^ *"answers": \([0-9]*\),$/\1/p' "$TMP/load.json")
+ERRORS=$(sed -n 's/^ *"errors_total": \([0-9]*\),$/\1/p' "$TMP/load.json")
+if [[ -z $ANSWERS || $ANSWERS -eq 0 || ${ERRORS:-1} -ne 0 ]]; then
+    echo "callgrind.sh: the measured run had ${ERRORS:-?} errors in ${ANSWERS:-?} answers" >&2
+    exit 1
+fi
 callgrind_control -i off "$VALGRIND" >/dev/null
 callgrind_control -d "$VALGRIND" >/dev/null
 sleep 1
 kill "$VALGRIND"
 wait "$VALGRIND" 2>/dev/null || true
 
-python3 - "$PROXY" "$REQUESTS" "$TMP"/callgrind.out* <<'PY'
+python3 - "$PROXY" "$ANSWERS" "$TMP"/callgrind.out* <<'PY'
 import collections, re, subprocess, sys
 
 proxy, requests, files = sys.argv[1], int(sys.argv[2]), sys.argv[3:]

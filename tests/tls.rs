@@ -515,8 +515,16 @@ async fn a_config_reload_naming_other_certificate_files_loads_them() {
 async fn the_expiry_metric_follows_the_certificates_served_and_drops_one_a_reload_removed() {
     let (_control, _treatment, config) = split().await;
     let pki = Pki::new();
-    let default = pki.server_until(&["localhost"], (2031, 7, 31));
-    let a = pki.server_until(&["a.test"], (2030, 1, 15));
+    // Dates after this year, so the certificates are valid whenever the test runs.
+    let year: i32 = humantime::format_rfc3339(std::time::SystemTime::now()).to_string()[..4]
+        .parse()
+        .expect("a year");
+    let default = pki.server_until(&["localhost"], (year + 2, 7, 31));
+    let a = pki.server_until(&["a.test"], (year + 1, 1, 15));
+    let (default_expiry, a_expiry) = (
+        format!("{}-07-31T00:00:00Z", year + 2),
+        format!("{}-01-15T00:00:00Z", year + 1),
+    );
     let (a_cert, a_key) = pki.write_pair("a", &a);
     let sni =
         format!("[[server.tls.sni]]\nname = \"a.test\"\ncert = {a_cert:?}\nkey = {a_key:?}\n");
@@ -532,17 +540,17 @@ async fn the_expiry_metric_follows_the_certificates_served_and_drops_one_a_reloa
     let metrics = proxy.metrics().await;
     assert_eq!(
         support::proxy::sample(&metrics, expiry, &[("server_name", "")]),
-        seconds("2031-07-31T00:00:00Z"),
+        seconds(&default_expiry),
         "{metrics}"
     );
     assert_eq!(
         support::proxy::sample(&metrics, expiry, &[("server_name", "a.test")]),
-        seconds("2030-01-15T00:00:00Z")
+        seconds(&a_expiry)
     );
     let a_path = a_cert.display().to_string();
     assert_eq!(
         support::proxy::sample(&metrics, expiry, &[("cert", &a_path)]),
-        seconds("2030-01-15T00:00:00Z")
+        seconds(&a_expiry)
     );
     promtool_check(&metrics);
 
@@ -557,7 +565,7 @@ async fn the_expiry_metric_follows_the_certificates_served_and_drops_one_a_reloa
         let metrics = proxy.metrics().await;
         support::proxy::sample(&metrics, expiry, &[("server_name", "a.test")]) == 0.0
             && support::proxy::sample(&metrics, expiry, &[("server_name", "")])
-                == seconds("2031-07-31T00:00:00Z")
+                == seconds(&default_expiry)
     })
     .await;
 }
@@ -654,6 +662,38 @@ async fn bytes_that_are_not_a_tls_handshake_are_closed_within_the_timeout_and_co
         .await
         .expect("still serving");
     assert_eq!(reply.status, 200);
+}
+
+#[tokio::test]
+async fn a_plain_http_client_keeping_the_tls_port_open_does_not_hold_up_shutdown() {
+    let (_control, _treatment, config) = split().await;
+    let pki = Pki::new();
+    let timeout = "handshake_timeout = \"20s\"\n";
+    let proxy = tls_proxy(&pki, &pki.server(&["localhost"]), timeout, &config).await;
+    let mut plain = TcpStream::connect(proxy.addr).await.expect("connect");
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    // The 400 arrives and abproxy ends its side; the client keeps its own open.
+    let mut answer = [0; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), plain.read(&mut answer))
+        .await
+        .expect("an answer within 5 s")
+        .expect("read");
+    assert!(answer[..read].starts_with(b"HTTP/1.1 400 "));
+    eventually(Duration::from_secs(5), || async {
+        handshake_failures(&proxy, "not_tls").await == 1.0
+    })
+    .await;
+    let stopping = Instant::now();
+    proxy.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "shutdown waited {:?} on the plain-HTTP client",
+        stopping.elapsed()
+    );
+    drop(plain);
 }
 
 #[tokio::test]

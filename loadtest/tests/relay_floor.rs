@@ -96,9 +96,15 @@ async fn send(
         .header("host", "relay.test")
         .body(Full::new(Bytes::from_static(body.as_bytes())))
         .expect("a request");
-    let response = sender.send_request(request).await.expect("an answer");
-    assert_eq!(response.status(), 200);
-    let body = response.into_body().collect().await.expect("answer body");
+    // Bounded: a relay that frames an answer wrongly fails the test rather than hanging it.
+    let exchange = async {
+        let response = sender.send_request(request).await.expect("an answer");
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.expect("answer body")
+    };
+    let body = tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .expect("an answer within 5 s");
     String::from_utf8(body.to_bytes().to_vec()).expect("UTF-8")
 }
 

@@ -311,6 +311,8 @@ impl Connection {
     /// metric sees it. Plain HTTP is answered `400` (one `peek` a connection tells it).
     async fn tls(self, stream: TcpStream, tls: &Terminator, mut finish: Finish) {
         let timeout = self.proxy.handshake_timeout();
+        // One deadline for the handshake, or for telling a plain-HTTP client off.
+        let deadline = tokio::time::Instant::now() + timeout;
         // `Err`: the connection opened with plain HTTP, and is given back to be answered.
         let handshake = async {
             if starts_as_plain_http(&stream).await? {
@@ -319,7 +321,7 @@ impl Connection {
             tls.acceptor().accept(stream).await.map(Ok)
         };
         let accepted = tokio::select! {
-            accepted = tokio::time::timeout(timeout, handshake) => accepted,
+            accepted = tokio::time::timeout_at(deadline, handshake) => accepted,
             _ = &mut finish => return,
         };
         let stream = match accepted {
@@ -327,7 +329,11 @@ impl Connection {
             Ok(Ok(Err(plain))) => {
                 tracing::debug!(client = %self.client, "plain HTTP on the TLS port, answered 400");
                 tls.handshake_failed(HandshakeFailure::NotTls);
-                let _ = tokio::time::timeout(timeout, refuse_plain_http(plain)).await;
+                // A client that keeps the connection open must not hold up shutdown.
+                tokio::select! {
+                    _ = tokio::time::timeout_at(deadline, refuse_plain_http(plain)) => {}
+                    _ = &mut finish => {}
+                }
                 return;
             }
             Ok(Err(err)) => {
