@@ -15,6 +15,9 @@
 # count); the CPU's SHA extensions take a few hundred. Needs valgrind, objdump (binutils),
 # curl and python3.
 set -euo pipefail
+LOG_TAG=callgrind
+# shellcheck source=loadtest/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$(dirname "$0")/.."
 
 PROXY=${1:-abproxy}
@@ -40,51 +43,13 @@ PIDS+=($!)
 
 case $PROXY in
     abproxy)
-        cat >"$TMP/abproxy.toml" <<EOF
-[server]
-listen = "127.0.0.1:18960"
-admin = "127.0.0.1:18969"
-[assignment]
-sources = ["header:x-user-id"]
-[[variant]]
-name = "control"
-upstream = "http://127.0.0.1:18961"
-weight = 80
-[[variant]]
-name = "treatment"
-upstream = "http://127.0.0.1:18962"
-weight = 20
-EOF
+        split_abproxy_conf 18960 >"$TMP/abproxy.toml"
         COMMAND=("$BIN/abproxy" run --config "$TMP/abproxy.toml")
         export RUST_LOG=warn
         ;;
     nginx)
         mkdir -p "$TMP/nginx"
-        cat >"$TMP/nginx/nginx.conf" <<EOF
-worker_processes 1;
-master_process off;
-daemon off;
-pid $TMP/nginx/nginx.pid;
-error_log $TMP/nginx/error.log warn;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    client_body_temp_path $TMP/nginx; proxy_temp_path $TMP/nginx;
-    fastcgi_temp_path $TMP/nginx; uwsgi_temp_path $TMP/nginx; scgi_temp_path $TMP/nginx;
-    keepalive_requests 1000000;
-    upstream control { server 127.0.0.1:18961; keepalive 64; keepalive_requests 1000000; }
-    upstream treatment { server 127.0.0.1:18962; keepalive 64; keepalive_requests 1000000; }
-    split_clients "\${http_x_user_id}" \$variant { 80% control; * treatment; }
-    server {
-        listen 127.0.0.1:18960 backlog=1024;
-        location / {
-            proxy_pass http://\$variant;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
+        split_nginx_conf 18960 "$TMP/nginx" "master_process off;" >"$TMP/nginx/nginx.conf"
         COMMAND=("$(command -v nginx || echo /usr/sbin/nginx)" -c "$TMP/nginx/nginx.conf")
         ;;
     relay)

@@ -13,6 +13,9 @@
 # relay-floor sends every request to the first backend; the other two split 80/20.
 # Prints one line per run and the medians; traffic stays on 127.0.0.1.
 set -euo pipefail
+LOG_TAG=floor
+# shellcheck source=loadtest/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$(dirname "$0")/.."
 
 ROUNDS=${1:-5}
@@ -33,50 +36,9 @@ PIDS+=($!)
 taskset -c 1 "$BIN/loadtest-backend" --listen 127.0.0.1:18952 --name treatment >/dev/null 2>&1 &
 PIDS+=($!)
 
-cat >"$TMP/abproxy.toml" <<EOF
-[server]
-listen = "127.0.0.1:18950"
-admin = "127.0.0.1:18959"
-[assignment]
-sources = ["header:x-user-id"]
-[[variant]]
-name = "control"
-upstream = "http://127.0.0.1:18951"
-weight = 80
-[[variant]]
-name = "treatment"
-upstream = "http://127.0.0.1:18952"
-weight = 20
-EOF
-
+split_abproxy_conf 18950 >"$TMP/abproxy.toml"
 mkdir -p "$TMP/nginx"
-cat >"$TMP/nginx/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $TMP/nginx/nginx.pid;
-error_log $TMP/nginx/error.log warn;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    client_body_temp_path $TMP/nginx/body;
-    proxy_temp_path $TMP/nginx/proxy;
-    fastcgi_temp_path $TMP/nginx/fastcgi;
-    uwsgi_temp_path $TMP/nginx/uwsgi;
-    scgi_temp_path $TMP/nginx/scgi;
-    keepalive_requests 1000000;
-    upstream control { server 127.0.0.1:18951; keepalive 64; keepalive_requests 1000000; }
-    upstream treatment { server 127.0.0.1:18952; keepalive 64; keepalive_requests 1000000; }
-    split_clients "\${http_x_user_id}" \$variant { 80% control; * treatment; }
-    server {
-        listen 127.0.0.1:18950 backlog=1024;
-        location / {
-            proxy_pass http://\$variant;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
+split_nginx_conf 18950 "$TMP/nginx" >"$TMP/nginx/nginx.conf"
 
 start() {
     case $1 in

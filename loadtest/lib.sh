@@ -1,4 +1,4 @@
-# lib.sh: helpers shared by loadtest/compare.sh and loadtest/compare-tls.sh.
+# lib.sh: helpers shared by loadtest/compare.sh, compare-tls.sh, floor.sh and callgrind.sh.
 # shellcheck shell=bash
 #
 # Sourced, not run: `source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"` after `set -euo pipefail`.
@@ -28,6 +28,59 @@ nginx_tls() {
         ssl_ecdh_curve $GROUP;
         ssl_session_cache off;
         ssl_session_tickets off;
+EOF
+}
+
+# The 80/20 split on x-user-id of floor.sh and callgrind.sh, for a proxy listening on port $1
+# with the control and treatment backends on $1+1 and $1+2 (abproxy's admin port: $1+9).
+split_abproxy_conf() {
+    cat <<EOF
+[server]
+listen = "127.0.0.1:$1"
+admin = "127.0.0.1:$(($1 + 9))"
+[assignment]
+sources = ["header:x-user-id"]
+[[variant]]
+name = "control"
+upstream = "http://127.0.0.1:$(($1 + 1))"
+weight = 80
+[[variant]]
+name = "treatment"
+upstream = "http://127.0.0.1:$(($1 + 2))"
+weight = 20
+EOF
+}
+
+# The same split for nginx (one worker, `keepalive 64` as in compare.sh), its files in $2;
+# $3: more main-context directives (`master_process off;` to run under valgrind).
+split_nginx_conf() {
+    cat <<EOF
+worker_processes 1;
+daemon off;
+${3:-}
+pid $2/nginx.pid;
+error_log $2/error.log warn;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $2/body;
+    proxy_temp_path $2/proxy;
+    fastcgi_temp_path $2/fastcgi;
+    uwsgi_temp_path $2/uwsgi;
+    scgi_temp_path $2/scgi;
+    keepalive_requests 1000000;
+    upstream control { server 127.0.0.1:$(($1 + 1)); keepalive 64; keepalive_requests 1000000; }
+    upstream treatment { server 127.0.0.1:$(($1 + 2)); keepalive 64; keepalive_requests 1000000; }
+    split_clients "\${http_x_user_id}" \$variant { 80% control; * treatment; }
+    server {
+        listen 127.0.0.1:$1 backlog=1024;
+        location / {
+            proxy_pass http://\$variant;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
 EOF
 }
 
