@@ -154,11 +154,11 @@ impl Direct {
 /// Appends a gauge family whose series are read at scrape time, so that a series whose
 /// subject is gone (a certificate no longer served) goes with it: `# HELP`, `# TYPE` and a
 /// line a series. Nothing when there are none.
-pub fn render_gauges<'a>(
+pub fn render_gauges<'a, L: AsRef<[(&'static str, &'a str)]>>(
     out: &mut String,
     name: &str,
     help: &str,
-    series: impl IntoIterator<Item = (&'a [(&'static str, &'a str)], f64)>,
+    series: impl IntoIterator<Item = (L, f64)>,
 ) {
     let mut series = series.into_iter().peekable();
     if series.peek().is_none() {
@@ -167,7 +167,7 @@ pub fn render_gauges<'a>(
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} gauge");
     for (labels, value) in series {
-        line(out, name, "", &owned(labels), None, value);
+        line(out, name, "", &owned(labels.as_ref()), None, value);
     }
     out.push('\n');
 }
@@ -388,9 +388,9 @@ mod tests {
     #[test]
     fn scrape_time_gauges_render_with_their_help_and_none_renders_nothing() {
         let mut text = String::new();
-        render_gauges(&mut text, "abproxy_x_seconds", "A test.", []);
+        render_gauges::<[_; 0]>(&mut text, "abproxy_x_seconds", "A test.", []);
         assert_eq!(text, "");
-        let labels: &[(&'static str, &str)] = &[("server_name", "a.example"), ("cert", "/c\"")];
+        let labels = [("server_name", "a.example"), ("cert", "/c\"")];
         render_gauges(&mut text, "abproxy_x_seconds", "A test.", [(labels, 1.5)]);
         assert_eq!(
             text,

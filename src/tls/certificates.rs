@@ -367,27 +367,17 @@ pub struct CertificateStatus {
     pub sha256: String,
     /// When the leaf certificate expires (RFC 3339), if its DER could be read for it.
     pub not_after: Option<String>,
-    /// The same, in seconds since the epoch, for the expiry metric.
-    #[serde(skip)]
-    pub not_after_seconds: Option<u64>,
 }
 
 impl CertificateStatus {
     fn of(pair: &Pair, key: &CertifiedKey) -> CertificateStatus {
         let leaf = key.cert.first().map(|der| der.as_ref()).unwrap_or_default();
-        let not_after = super::expiry::not_after(leaf);
-        let not_after_seconds = not_after
-            .as_deref()
-            .and_then(|rfc3339| humantime::parse_rfc3339(rfc3339).ok())
-            .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|since| since.as_secs());
         CertificateStatus {
             server_name: pair.server_name.clone(),
             cert: pair.files.cert.display().to_string(),
             key: pair.files.key.display().to_string(),
             sha256: config::hex(&Sha256::digest(leaf)),
-            not_after,
-            not_after_seconds,
+            not_after: super::expiry::not_after(leaf),
         }
     }
 }

@@ -128,24 +128,27 @@ impl Terminator {
     /// serving now (`server_name` empty for the default one), read at scrape time so that a
     /// certificate a reload dropped leaves no series behind to alert on.
     pub fn render_expiry(&self, out: &mut String) {
-        let status = self.status();
-        let series: Vec<([(&'static str, &str); 2], f64)> = status
-            .certificates
-            .iter()
-            .filter_map(|certificate| {
-                let seconds = certificate.not_after_seconds?;
-                let server_name = certificate.server_name.as_deref().unwrap_or("");
-                Some((
-                    [("server_name", server_name), ("cert", &certificate.cert)],
-                    seconds as f64,
-                ))
-            })
-            .collect();
+        let state = self.state();
+        let series = state.status.certificates.iter().filter_map(|certificate| {
+            let not_after = humantime::parse_rfc3339(certificate.not_after.as_deref()?).ok()?;
+            let seconds = not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?
+                .as_secs();
+            let server_name = certificate.server_name.as_deref().unwrap_or("");
+            Some((
+                [
+                    ("server_name", server_name),
+                    ("cert", certificate.cert.as_str()),
+                ],
+                seconds as f64,
+            ))
+        });
         crate::metrics::render_gauges(
             out,
             "abproxy_tls_certificate_expiry_timestamp_seconds",
             "When each TLS certificate the listener serves expires (its notAfter), in seconds since the epoch; server_name is empty for the default certificate.",
-            series.iter().map(|(labels, seconds)| (&labels[..], *seconds)),
+            series,
         );
     }
 
