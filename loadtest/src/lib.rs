@@ -40,3 +40,32 @@ pub use report::{Checks, ExpectedSplit, Report};
 pub use request::IdSource;
 pub use stats::ErrorCounts;
 pub use tls::{TlsOptions, TlsVersion};
+
+use std::future::Future;
+use std::process::ExitCode;
+
+/// Runs `work` on one thread (tokio's current-thread runtime, as abproxy runs on one CPU), for
+/// the benchmark's own servers: `loadtest-backend` and `relay-floor`. A failure is printed
+/// after `program`'s name.
+pub fn run_on_one_thread<E: std::fmt::Display>(
+    program: &str,
+    work: impl Future<Output = Result<(), E>>,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{program}: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{program}: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

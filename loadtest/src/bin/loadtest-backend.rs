@@ -40,23 +40,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("loadtest-backend: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("loadtest-backend: {error}");
-            ExitCode::FAILURE
-        }
-    }
+    loadtest::run_on_one_thread("loadtest-backend", serve(args))
 }
 
 async fn serve(args: Args) -> std::io::Result<()> {

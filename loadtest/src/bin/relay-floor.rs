@@ -36,27 +36,13 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("relay-floor: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("relay-floor: {error}");
-            ExitCode::FAILURE
-        }
-    }
+    loadtest::run_on_one_thread("relay-floor", serve(args))
 }
 
 async fn serve(args: Args) -> io::Result<()> {
-    let listener = TcpListener::bind(args.listen).await?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", args.listen)))?;
     loop {
         let (client, _) = listener.accept().await?;
         tokio::spawn(async move {
