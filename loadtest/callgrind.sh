@@ -25,10 +25,10 @@ REQUESTS=20000
 BIN=target/release
 LT=$BIN/loadtest
 for tool in valgrind callgrind_control objdump python3 curl; do
-    command -v "$tool" >/dev/null || { echo "callgrind.sh: $tool is missing" >&2; exit 1; }
+    have "$tool" || die "$tool is missing"
 done
 for tool in "$BIN/abproxy" "$LT" "$BIN/loadtest-backend" "$BIN/relay-floor"; do
-    [[ -x $tool ]] || { echo "callgrind.sh: $tool is missing (cargo build --release --workspace)" >&2; exit 1; }
+    [[ -x $tool ]] || die "$tool is missing (cargo build --release --workspace)"
 done
 
 TMP=$(mktemp -d)
@@ -36,10 +36,9 @@ PIDS=()
 cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$TMP"; }
 trap cleanup EXIT
 
-"$BIN/loadtest-backend" --listen 127.0.0.1:18961 --name control >/dev/null 2>&1 &
-PIDS+=($!)
-"$BIN/loadtest-backend" --listen 127.0.0.1:18962 --name treatment >/dev/null 2>&1 &
-PIDS+=($!)
+BACKEND=$BIN/loadtest-backend
+start_backend control 18961
+start_backend treatment 18962
 
 case $PROXY in
     abproxy)
@@ -55,10 +54,7 @@ case $PROXY in
     relay)
         COMMAND=("$BIN/relay-floor" --listen 127.0.0.1:18960 --upstream 127.0.0.1:18961)
         ;;
-    *)
-        echo "usage: callgrind.sh abproxy|nginx|relay" >&2
-        exit 2
-        ;;
+    *) die "usage: callgrind.sh abproxy|nginx|relay" ;;
 esac
 
 valgrind --tool=callgrind --instr-atstart=no --dump-instr=yes \
@@ -74,9 +70,8 @@ for _ in $(seq 120); do
     sleep 0.5
 done
 if ((!answering)); then
-    echo "callgrind.sh: $PROXY did not answer under valgrind; its output:" >&2
     cat "$TMP/proxy.log" >&2
-    exit 1
+    die "$PROXY did not answer under valgrind (its output above)"
 fi
 
 load() {
@@ -89,8 +84,7 @@ load "$REQUESTS"
 ANSWERS=$(sed -n 's/^ *"answers": \([0-9]*\),$/\1/p' "$TMP/load.json")
 ERRORS=$(sed -n 's/^ *"errors_total": \([0-9]*\),$/\1/p' "$TMP/load.json")
 if [[ -z $ANSWERS || $ANSWERS -eq 0 || ${ERRORS:-1} -ne 0 ]]; then
-    echo "callgrind.sh: the measured run had ${ERRORS:-?} errors in ${ANSWERS:-?} answers" >&2
-    exit 1
+    die "the measured run had ${ERRORS:-?} errors in ${ANSWERS:-?} answers"
 fi
 callgrind_control -i off "$VALGRIND" >/dev/null
 callgrind_control -d "$VALGRIND" >/dev/null

@@ -23,18 +23,23 @@ BIN=target/release
 LT=$BIN/loadtest
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 for tool in "$BIN/abproxy" "$LT" "$BIN/loadtest-backend" "$BIN/relay-floor" "$NGINX"; do
-    [[ -x $tool ]] || { echo "floor.sh: $tool is missing" >&2; exit 1; }
+    [[ -x $tool ]] || die "$tool is missing (cargo build --release --workspace)"
 done
 
 TMP=$(mktemp -d)
 PIDS=()
-cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$TMP"; }
+# A failed run keeps its logs.
+cleanup() {
+    local status=$?
+    kill "${PIDS[@]}" 2>/dev/null || true
+    wait 2>/dev/null || true
+    if ((status == 0)); then rm -rf "$TMP"; else log "logs kept in $TMP"; fi
+}
 trap cleanup EXIT
 
-taskset -c 1 "$BIN/loadtest-backend" --listen 127.0.0.1:18951 --name control >/dev/null 2>&1 &
-PIDS+=($!)
-taskset -c 1 "$BIN/loadtest-backend" --listen 127.0.0.1:18952 --name treatment >/dev/null 2>&1 &
-PIDS+=($!)
+BACKEND=$BIN/loadtest-backend
+start_backend control 18951
+start_backend treatment 18952
 
 split_abproxy_conf 18950 >"$TMP/abproxy.toml"
 mkdir -p "$TMP/nginx"
@@ -43,31 +48,27 @@ split_nginx_conf 18950 "$TMP/nginx" >"$TMP/nginx/nginx.conf"
 start() {
     case $1 in
         nginx) taskset -c 0 "$NGINX" -e "$TMP/nginx/error.log" -c "$TMP/nginx/nginx.conf" \
-            >/dev/null 2>&1 & ;;
+            >"$TMP/$1.log" 2>&1 & ;;
         abproxy) RUST_LOG=warn taskset -c 0 "$BIN/abproxy" run --config "$TMP/abproxy.toml" \
-            >/dev/null 2>&1 & ;;
+            >"$TMP/$1.log" 2>&1 & ;;
         relay) taskset -c 0 "$BIN/relay-floor" --listen 127.0.0.1:18950 \
-            --upstream 127.0.0.1:18951 >/dev/null 2>&1 & ;;
+            --upstream 127.0.0.1:18951 >"$TMP/$1.log" 2>&1 & ;;
     esac
     PROXY=$!
     PIDS+=("$PROXY")
-    for _ in $(seq 50); do
-        curl -fs -o /dev/null -H 'x-user-id: probe' http://127.0.0.1:18950/ && return
-        sleep 0.1
-    done
-    echo "floor.sh: $1 did not answer" >&2
-    exit 1
+    wait_ready http://127.0.0.1:18950/ "$PROXY" "$1"
 }
 
 stop() {
     kill "$PROXY" 2>/dev/null || true
-    wait "$PROXY" 2>/dev/null || true
+    stop_wait "$PROXY" 5
+    forget_pid "$PROXY"
 }
 
 # "ns user_ticks total_ticks" of the proxy's processes (nginx: master and worker).
 cpu() {
     local pids
-    pids="$PROXY $(pgrep -P "$PROXY" | tr '\n' ' ')"
+    pids="$PROXY $(children_of "$PROXY" | tr '\n' ' ')"
     local ns=0 user=0 total=0 pid
     for pid in $pids; do
         ns=$((ns + $(awk '{ s += $1 } END { printf "%.0f", s }' /proc/"$pid"/task/*/schedstat)))

@@ -129,23 +129,21 @@ fn message_length(buffer: &[u8], kind: Kind) -> io::Result<Option<usize>> {
         Err(error) => return Err(io::Error::new(io::ErrorKind::InvalidData, error)),
     };
     let invalid = |why: &'static str| io::Error::new(io::ErrorKind::InvalidData, why);
-    if fields
-        .iter()
-        .any(|field| field.name.eq_ignore_ascii_case("transfer-encoding"))
-    {
-        return Err(invalid("Transfer-Encoding is not relayed"));
-    }
-    let body = fields
-        .iter()
-        .find(|field| field.name.eq_ignore_ascii_case("content-length"))
-        .map(|field| {
-            std::str::from_utf8(field.value)
+    // One pass over the parsed fields (the filled front of the array).
+    let mut body = None;
+    for field in fields.iter().take_while(|field| !field.name.is_empty()) {
+        if field.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(invalid("Transfer-Encoding is not relayed"));
+        }
+        if body.is_none() && field.name.eq_ignore_ascii_case("content-length") {
+            let length = std::str::from_utf8(field.value)
                 .ok()
                 .and_then(|value| value.trim().parse::<usize>().ok())
                 .filter(|&length| length <= MAX_BODY)
-                .ok_or_else(|| invalid("Content-Length unreadable or over 64 MiB"))
-        })
-        .transpose()?
-        .unwrap_or(0);
+                .ok_or_else(|| invalid("Content-Length unreadable or over 64 MiB"))?;
+            body = Some(length);
+        }
+    }
+    let body = body.unwrap_or(0);
     Ok(Some(head + body))
 }
