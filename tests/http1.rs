@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use support::backend::{answering, FIELDS_AS_SENT};
 use support::{variants, Backend, Proxy};
 
 /// A client connection that writes bytes as given and reads answers one by one.
@@ -19,6 +20,8 @@ struct Wire {
 
 /// An answer as it came over the wire.
 struct Answer {
+    /// The head as it came, start line to blank line.
+    head: String,
     version: u8,
     status: u16,
     headers: Vec<(String, String)>,
@@ -69,8 +72,8 @@ impl Wire {
         let (length, mut answer) = loop {
             let mut fields = [httparse::EMPTY_HEADER; 32];
             let mut parsed = httparse::Response::new(&mut fields);
-            if let httparse::Status::Complete(length) = parsed.parse(&self.read).expect("an answer")
-            {
+            let read = self.read.clone();
+            if let httparse::Status::Complete(length) = parsed.parse(&read).expect("an answer") {
                 let headers = parsed
                     .headers
                     .iter()
@@ -80,6 +83,7 @@ impl Wire {
                     })
                     .collect();
                 let answer = Answer {
+                    head: String::from_utf8_lossy(&self.read[..length]).into_owned(),
                     version: parsed.version.expect("version"),
                     status: parsed.code.expect("status"),
                     headers,
@@ -371,30 +375,66 @@ async fn an_idle_keep_alive_connection_closes_at_the_header_timeout() {
     );
 }
 
-/// An upstream that answers every request on a connection with `reply`.
-async fn answering(reply: &'static [u8]) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0; 4096];
-                while let Ok(read @ 1..) = stream.read(&mut buf).await {
-                    seen.extend_from_slice(&buf[..read]);
-                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        seen.drain(..end + 4);
-                        if stream.write_all(reply).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    url
+fn values<'a>(answer: &'a Answer, name: &str) -> Vec<&'a str> {
+    answer
+        .headers
+        .iter()
+        .filter(|(field, _)| field == name)
+        .map(|(_, value)| value.as_str())
+        .collect()
+}
+
+/// What must reach the client of an answer sent as `FIELDS_AS_SENT`, whichever server writes it.
+fn assert_end_to_end_fields_only(answer: &Answer) {
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("content-type"), Some("application/json"));
+    assert_eq!(answer.header("x-model-version"), Some("v7"));
+    assert_eq!(values(answer, "set-cookie"), ["a=1", "b=2"]);
+    assert_eq!(values(answer, "date"), ["Tue, 01 Dec 2026 06:00:00 GMT"]);
+    assert_eq!(answer.header("x-variant"), Some("control"));
+    for hop in ["keep-alive", "proxy-connection", "upgrade"] {
+        assert_eq!(answer.header(hop), None, "{hop} reached the client");
+    }
+    assert_eq!(answer.body, b"{}");
+}
+
+/// Most answers' fields go to the client as they came, without a header map between:
+/// names in their own case, repeated fields in order, and the hop-by-hop ones dropped.
+#[tokio::test]
+async fn an_answers_fields_reach_the_client_as_they_came_less_the_hop_by_hop_ones() {
+    let upstream = answering(FIELDS_AS_SENT).await;
+    let proxy = Proxy::start(&format!(
+        "[[variant]]\nname = \"control\"\nupstream = \"{upstream}\"\nweight = 100\n"
+    ))
+    .await;
+    let mut wire = Wire::to(&proxy).await;
+    for _ in 0..2 {
+        wire.send(get("/", "a").as_bytes()).await;
+        let answer = wire.answer(false).await;
+        assert_end_to_end_fields_only(&answer);
+        assert!(
+            answer.head.contains("\r\nX-Model-Version:"),
+            "{}",
+            answer.head
+        );
+        assert_eq!(answer.header("connection"), None);
+    }
+}
+
+/// hyper's server writes only a response's map: an answer it serves (here to HTTP/1.0)
+/// carries the fields all the same.
+#[tokio::test]
+async fn an_answer_served_by_hyper_carries_the_fields_that_came_with_it() {
+    let upstream = answering(FIELDS_AS_SENT).await;
+    let proxy = Proxy::start(&format!(
+        "[[variant]]\nname = \"control\"\nupstream = \"{upstream}\"\nweight = 100\n"
+    ))
+    .await;
+    let mut wire = Wire::to(&proxy).await;
+    wire.send(b"GET / HTTP/1.0\r\nx-user-id: a\r\n\r\n").await;
+    let answer = wire.answer(false).await;
+    assert_eq!(answer.version, 0, "served by hyper");
+    assert_end_to_end_fields_only(&answer);
 }
 
 /// An answer of unknown length is chunked; its declared trailers reach a client that said

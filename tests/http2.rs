@@ -8,7 +8,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Version};
 use http_body_util::channel::Channel;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::backend::{answering, FIELDS_AS_SENT};
+use support::client::h2c_client;
 use support::stream::{Mode, StreamServer};
 use support::{Backend, Proxy};
 
@@ -17,24 +18,6 @@ fn h2c_variant(name: &str, server: &StreamServer, keys: &str) -> String {
         "[[variant]]\nname = \"{name}\"\nupstream = \"{}\"\nweight = 100\nprotocol = \"h2c\"\n{keys}\n",
         server.url()
     )
-}
-
-/// An h2c (prior knowledge) connection to the proxy, as gRPC clients open.
-async fn h2c_client<B>(proxy: &Proxy) -> hyper::client::conn::http2::SendRequest<B>
-where
-    B: hyper::body::Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let stream = tokio::net::TcpStream::connect(proxy.addr)
-        .await
-        .expect("connect");
-    let (sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2c handshake");
-    tokio::spawn(connection);
-    sender
 }
 
 /// One GET for each user, all sent before any answer is awaited.
@@ -423,4 +406,39 @@ async fn an_h2c_upload_of_unknown_length_reaches_an_http1_upstream_whole() {
     assert_eq!(response.status(), 200);
     response.into_body().collect().await.expect("body");
     assert_eq!(control.received()[0].body, r#"{"x":1}"#);
+}
+
+/// hyper's h2 server writes only a response's map: the fields an HTTP/1.1 upstream's answer
+/// came with reach an h2c client all the same, and those for one hop (which h2 forbids) do not.
+#[tokio::test]
+async fn an_http1_upstreams_answer_reaches_an_h2c_client_with_its_fields() {
+    let upstream = answering(FIELDS_AS_SENT).await;
+    let proxy = Proxy::start(&format!(
+        "[[variant]]\nname = \"control\"\nupstream = \"{upstream}\"\nweight = 100\n"
+    ))
+    .await;
+    let mut client = h2c_client::<Full<Bytes>>(&proxy).await;
+    let request = Request::get(format!("http://{}/predict", proxy.addr))
+        .version(Version::HTTP_2)
+        .header("x-user-id", "alice")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = client.send_request(request).await.expect("answer");
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(headers["x-model-version"], "v7");
+    let cookies: Vec<_> = headers.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+    assert_eq!(headers["x-variant"], "control");
+    for hop in ["keep-alive", "proxy-connection", "upgrade", "connection"] {
+        assert!(!headers.contains_key(hop), "{hop} reached the client");
+    }
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(body, "{}");
 }

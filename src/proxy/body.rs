@@ -6,6 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use tokio::sync::watch;
@@ -13,6 +14,7 @@ use tokio::sync::watch;
 use super::tally::Ending;
 use crate::prediction::{Inspection, Predictions};
 use crate::upstream::{self, Lease, PauseTimer, UpstreamErrorKind};
+use crate::wire::Fields;
 use std::sync::Arc;
 
 pin_project_lite::pin_project! {
@@ -58,6 +60,15 @@ impl ResponseBody {
     /// abproxy's own answers or an empty body.
     pub fn streams(&self) -> bool {
         matches!(self, ResponseBody::Upstream { body, .. } if !body.is_end_stream())
+    }
+
+    /// The upstream answer's fields, when they pass through as they came rather than in the
+    /// response's map: abproxy's HTTP/1.1 server writes them from here.
+    pub(crate) fn fields(&self) -> Option<&Fields> {
+        match self {
+            ResponseBody::Upstream { body, .. } => body.fields(),
+            ResponseBody::Full { .. } => None,
+        }
     }
 
     /// Counts the request with `ending` when the body ends.
@@ -119,6 +130,22 @@ impl ResponseBody {
             }
             other => (other, None),
         }
+    }
+}
+
+/// Moves the fields an upstream answer carries as they came into its map, less the
+/// hop-by-hop ones (as `client_response` leaves the map): for a writer that reads only the
+/// map (hyper's server, for h2 clients and the HTTP/1.1 connections it serves) or a reader
+/// of a field (a gRPC status).
+pub(crate) fn fields_into_map(response: &mut Response<ResponseBody>) {
+    let fields = match response.body_mut() {
+        ResponseBody::Upstream { body, .. } => body.take_fields(),
+        ResponseBody::Full { .. } => None,
+    };
+    if let Some(fields) = fields {
+        let headers = response.headers_mut();
+        fields.append_to(headers);
+        super::forward::client_response_headers(headers);
     }
 }
 

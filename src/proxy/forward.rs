@@ -10,7 +10,7 @@ use http::request::Parts;
 use http::{Request, Version};
 
 use crate::upstream::{Upstream, UpstreamBody};
-use crate::wire::names_listed_in;
+use crate::wire::{self, names_listed_in};
 
 static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
@@ -158,19 +158,9 @@ pub fn client_response_headers(headers: &mut HeaderMap) {
     remove_hop_by_hop(headers);
 }
 
-/// One of `HOP_BY_HOP`: a match on the name's text is a length switch and one comparison,
-/// where comparing with each of the seven names is seven.
+/// One of `HOP_BY_HOP`.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authenticate"
-    )
+    wire::is_hop_by_hop(name.as_str().as_bytes())
 }
 
 fn remove_hop_by_hop(headers: &mut HeaderMap) {

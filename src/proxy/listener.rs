@@ -380,7 +380,12 @@ impl Connection {
                 asked.store(true, std::sync::atomic::Ordering::Relaxed);
                 let (proxy, peer) = (proxy.clone(), peer.clone());
                 let request = request.map(ClientBody::Streaming);
-                async move { Ok::<_, Infallible>(proxy.handle(request, &peer).await) }
+                async move {
+                    let mut response = proxy.handle(request, &peer).await;
+                    // hyper writes the map alone.
+                    super::body::fields_into_map(&mut response);
+                    Ok::<_, Infallible>(response)
+                }
             })
         };
         let served = match protocol {

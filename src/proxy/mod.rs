@@ -230,6 +230,10 @@ fn answered(
         config.server.variant_header.clone(),
         route.header_value.clone(),
     );
+    if tally.is_grpc() {
+        // Its status may be a field of the head.
+        body::fields_into_map(&mut response);
+    }
     let streams = response.body().streams();
     if let Some(ending) = tally.head(response.status(), response.headers(), streams) {
         response.body_mut().count_at_end(ending);

@@ -42,6 +42,7 @@ pub use upload::{Upload, UploadError, UploadProgress};
 
 use crate::config::{self, Protocol};
 use crate::detach;
+use crate::wire::Fields;
 use connect::dial;
 use multiplex::{Multiplexed, Returnable};
 
@@ -189,6 +190,9 @@ impl Upstream {
     /// Only the rare waits (for a connection's place, a new connection, an HTTP/2 stream)
     /// arm a timer of their own; on a pooled HTTP/1.1 connection the deadline is watched by
     /// the connection's `Alarm`.
+    ///
+    /// Most HTTP/1.1 answers keep their fields as they came, in the body (`Body::fields`),
+    /// and leave the response's map empty.
     pub async fn send(
         &self,
         mut request: Request<UpstreamBody>,
@@ -437,6 +441,22 @@ impl Body {
 
     fn hyper(body: Incoming) -> Body {
         Body(Inner::Hyper(body))
+    }
+
+    /// An HTTP/1.1 answer's fields when they pass through as they came: its response's map
+    /// then holds none of them. (Most answers' do; `take_fields` moves them into the map.)
+    pub(crate) fn fields(&self) -> Option<&Fields> {
+        match &self.0 {
+            Inner::Http1(body) => body.fields(),
+            Inner::Hyper(_) => None,
+        }
+    }
+
+    pub(crate) fn take_fields(&mut self) -> Option<Fields> {
+        match &mut self.0 {
+            Inner::Http1(body) => body.take_fields(),
+            Inner::Hyper(_) => None,
+        }
     }
 }
 

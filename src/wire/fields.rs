@@ -29,6 +29,58 @@ pub(crate) enum InvalidField {
     Value(HeaderName),
 }
 
+/// An answer's fields as its upstream sent them: its head, split off the read buffer after
+/// the parser accepted it, and where each field lies. An answer passed through is written
+/// out from these, where a map would cost a name parse, a hashed insert and a reference
+/// count a field.
+#[derive(Debug)]
+pub(crate) struct Fields {
+    head: Bytes,
+    spans: Box<[Span]>,
+}
+
+/// One field of a head as it came.
+pub(crate) struct Field<'a> {
+    /// In the case it came in.
+    pub name: &'a [u8],
+    pub value: &'a [u8],
+    /// Name to value, with the whitespace between them as sent: copied whole when the field
+    /// is passed on.
+    pub line: &'a [u8],
+}
+
+impl Fields {
+    /// `spans`: where the fields of `head` lie.
+    pub(crate) fn new(head: Bytes, spans: Box<[Span]>) -> Fields {
+        Fields { head, spans }
+    }
+
+    /// The fields in order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = Field<'_>> + '_ {
+        self.spans.iter().map(|span| Field {
+            name: &self.head[range(span.name)],
+            value: &self.head[range(span.value)],
+            line: &self.head[range((span.name.0, span.value.1))],
+        })
+    }
+
+    /// The fields appended to `headers`, for a writer that takes a map: values share the
+    /// head's bytes.
+    pub(crate) fn append_to(self, headers: &mut HeaderMap) {
+        for Field { name, value, .. } in self.iter() {
+            // The parser checks names and values as `http` does: neither fails here.
+            let (Ok(name), Ok(value)) = (
+                field_name(name),
+                HeaderValue::from_maybe_shared(self.head.slice_ref(value)),
+            ) else {
+                tracing::debug!(field = %String::from_utf8_lossy(name), "answer field dropped: not a valid header");
+                continue;
+            };
+            headers.append(name, value);
+        }
+    }
+}
+
 /// Where `part`, a slice of `whole`, lies in it.
 pub(crate) fn within(whole: &[u8], part: &[u8]) -> (u32, u32) {
     let start = part.as_ptr() as usize - whole.as_ptr() as usize;
@@ -43,12 +95,19 @@ pub(crate) fn locate<'s>(
     spans: &'s mut [Span],
 ) -> &'s [Span] {
     for (span, field) in spans.iter_mut().zip(fields) {
-        *span = Span {
-            name: within(buffer, field.name.as_bytes()),
-            value: within(buffer, field.value),
-        };
+        *span = Span::of(buffer, field);
     }
     &spans[..fields.len().min(spans.len())]
+}
+
+impl Span {
+    /// Where `field`, parsed from `buffer`, lies in it.
+    pub(crate) fn of(buffer: &[u8], field: &httparse::Header<'_>) -> Span {
+        Span {
+            name: within(buffer, field.name.as_bytes()),
+            value: within(buffer, field.value),
+        }
+    }
 }
 
 /// Appends the fields at `spans` of `bytes` (the buffer they were parsed from, split off
@@ -58,7 +117,6 @@ pub(crate) fn fill(
     bytes: &Bytes,
     spans: &[Span],
 ) -> Result<(), InvalidField> {
-    let range = |(start, end): (u32, u32)| start as usize..end as usize;
     for span in spans {
         let name = field_name(&bytes[range(span.name)]).map_err(|_| InvalidField::Name)?;
         let Ok(value) = HeaderValue::from_maybe_shared(bytes.slice(range(span.value))) else {
@@ -67,6 +125,10 @@ pub(crate) fn fill(
         headers.append(name, value);
     }
     Ok(())
+}
+
+fn range((start, end): (u32, u32)) -> std::ops::Range<usize> {
+    start as usize..end as usize
 }
 
 /// A field's name. `http` knows the standard names; any other it copies into an allocation

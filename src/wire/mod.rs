@@ -11,11 +11,11 @@ use std::task::{ready, Context, Poll};
 
 use bytes::BytesMut;
 use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue};
+use http::HeaderMap;
 use tokio::io::AsyncRead;
 
 pub(crate) use date::Date;
-pub(crate) use fields::{fill, locate, within, InvalidField, Span};
+pub(crate) use fields::{fill, locate, within, Fields, InvalidField, Span};
 pub(crate) use outgoing::{Encoding, Outgoing, WriteFailure};
 
 /// The field names that the lines of `field` (`Trailer`, `Connection`) list, comma-separated.
@@ -34,6 +34,22 @@ pub(crate) fn is_named(name: &[u8], known: &HeaderName) -> bool {
     name.eq_ignore_ascii_case(known.as_str().as_bytes())
 }
 
+/// Whether a field, named as it came (any case), is for one hop only, never passed on:
+/// `Connection` and what RFC 9110 §7.6.1 has it name in practice, with `Proxy-Authenticate`.
+pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
+    // A length switch and one comparison, where trying each of the seven names is seven.
+    let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+    match name.len() {
+        2 => is("te"),
+        7 => is("upgrade"),
+        10 => is("connection") || is("keep-alive"),
+        16 => is("proxy-connection"),
+        17 => is("transfer-encoding"),
+        18 => is("proxy-authenticate"),
+        _ => false,
+    }
+}
+
 /// Whether a comma-separated field value (`Connection`, `TE`, `Upgrade`) lists `token`.
 pub(crate) fn lists(value: &[u8], token: &[u8]) -> bool {
     value
@@ -44,10 +60,13 @@ pub(crate) fn lists(value: &[u8], token: &[u8]) -> bool {
 /// A `Content-Length` value: digits only (RFC 9110 §8.6), where `parse` would take a sign.
 pub(crate) fn content_length(value: &[u8]) -> Option<u64> {
     let digits = value.trim_ascii();
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+    if digits.is_empty() {
         return None;
     }
-    std::str::from_utf8(digits).ok()?.parse().ok()
+    digits.iter().try_fold(0u64, |length, &byte| {
+        let digit = char::from(byte).to_digit(10)?;
+        length.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 /// Reads what the peer sent into `buffer`; 0 once it has closed. Room for `size` bytes is
@@ -71,10 +90,10 @@ pub(crate) fn poll_fill<R: AsyncRead + Unpin>(
     Poll::Ready(Ok(read))
 }
 
-pub(crate) fn header_line(buffer: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    buffer.extend_from_slice(name.as_str().as_bytes());
+pub(crate) fn header_line(buffer: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    buffer.extend_from_slice(name);
     buffer.extend_from_slice(b": ");
-    buffer.extend_from_slice(value.as_bytes());
+    buffer.extend_from_slice(value);
     buffer.extend_from_slice(b"\r\n");
 }
 

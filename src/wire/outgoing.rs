@@ -262,7 +262,11 @@ impl Framer {
         };
         for (name, value) in trailers {
             if declared.contains(name) && may_trail(name) {
-                header_line(&mut self.framing, name, value);
+                header_line(
+                    &mut self.framing,
+                    name.as_str().as_bytes(),
+                    value.as_bytes(),
+                );
             }
         }
     }

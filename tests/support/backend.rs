@@ -346,3 +346,35 @@ async fn answer(
         .body(Full::new(Bytes::from(body)))
         .expect("valid response")
 }
+
+/// A model server's answer head, in its own case and order, with fields for one hop only.
+pub const FIELDS_AS_SENT: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+    X-Model-Version:  v7\r\nSet-Cookie: a=1\r\nKeep-Alive: timeout=5\r\nSet-Cookie: b=2\r\n\
+    Proxy-Connection: keep-alive\r\nUpgrade: h2c\r\nConnection: keep-alive\r\n\
+    Content-Length: 2\r\nDate: Tue, 01 Dec 2026 06:00:00 GMT\r\n\r\n{}";
+
+/// An upstream that answers every request on a connection with `reply`, bytes as given: for
+/// answers a hyper server would not write.
+pub async fn answering(reply: &'static [u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0; 4096];
+                while let Ok(read @ 1..) = stream.read(&mut buf).await {
+                    seen.extend_from_slice(&buf[..read]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        if stream.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    url
+}

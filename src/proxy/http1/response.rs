@@ -8,7 +8,9 @@ use http::StatusCode;
 use http_body::Body as _;
 
 use crate::proxy::ResponseBody;
-use crate::wire::{content_length, header_line, lists, names_listed_in, Date, Encoding};
+use crate::wire::{
+    content_length, header_line, is_hop_by_hop, is_named, lists, names_listed_in, Date, Encoding,
+};
 
 /// What the request said that shapes its answer.
 pub(super) struct Asked {
@@ -28,6 +30,8 @@ pub(super) struct Framed {
 
 /// Encodes `parts` into `buffer` (cleared first), with the framing its body needs: the
 /// answer's own `content-length` if it has one, else the body's exact length, else chunked.
+/// An upstream answer's fields that pass through as they came are written first, less the
+/// hop-by-hop ones, then the map's.
 pub(super) fn encode(
     parts: &Parts,
     body: &ResponseBody,
@@ -44,35 +48,38 @@ pub(super) fn encode(
         || status == StatusCode::NOT_MODIFIED);
     let bodiless = asked.head || !may_have_length;
     let ended = body.is_end_stream();
-    let mut keep_alive = asked.keep_alive;
-    let mut length = None;
-    let mut dated = false;
-    let mut says_close = false;
-    for (name, value) in &parts.headers {
-        match *name {
-            header::CONTENT_LENGTH => {
-                // Said once, of a body there is (or, to HEAD, of one there would be).
-                match content_length(value.as_bytes()) {
-                    Some(stated)
-                        if length.is_none() && may_have_length && (asked.head || !ended) =>
-                    {
-                        length = Some(stated);
-                    }
-                    _ => continue,
-                }
+    let mut lines = Lines {
+        buffer,
+        // Said once, of a body there is (or, to HEAD, of one there would be).
+        length_wanted: may_have_length && (asked.head || !ended),
+        bodiless,
+        length: None,
+        keep_alive: asked.keep_alive,
+        says_close: false,
+        dated: false,
+    };
+    if let Some(fields) = body.fields() {
+        for field in fields.iter() {
+            if !is_hop_by_hop(field.name) && lines.passes(field.name, field.value) {
+                lines.buffer.extend_from_slice(field.line);
+                lines.buffer.extend_from_slice(b"\r\n");
             }
-            // Framing is abproxy's to choose.
-            header::TRANSFER_ENCODING => continue,
-            header::TRAILER if bodiless => continue,
-            header::CONNECTION if lists(value.as_bytes(), b"close") => {
-                keep_alive = false;
-                says_close = true;
-            }
-            header::DATE => dated = true,
-            _ => {}
         }
-        header_line(buffer, name, value);
     }
+    for (name, value) in &parts.headers {
+        let (name, value) = (name.as_str().as_bytes(), value.as_bytes());
+        if lines.passes(name, value) {
+            header_line(lines.buffer, name, value);
+        }
+    }
+    let Lines {
+        buffer,
+        length,
+        keep_alive,
+        says_close,
+        dated,
+        ..
+    } = lines;
     if !keep_alive && !says_close {
         buffer.extend_from_slice(b"connection: close\r\n");
     }
@@ -110,6 +117,42 @@ pub(super) fn encode(
     Framed {
         encoding,
         keep_alive,
+    }
+}
+
+/// The field lines of a head being written, and what they said of its framing.
+struct Lines<'a> {
+    buffer: &'a mut Vec<u8>,
+    length_wanted: bool,
+    bodiless: bool,
+    length: Option<u64>,
+    keep_alive: bool,
+    says_close: bool,
+    dated: bool,
+}
+
+impl Lines<'_> {
+    /// Notes what a field (named in any case) says; false if it is not to be written, as
+    /// framing is abproxy's to say.
+    fn passes(&mut self, name: &[u8], value: &[u8]) -> bool {
+        if is_named(name, &header::CONTENT_LENGTH) {
+            match content_length(value) {
+                Some(stated) if self.length.is_none() && self.length_wanted => {
+                    self.length = Some(stated);
+                }
+                _ => return false,
+            }
+        } else if is_named(name, &header::TRANSFER_ENCODING)
+            || (self.bodiless && is_named(name, &header::TRAILER))
+        {
+            return false;
+        } else if is_named(name, &header::CONNECTION) && lists(value, b"close") {
+            self.keep_alive = false;
+            self.says_close = true;
+        } else if is_named(name, &header::DATE) {
+            self.dated = true;
+        }
+        true
     }
 }
 

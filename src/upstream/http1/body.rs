@@ -11,6 +11,7 @@ use super::request::{Outgoing, WriteFailure};
 use super::response::{Framing, Piece};
 use super::{Connection, Pool};
 use crate::upstream::{BodyError, SendError, UpstreamError, UpstreamErrorKind};
+use crate::wire::Fields;
 
 /// Dropped before its end, it closes the connection: the rest of the body is still on it.
 pub struct Body {
@@ -20,11 +21,14 @@ pub struct Body {
     /// The rest of a request the upstream began to answer before it was all written.
     sending: Option<Box<Outgoing>>,
     pool: Arc<Pool>,
+    /// The answer's fields, when they pass through as they came rather than in its map.
+    fields: Option<Fields>,
 }
 
 impl Body {
     pub(super) fn new(
         connection: Box<Connection>,
+        fields: Option<Fields>,
         framing: Framing,
         keep_alive: bool,
         sending: Option<Box<Outgoing>>,
@@ -36,9 +40,18 @@ impl Body {
             keep_alive,
             sending,
             pool: pool.clone(),
+            fields,
         };
         body.finish_if_done();
         body
+    }
+
+    pub(crate) fn fields(&self) -> Option<&Fields> {
+        self.fields.as_ref()
+    }
+
+    pub(crate) fn take_fields(&mut self) -> Option<Fields> {
+        self.fields.take()
     }
 
     /// Once the body is read, the connection serves the next request if it can: not if

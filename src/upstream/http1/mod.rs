@@ -303,7 +303,14 @@ impl Future for Exchange<'_> {
         } else {
             Some(Box::new(outgoing))
         };
-        let body = Body::new(connection, head.framing, keep_alive, rest, this.pool);
+        let body = Body::new(
+            connection,
+            head.fields,
+            head.framing,
+            keep_alive,
+            rest,
+            this.pool,
+        );
         Poll::Ready(Ok(head.response.map(|()| body)))
     }
 }
@@ -520,6 +527,15 @@ mod tests {
         }
     }
 
+    /// The answer's fields, passed through or in its map.
+    fn fields(response: &mut Response<Body>) -> HeaderMap {
+        let mut headers = response.headers().clone();
+        if let Some(fields) = response.body_mut().take_fields() {
+            fields.append_to(&mut headers);
+        }
+        headers
+    }
+
     fn get(path: &str) -> Request<UpstreamBody> {
         Request::get(path)
             .header("host", "model")
@@ -661,12 +677,11 @@ mod tests {
             ),
         ])
         .await;
-        let names = |response: &Response<Body>| {
-            let names = response
-                .headers()
-                .keys()
-                .map(|name| name.as_str().to_owned());
-            names.collect::<Vec<_>>()
+        let names = |response: &mut Response<Body>| {
+            let names = fields(response).into_iter().flat_map(|(name, _)| name);
+            names
+                .map(|name| name.as_str().to_owned())
+                .collect::<Vec<_>>()
         };
         let with_user = || {
             let mut request = get("/");
@@ -675,15 +690,15 @@ mod tests {
             request
         };
         // Written whole before the answer: its map holds the answer.
-        let (response, pool) = first_answer(&upstream, with_user()).await;
-        assert_eq!(names(&response), ["content-length"]);
+        let (mut response, pool) = first_answer(&upstream, with_user()).await;
+        assert_eq!(names(&mut response), ["content-length"]);
         read(response.into_body()).await.expect("body");
 
         // Kept until the answer on a reused connection (it might be sent again), then kept
         // for the next answer.
         let connection = pooled(&pool).await.expect("kept");
-        let response = send(connection, with_user(), &pool).await;
-        assert_eq!(names(&response), ["x-answer", "content-length"]);
+        let mut response = send(connection, with_user(), &pool).await;
+        assert_eq!(names(&mut response), ["x-answer", "content-length"]);
         read(response.into_body()).await.expect("body");
         let connection = pooled(&pool).await.expect("kept");
         assert!(connection.spare.is_some(), "the sent request's map is kept");
@@ -766,8 +781,8 @@ mod tests {
         let pool = Arc::new(Pool::default());
         let mut head = get("/");
         *head.method_mut() = http::Method::HEAD;
-        let response = send(upstream.connect().await, head, &pool).await;
-        assert_eq!(response.headers()["content-length"], "1000");
+        let mut response = send(upstream.connect().await, head, &pool).await;
+        assert_eq!(fields(&mut response)["content-length"], "1000");
         assert!(response.body().is_end_stream());
         drop(response);
         let connection = pooled(&pool).await.expect("kept: nothing was left to read");

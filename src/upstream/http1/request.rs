@@ -48,7 +48,7 @@ pub(super) fn outgoing(parts: &Parts, payload: Payload, mut buffer: Vec<u8>) -> 
     buffer.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in &parts.headers {
         if name != CONTENT_LENGTH && name != TRANSFER_ENCODING {
-            header_line(&mut buffer, name, value);
+            header_line(&mut buffer, name.as_str().as_bytes(), value.as_bytes());
         }
     }
     let (data, upload, encoding) = match payload {

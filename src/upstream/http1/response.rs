@@ -3,11 +3,11 @@
 use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRAILER, TRANSFER_ENCODING};
 use http::{HeaderMap, Response, StatusCode, Version};
 
 use crate::upstream::{UpstreamError, UpstreamErrorKind};
-use crate::wire::{content_length, fill, is_named, lists, locate, InvalidField, Span};
+use crate::wire::{content_length, fill, is_named, lists, locate, Fields, InvalidField, Span};
 
 /// As hyper's client: more header lines than this is no response a model server sends.
 const MAX_HEADERS: usize = 100;
@@ -18,7 +18,9 @@ const MAX_CHUNK_LINE: usize = 4096;
 
 /// A response head, and what it says of its body and its connection.
 pub(super) struct Head {
+    /// With an empty header map when the fields pass through as they came (`fields`).
     pub response: Response<()>,
+    pub fields: Option<Fields>,
     pub framing: Framing,
     /// Whether the connection may carry another request once this body is read.
     pub keep_alive: bool,
@@ -76,18 +78,32 @@ pub(super) fn parse_head(
         let facts = Facts::of(parsed.headers);
         let framing = Framing::of(status, &facts, head_request)?;
         let mut keep_alive = framing.leaves_connection_usable() && facts.keeps_alive(version);
-        // Header values share the head's bytes: no copy of a value, one reference count.
-        let mut spans = [Span::default(); MAX_HEADERS];
-        let spans = locate(read, parsed.headers, &mut spans);
-        let bytes = read.split_to(length).freeze();
-        let mut headers = header_map(&bytes, spans, spare.take())?;
         if facts.chunked.is_some() {
             // Both framings at once, or chunked from an HTTP/1.0 server: the chunking wins
             // but the message is suspect (RFC 9112 §6.1, §6.3), so the length is not passed
             // on and the connection not kept.
             keep_alive &= version == Version::HTTP_11 && facts.length.is_none();
-            headers.remove(CONTENT_LENGTH);
         }
+        let (headers, fields) = if facts.pass_through() {
+            // The map is left for what abproxy adds.
+            let spans = parsed.headers.iter().map(|field| Span::of(read, field));
+            let spans = spans.collect();
+            let bytes = read.split_to(length).freeze();
+            (
+                spare.take().unwrap_or_default(),
+                Some(Fields::new(bytes, spans)),
+            )
+        } else {
+            // Header values share the head's bytes: no copy of a value, one reference count.
+            let mut spans = [Span::default(); MAX_HEADERS];
+            let spans = locate(read, parsed.headers, &mut spans);
+            let bytes = read.split_to(length).freeze();
+            let mut headers = header_map(&bytes, spans, spare.take())?;
+            if facts.chunked.is_some() {
+                headers.remove(CONTENT_LENGTH);
+            }
+            (headers, None)
+        };
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;
@@ -97,6 +113,7 @@ pub(super) fn parse_head(
         }
         return Ok(Some(Head {
             response,
+            fields,
             framing,
             keep_alive,
         }));
@@ -130,6 +147,10 @@ struct Facts {
     length: Option<Result<u64, &'static str>>,
     close: bool,
     keep_alive: bool,
+    /// A `Connection` line names a field to drop, not just `close` or `keep-alive`.
+    names_fields: bool,
+    /// A `Trailer` line, which an answer that loses its chunking must drop.
+    trailer: bool,
 }
 
 impl Facts {
@@ -154,9 +175,25 @@ impl Facts {
             } else if is_named(name, &CONNECTION) {
                 facts.close |= lists(line.value, b"close");
                 facts.keep_alive |= lists(line.value, b"keep-alive");
+                facts.names_fields |= line.value.split(|&byte| byte == b',').any(|token| {
+                    let token = token.trim_ascii();
+                    !token.is_empty()
+                        && !token.eq_ignore_ascii_case(b"close")
+                        && !token.eq_ignore_ascii_case(b"keep-alive")
+                });
+            } else if is_named(name, &TRAILER) {
+                facts.trailer = true;
             }
         }
         facts
+    }
+
+    /// Whether the fields can go to the client as they came, less the hop-by-hop ones by
+    /// name: as most answers can. Those that need more (a field named in `Connection`, a
+    /// `Content-Length` beside chunking, trailers) are read into a map and edited there.
+    fn pass_through(&self) -> bool {
+        let both_framings = self.chunked.is_some() && self.length.is_some();
+        !(self.names_fields || self.trailer || both_framings)
     }
 
     /// HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 closes it unless told
@@ -380,6 +417,15 @@ mod tests {
         head(bytes, false).expect("valid").expect("complete")
     }
 
+    /// The head's fields, passed through or in its map.
+    fn fields(head: Head) -> HeaderMap {
+        let mut headers = head.response.headers().clone();
+        if let Some(fields) = head.fields {
+            fields.append_to(&mut headers);
+        }
+        headers
+    }
+
     /// Every piece `framing` takes from `wire`, fed to it `step` bytes at a time.
     fn body(
         mut framing: Framing,
@@ -404,9 +450,10 @@ mod tests {
     fn a_head_with_a_length_keeps_its_headers_and_its_connection() {
         let head = parsed(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-model: v2\r\n\r\nhello");
         assert_eq!(head.response.status(), 200);
-        assert_eq!(head.response.headers()["x-model"], "v2");
         assert_eq!(head.framing, Framing::Length(5));
         assert!(head.keep_alive);
+        assert!(head.fields.is_some(), "passed through");
+        assert_eq!(fields(head)["x-model"], "v2");
     }
 
     #[test]
@@ -484,8 +531,8 @@ mod tests {
         ] {
             let head = parsed(wire);
             assert_eq!(head.framing, Framing::Chunked(Chunk::Size));
-            assert!(!head.response.headers().contains_key(CONTENT_LENGTH));
             assert!(!head.keep_alive, "{wire:?}");
+            assert!(!fields(head).contains_key(CONTENT_LENGTH));
         }
     }
 
