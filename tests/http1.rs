@@ -72,8 +72,8 @@ impl Wire {
         let (length, mut answer) = loop {
             let mut fields = [httparse::EMPTY_HEADER; 32];
             let mut parsed = httparse::Response::new(&mut fields);
-            let read = self.read.clone();
-            if let httparse::Status::Complete(length) = parsed.parse(&read).expect("an answer") {
+            if let httparse::Status::Complete(length) = parsed.parse(&self.read).expect("an answer")
+            {
                 let headers = parsed
                     .headers
                     .iter()
@@ -391,7 +391,7 @@ fn assert_end_to_end_fields_only(answer: &Answer) {
     assert_eq!(answer.header("x-model-version"), Some("v7"));
     assert_eq!(values(answer, "set-cookie"), ["a=1", "b=2"]);
     assert_eq!(values(answer, "date"), ["Tue, 01 Dec 2026 06:00:00 GMT"]);
-    assert_eq!(answer.header("x-variant"), Some("control"));
+    assert_eq!(values(answer, "x-variant"), ["control"]);
     for hop in ["keep-alive", "proxy-connection", "upgrade"] {
         assert_eq!(answer.header(hop), None, "{hop} reached the client");
     }

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::Response;
+use http::{HeaderMap, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use tokio::sync::watch;
@@ -67,6 +67,15 @@ impl ResponseBody {
     pub(crate) fn fields(&self) -> Option<&Fields> {
         match self {
             ResponseBody::Upstream { body, .. } => body.fields(),
+            ResponseBody::Full { .. } => None,
+        }
+    }
+
+    /// Lets go of the answer's fields once they are written: they hold the upstream
+    /// connection's read buffer, which a long stream would otherwise grow anew.
+    pub(crate) fn take_fields(&mut self) -> Option<Fields> {
+        match self {
+            ResponseBody::Upstream { body, .. } => body.take_fields(),
             ResponseBody::Full { .. } => None,
         }
     }
@@ -138,15 +147,18 @@ impl ResponseBody {
 /// map (hyper's server, for h2 clients and the HTTP/1.1 connections it serves) or a reader
 /// of a field (a gRPC status).
 pub(crate) fn fields_into_map(response: &mut Response<ResponseBody>) {
-    let fields = match response.body_mut() {
-        ResponseBody::Upstream { body, .. } => body.take_fields(),
-        ResponseBody::Full { .. } => None,
+    let Some(fields) = response.body_mut().take_fields() else {
+        return;
     };
-    if let Some(fields) = fields {
-        let headers = response.headers_mut();
-        fields.append_to(headers);
-        super::forward::client_response_headers(headers);
+    let mut passed = HeaderMap::new();
+    fields.append_to(&mut passed);
+    super::forward::client_response_headers(&mut passed);
+    let headers = response.headers_mut();
+    // What the map already has (the variant's header) is abproxy's to say.
+    for name in headers.keys() {
+        passed.remove(name);
     }
+    headers.extend(passed);
 }
 
 /// A bounded copy of the primary answer. Delivered when the body ends; a body that is cut

@@ -170,11 +170,11 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     // `Connection: keep-alive` or `close` name nothing else to drop: skip the scan.
-    let names_others = headers.get_all(header::CONNECTION).iter().any(|value| {
-        !value.as_bytes().eq_ignore_ascii_case(b"keep-alive")
-            && !value.as_bytes().eq_ignore_ascii_case(b"close")
-    });
-    if names_others {
+    let names_fields = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|value| wire::names_fields(value.as_bytes()));
+    if names_fields {
         for name in names_listed_in(headers, &header::CONNECTION) {
             headers.remove(name);
         }

@@ -50,6 +50,17 @@ pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
     }
 }
 
+/// Whether a `Connection` value names a field to drop with it, not only `close` or
+/// `keep-alive`.
+pub(crate) fn names_fields(connection: &[u8]) -> bool {
+    connection.split(|&byte| byte == b',').any(|token| {
+        let token = token.trim_ascii();
+        !token.is_empty()
+            && !token.eq_ignore_ascii_case(b"close")
+            && !token.eq_ignore_ascii_case(b"keep-alive")
+    })
+}
+
 /// Whether a comma-separated field value (`Connection`, `TE`, `Upgrade`) lists `token`.
 pub(crate) fn lists(value: &[u8], token: &[u8]) -> bool {
     value
@@ -134,6 +145,21 @@ mod tests {
             b"99999999999999999999999",
         ] {
             assert_eq!(content_length(refused), None, "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn a_connection_value_names_fields_beyond_close_and_keep_alive() {
+        for plain in [
+            &b"close"[..],
+            b"Keep-Alive",
+            b"keep-alive, close",
+            b" close , ",
+        ] {
+            assert!(!names_fields(plain), "{plain:?}");
+        }
+        for naming in [&b"x-hop"[..], b"close, x-hop", b"Keep-Alive,Upgrade"] {
+            assert!(names_fields(naming), "{naming:?}");
         }
     }
 

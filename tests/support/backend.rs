@@ -347,11 +347,12 @@ async fn answer(
         .expect("valid response")
 }
 
-/// A model server's answer head, in its own case and order, with fields for one hop only.
+/// A model server's answer head, in its own case and order, with fields for one hop only
+/// and a variant header of its own (abproxy's names the variant).
 pub const FIELDS_AS_SENT: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
     X-Model-Version:  v7\r\nSet-Cookie: a=1\r\nKeep-Alive: timeout=5\r\nSet-Cookie: b=2\r\n\
     Proxy-Connection: keep-alive\r\nUpgrade: h2c\r\nConnection: keep-alive\r\n\
-    Content-Length: 2\r\nDate: Tue, 01 Dec 2026 06:00:00 GMT\r\n\r\n{}";
+    Content-Length: 2\r\nDate: Tue, 01 Dec 2026 06:00:00 GMT\r\nX-Variant: upstream\r\n\r\n{}";
 
 /// An upstream that answers every request on a connection with `reply`, bytes as given: for
 /// answers a hyper server would not write.

@@ -284,6 +284,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         };
         let mut head = std::mem::take(&mut self.head);
         let framed = response::encode(&parts, &body, &asked, &mut head);
+        drop(body.take_fields());
         parts.headers.clear();
         self.headers = Some(parts.headers);
         let mut outgoing = match framed.encoding {

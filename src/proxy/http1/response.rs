@@ -59,8 +59,14 @@ pub(super) fn encode(
         dated: false,
     };
     if let Some(fields) = body.fields() {
+        // The map holds what abproxy says itself (the variant's header): its names are not
+        // the upstream's to say as well.
+        let said_here = |name: &[u8]| parts.headers.keys().any(|key| is_named(name, key));
         for field in fields.iter() {
-            if !is_hop_by_hop(field.name) && lines.passes(field.name, field.value) {
+            if !is_hop_by_hop(field.name)
+                && !said_here(field.name)
+                && lines.admits(field.name, field.value)
+            {
                 lines.buffer.extend_from_slice(field.line);
                 lines.buffer.extend_from_slice(b"\r\n");
             }
@@ -68,7 +74,7 @@ pub(super) fn encode(
     }
     for (name, value) in &parts.headers {
         let (name, value) = (name.as_str().as_bytes(), value.as_bytes());
-        if lines.passes(name, value) {
+        if lines.admits(name, value) {
             header_line(lines.buffer, name, value);
         }
     }
@@ -133,8 +139,10 @@ struct Lines<'a> {
 
 impl Lines<'_> {
     /// Notes what a field (named in any case) says; false if it is not to be written, as
-    /// framing is abproxy's to say.
-    fn passes(&mut self, name: &[u8], value: &[u8]) -> bool {
+    /// framing is abproxy's to say. (Fields passed through come without their hop-by-hop
+    /// ones, and an upstream's map without them too: `Connection` and `Transfer-Encoding`
+    /// reach here from abproxy's own answers only.)
+    fn admits(&mut self, name: &[u8], value: &[u8]) -> bool {
         if is_named(name, &header::CONTENT_LENGTH) {
             match content_length(value) {
                 Some(stated) if self.length.is_none() && self.length_wanted => {

@@ -7,7 +7,9 @@ use http::header::{CONNECTION, CONTENT_LENGTH, TRAILER, TRANSFER_ENCODING};
 use http::{HeaderMap, Response, StatusCode, Version};
 
 use crate::upstream::{UpstreamError, UpstreamErrorKind};
-use crate::wire::{content_length, fill, is_named, lists, locate, Fields, InvalidField, Span};
+use crate::wire::{
+    content_length, fill, is_named, lists, locate, names_fields, Fields, InvalidField, Span,
+};
 
 /// As hyper's client: more header lines than this is no response a model server sends.
 const MAX_HEADERS: usize = 100;
@@ -175,12 +177,7 @@ impl Facts {
             } else if is_named(name, &CONNECTION) {
                 facts.close |= lists(line.value, b"close");
                 facts.keep_alive |= lists(line.value, b"keep-alive");
-                facts.names_fields |= line.value.split(|&byte| byte == b',').any(|token| {
-                    let token = token.trim_ascii();
-                    !token.is_empty()
-                        && !token.eq_ignore_ascii_case(b"close")
-                        && !token.eq_ignore_ascii_case(b"keep-alive")
-                });
+                facts.names_fields |= names_fields(line.value);
             } else if is_named(name, &TRAILER) {
                 facts.trailer = true;
             }
