@@ -403,10 +403,7 @@ fn assert_end_to_end_fields_only(answer: &Answer) {
 #[tokio::test]
 async fn an_answers_fields_reach_the_client_as_they_came_less_the_hop_by_hop_ones() {
     let upstream = answering(FIELDS_AS_SENT).await;
-    let proxy = Proxy::start(&format!(
-        "[[variant]]\nname = \"control\"\nupstream = \"{upstream}\"\nweight = 100\n"
-    ))
-    .await;
+    let proxy = Proxy::in_front_of(&upstream).await;
     let mut wire = Wire::to(&proxy).await;
     for _ in 0..2 {
         wire.send(get("/", "a").as_bytes()).await;
@@ -426,10 +423,7 @@ async fn an_answers_fields_reach_the_client_as_they_came_less_the_hop_by_hop_one
 #[tokio::test]
 async fn an_answer_served_by_hyper_carries_the_fields_that_came_with_it() {
     let upstream = answering(FIELDS_AS_SENT).await;
-    let proxy = Proxy::start(&format!(
-        "[[variant]]\nname = \"control\"\nupstream = \"{upstream}\"\nweight = 100\n"
-    ))
-    .await;
+    let proxy = Proxy::in_front_of(&upstream).await;
     let mut wire = Wire::to(&proxy).await;
     wire.send(b"GET / HTTP/1.0\r\nx-user-id: a\r\n\r\n").await;
     let answer = wire.answer(false).await;
@@ -446,10 +440,7 @@ async fn a_streamed_answer_is_chunked_with_its_trailers_for_clients_that_take_th
           5\r\nhello\r\n0\r\nx-checksum: 42\r\n\r\n",
     )
     .await;
-    let proxy = Proxy::start(&format!(
-        "[[variant]]\nname = \"control\"\nupstream = \"{upstream}\"\nweight = 100\n"
-    ))
-    .await;
+    let proxy = Proxy::in_front_of(&upstream).await;
     let mut wire = Wire::to(&proxy).await;
     let taking = get("/", "a").replace("\r\n\r\n", "\r\nte: trailers\r\n\r\n");
     wire.send(taking.as_bytes()).await;
@@ -472,10 +463,7 @@ async fn a_chunked_answer_whose_end_comes_with_its_last_chunk_is_framed_in_order
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
     )
     .await;
-    let proxy = Proxy::start(&format!(
-        "[[variant]]\nname = \"control\"\nupstream = \"{upstream}\"\nweight = 100\n"
-    ))
-    .await;
+    let proxy = Proxy::in_front_of(&upstream).await;
     let mut wire = Wire::to(&proxy).await;
     for _ in 0..2 {
         wire.send(get("/", "a").as_bytes()).await;

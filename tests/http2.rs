@@ -413,10 +413,7 @@ async fn an_h2c_upload_of_unknown_length_reaches_an_http1_upstream_whole() {
 #[tokio::test]
 async fn an_http1_upstreams_answer_reaches_an_h2c_client_with_its_fields() {
     let upstream = answering(FIELDS_AS_SENT).await;
-    let proxy = Proxy::start(&format!(
-        "[[variant]]\nname = \"control\"\nupstream = \"{upstream}\"\nweight = 100\n"
-    ))
-    .await;
+    let proxy = Proxy::in_front_of(&upstream).await;
     let mut client = h2c_client::<Full<Bytes>>(&proxy).await;
     let request = Request::get(format!("http://{}/predict", proxy.addr))
         .version(Version::HTTP_2)

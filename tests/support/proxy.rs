@@ -32,6 +32,14 @@ impl Proxy {
     }
 
     /// Like `start`, with extra `[server]` keys.
+    /// One variant, `control`, with all the traffic, on the upstream at `url`.
+    pub async fn in_front_of(url: &str) -> Proxy {
+        Proxy::start(&format!(
+            "[[variant]]\nname = \"control\"\nupstream = \"{url}\"\nweight = 100\n"
+        ))
+        .await
+    }
+
     pub async fn start_with_server(server_keys: &str, config: &str) -> Proxy {
         Self::start_on(ConfigFile::plain(&format!(
             "{SERVER}{server_keys}\n{config}"
