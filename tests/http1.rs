@@ -391,6 +391,7 @@ fn assert_end_to_end_fields_only(answer: &Answer) {
     assert_eq!(answer.header("x-model-version"), Some("v7"));
     assert_eq!(values(answer, "set-cookie"), ["a=1", "b=2"]);
     assert_eq!(values(answer, "date"), ["Tue, 01 Dec 2026 06:00:00 GMT"]);
+    assert_eq!(values(answer, "content-length"), ["2"]);
     assert_eq!(values(answer, "x-variant"), ["control"]);
     for hop in ["keep-alive", "proxy-connection", "upgrade"] {
         assert_eq!(answer.header(hop), None, "{hop} reached the client");
