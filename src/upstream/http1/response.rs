@@ -151,7 +151,7 @@ struct Facts {
     keep_alive: bool,
     /// A `Connection` line names a field to drop, not just `close` or `keep-alive`.
     names_fields: bool,
-    /// A `Trailer` line, which an answer that loses its chunking must drop.
+    /// A `Trailer` line: the client's side reads the trailer names it declares from the map.
     trailer: bool,
 }
 
@@ -441,6 +441,38 @@ mod tests {
             }
         }
         (data, trailers, framing)
+    }
+
+    #[test]
+    fn answers_to_be_edited_are_read_into_a_map_and_the_others_pass_through() {
+        for (wire, passes) in [
+            (
+                &b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"[..],
+                true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                true,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nConnection: X-Hop\r\nx-hop: 1\r\n\r\n",
+                false,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nTrailer: x-sum\r\n\r\n",
+                false,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
+                false,
+            ),
+        ] {
+            let head = parsed(wire);
+            assert_eq!(head.fields.is_some(), passes, "{wire:?}");
+            if !passes {
+                assert!(!head.response.headers().is_empty(), "{wire:?}");
+            }
+        }
     }
 
     #[test]
