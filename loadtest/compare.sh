@@ -51,7 +51,9 @@
 #   throughput  loadtest --mode max, 64 connections, --duration
 #   p99         loadtest --rate R, 64 connections, --duration (latency from the due time)
 #   CPU us/req  the proxy's utime+stime (/proc/PID/stat) over the max run / answers, with the
-#               utime (user) and stime (kernel) parts; the same at the fixed rate
+#               utime (user) and stime (kernel) parts; the same at the fixed rate. Split and
+#               mirror also read schedstat (ns, no 10 ms tick rounding) for the per-repetition
+#               ratios of CPU in all
 #   switches    context switches per request of the proxy's threads at the fixed rate
 #               (voluntary + involuntary, /proc/PID/task/*/status)
 #   peak RSS    VmHWM of the proxy after a 1000-connection run
@@ -541,6 +543,10 @@ proxy_pids() {
 # CPU time of the proxy's processes in clock ticks: "user system" (utime, stime).
 # shellcheck disable=SC2046 # one word per PID
 proxy_cpu_ticks() { cpu_ticks $(proxy_pids); }
+# shellcheck disable=SC2046 # one word per PID
+proxy_cpu_ns() { cpu_ns $(proxy_pids); }
+# Records µs of CPU per answer from a schedstat difference: $1 key, $2 ns, $3 answers.
+record_ns() { record "$1" "$(awk -v t="$2" -v n="$3" 'BEGIN { printf "%.2f", (n > 0 ? t / n / 1000 : 0) }')"; }
 
 # Context switches so far of every thread of the proxy's processes: "voluntary involuntary".
 proxy_ctxt_switches() {
@@ -737,8 +743,10 @@ measure_proxy() {
     opens_before=$(tcp_active_opens)
     backend_before=$(backend_cpu_ticks)
     read -r user_before system_before < <(proxy_cpu_ticks)
+    ns_before=$(proxy_cpu_ns)
     load "$out-max.json" "$PROXY_URL" --mode max --duration "$DURATION" \
         --connections "$CONNECTIONS"
+    ns_after=$(proxy_cpu_ns)
     read -r user_after system_after < <(proxy_cpu_ticks)
     backend_after=$(backend_cpu_ticks)
     record "$key/opens" $(($(tcp_active_opens) - opens_before))
@@ -751,6 +759,7 @@ measure_proxy() {
     # The kernel's share (sys_us): TCP on loopback, charged to the proxy whichever proxy it is.
     record_cpu "$key/" $((user_after - user_before)) $((system_after - system_before)) \
         "$answers" "$elapsed"
+    record_ns "$key/ns_cpu_us" $((ns_after - ns_before)) "$answers"
     record "$key/control_pct" "$control_pct"
     record "$key/opens_per_k" "$(awk -v o="${RESULTS[$key/opens]##* }" -v n="$answers" \
         'BEGIN { printf "%.1f", (n > 0 ? o * 1000 / n : 0) }')"
@@ -787,8 +796,10 @@ measure_proxy() {
     upstream_segments >"$out-rate-segments-before.txt"
     read -r vol_before invol_before < <(proxy_ctxt_switches)
     read -r user_before system_before < <(proxy_cpu_ticks)
+    ns_before=$(proxy_cpu_ns)
     load "$out-rate.json" "$PROXY_URL" --mode rate --rate "$RATE" --duration "$DURATION" \
         --connections "$CONNECTIONS"
+    ns_after=$(proxy_cpu_ns)
     read -r user_after system_after < <(proxy_cpu_ticks)
     read -r vol_after invol_after < <(proxy_ctxt_switches)
     upstream_segments >"$out-rate-segments-after.txt"
@@ -802,6 +813,7 @@ measure_proxy() {
     # At a fixed rate both proxies mirror every request, so this is the like-for-like CPU cost.
     record_cpu "$key/rate_" $((user_after - user_before)) $((system_after - system_before)) \
         "$answers"
+    record_ns "$key/rate_ns_cpu_us" $((ns_after - ns_before)) "$answers"
     record "$key/rate_vcsw" "$(awk -v d=$((vol_after - vol_before)) -v n="$answers" \
         'BEGIN { printf "%.3f", (n > 0 ? d / n : 0) }')"
     record "$key/rate_ivcsw" "$(awk -v d=$((invol_after - invol_before)) -v n="$answers" \
@@ -1141,6 +1153,11 @@ if ((${#TABLE_SCENARIOS[@]} > 0)); then
                 "user CPU at max $(pair_ratio_of "$scenario/$proxy" "$scenario/nginx" user_us);" \
                 "CPU at $RATE req/s $(pair_ratio_of "$scenario/$proxy" "$scenario/nginx" rate_cpu_us);" \
                 "p99 $(pair_ratio_of "$scenario/$proxy" "$scenario/nginx" p99)."
+            echo "$scenario, $proxy, CPU in ns (schedstat), no tick rounding: at max" \
+                "$(pair_ratio_of "$scenario/$proxy" "$scenario/nginx" ns_cpu_us)" \
+                "(median $(ratio "$(med "$scenario/$proxy/ns_cpu_us")" "$(med "$scenario/nginx/ns_cpu_us")"));" \
+                "at $RATE req/s $(pair_ratio_of "$scenario/$proxy" "$scenario/nginx" rate_ns_cpu_us)" \
+                "(median $(ratio "$(med "$scenario/$proxy/rate_ns_cpu_us")" "$(med "$scenario/nginx/rate_ns_cpu_us")"))."
         done
     done
     if selected split && selected mirror; then
