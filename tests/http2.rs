@@ -158,6 +158,10 @@ async fn trailers_cross_the_proxy_both_ways_and_te_trailers_only_for_grpc() {
         !seen[1].headers.contains_key("te"),
         "te is hop-by-hop for others"
     );
+    for request in &seen {
+        assert_eq!(request.headers["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(request.headers["x-forwarded-proto"], "http");
+    }
     let grpc_ok = proxy
         .metric(
             "abproxy_requests_total",

@@ -91,6 +91,9 @@ async fn every_request_is_mirrored_to_both_shadows_and_their_answers_never_reach
             assert_eq!(mirrored.uri, original.uri);
             assert_eq!(mirrored.body, original.body);
             assert_eq!(mirrored.headers["x-user-id"], original.headers["x-user-id"]);
+            for forwarding in ["x-forwarded-for", "x-forwarded-proto"] {
+                assert_eq!(mirrored.headers[forwarding], original.headers[forwarding]);
+            }
         }
     }
     eventually(WAIT, || async {

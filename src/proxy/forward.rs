@@ -9,7 +9,7 @@ use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Request, Version};
 
-use crate::upstream::{Upstream, UpstreamBody};
+use crate::upstream::{Appended, Upstream, UpstreamBody};
 use crate::wire::{self, names_listed_in};
 
 static HOP_BY_HOP: [HeaderName; 7] = [
@@ -83,16 +83,17 @@ impl ClientHead {
     }
 }
 
-/// Turns the client's request into the one sent to `upstream`. `grpc_call`: the request is
-/// a gRPC call (as the tally found when it began; its content-type is read once).
-pub fn upstream_request(
+/// Turns the client's request into the one sent to `upstream`, with the fields written after
+/// its map's. `grpc_call`: the request is a gRPC call (as the tally found when it began; its
+/// content-type is read once).
+pub fn upstream_request<'c>(
     mut parts: Parts,
     body: UpstreamBody,
     upstream: &Upstream,
-    client: &Peer,
+    client: &'c Peer,
     preserve_host: bool,
     grpc_call: bool,
-) -> Result<Request<UpstreamBody>, http::Error> {
+) -> Result<(Request<UpstreamBody>, Appended<'c>), http::Error> {
     let headers = &mut parts.headers;
     // gRPC requires `te: trailers` end to end (it tells servers the client reads trailers).
     let keeps_te = grpc_call
@@ -138,11 +139,7 @@ pub fn upstream_request(
         }
         (uri, Version::HTTP_11)
     };
-    append_forwarded_for(headers, client);
-    // A load balancer in front that terminated TLS has said `https`: keep its word.
-    headers
-        .entry(&X_FORWARDED_PROTO)
-        .or_insert_with(|| client.proto.clone());
+    let appended = forwarding(headers, client);
 
     let mut request = Request::new(body);
     *request.method_mut() = parts.method;
@@ -150,7 +147,27 @@ pub fn upstream_request(
     *request.version_mut() = version;
     *request.headers_mut() = parts.headers;
     *request.extensions_mut() = parts.extensions;
-    Ok(request)
+    Ok((request, appended))
+}
+
+/// `X-Forwarded-For` with the client appended, and `X-Forwarded-Proto` unless a load balancer
+/// in front that terminated TLS has said `https` already (its word is kept). Most requests
+/// carry neither: both are then written after the map's fields, found absent by a pass over
+/// the few names present rather than a hashed insert each. A client's own `X-Forwarded-For`
+/// is folded in the map.
+fn forwarding<'c>(headers: &mut HeaderMap, client: &'c Peer) -> Appended<'c> {
+    let (mut has_for, mut has_proto) = (false, false);
+    for name in headers.keys() {
+        has_for |= name == X_FORWARDED_FOR;
+        has_proto |= name == X_FORWARDED_PROTO;
+    }
+    if has_for {
+        append_forwarded_for(headers, client);
+    }
+    Appended::new([
+        (!has_for).then_some((&X_FORWARDED_FOR, &client.forwarded_for)),
+        (!has_proto).then_some((&X_FORWARDED_PROTO, &client.proto)),
+    ])
 }
 
 /// Strips the upstream's connection-level headers before the response goes to the client.
@@ -259,6 +276,33 @@ mod tests {
         );
         let lines: Vec<_> = headers.get_all(&X_FORWARDED_FOR).iter().collect();
         assert_eq!(lines, ["10.0.0.1, 10.0.0.2, 127.0.0.1"]);
+    }
+
+    /// The map after `forwarding`, with the fields it leaves for the writer appended.
+    fn forwarded(mut headers: HeaderMap, client: &Peer) -> (HeaderMap, usize) {
+        let appended = forwarding(&mut headers, client);
+        let count = appended.iter().count();
+        appended.append_to(&mut headers);
+        (headers, count)
+    }
+
+    #[test]
+    fn forwarding_fields_are_left_to_the_writer_unless_the_client_sent_its_own() {
+        let client = Peer::over_tls("10.9.8.7:5000".parse().expect("addr"));
+        let (plain, appended) = forwarded(HeaderMap::new(), &client);
+        assert_eq!(appended, 2, "both written as lines");
+        assert_eq!(plain[&X_FORWARDED_FOR], "10.9.8.7");
+        assert_eq!(plain[&X_FORWARDED_PROTO], "https");
+
+        let mut behind_a_balancer = HeaderMap::new();
+        behind_a_balancer.insert(&X_FORWARDED_FOR, HeaderValue::from_static("192.0.2.1"));
+        behind_a_balancer.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        let (folded, appended) = forwarded(behind_a_balancer, &client);
+        assert_eq!(appended, 0, "folded and kept in the map");
+        let lines: Vec<_> = folded.get_all(&X_FORWARDED_FOR).iter().collect();
+        assert_eq!(lines, ["192.0.2.1, 10.9.8.7"]);
+        let protos: Vec<_> = folded.get_all(&X_FORWARDED_PROTO).iter().collect();
+        assert_eq!(protos, ["http"], "the balancer's word is kept");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use http_body::Body as _;
 use super::body::ResponseBody;
 use crate::detach;
 use crate::shadow::{self, Mirror, ShadowTarget};
-use crate::upstream::UpstreamBody;
+use crate::upstream::{Appended, UpstreamBody};
 
 /// The shadows mirroring one request, as a bit set over `Generation::shadows` (config
 /// validation caps shadows at 64).
@@ -91,22 +91,26 @@ pub struct MirrorSource {
 
 impl MirrorSource {
     /// Completes the copy with the forwarded request's method and headers (hop-by-hop
-    /// headers already removed). Without a body in memory there is nothing to mirror, and
-    /// each shadow counts the request as dropped.
+    /// headers already removed, the forwarding ones appended). Without a body in memory there
+    /// is nothing to mirror, and each shadow counts the request as dropped.
     pub fn copy(
         self,
-        request: Option<&Request<UpstreamBody>>,
+        request: Option<(&Request<UpstreamBody>, Appended<'_>)>,
         shadows: &[Arc<ShadowTarget>],
     ) -> Option<PendingMirror> {
         // Copied, not shared: a mirror may wait in a shadow queue long after the exchange.
         // (The body was copied when it was read.)
-        let copy = request.zip(self.body).map(|(request, body)| PendingMirror {
-            mirrors: self.mirrors,
-            method: request.method().clone(),
-            path_and_query: self.path_and_query.as_ref().map(detach::path_and_query),
-            headers: detach::headers(request.headers()),
-            body,
-            user_id: self.user_id,
+        let copy = request.zip(self.body).map(|((request, appended), body)| {
+            let mut headers = detach::headers(request.headers());
+            appended.append_to(&mut headers);
+            PendingMirror {
+                mirrors: self.mirrors,
+                method: request.method().clone(),
+                path_and_query: self.path_and_query.as_ref().map(detach::path_and_query),
+                headers,
+                body,
+                user_id: self.user_id,
+            }
         });
         if copy.is_none() {
             self.mirrors.of(shadows).for_each(ShadowTarget::skip);

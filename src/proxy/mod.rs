@@ -137,14 +137,17 @@ impl Proxy {
             config.server.preserve_host,
             tally.is_grpc(),
         );
-        let mirror =
-            mirror.and_then(|source| source.copy(request.as_ref().ok(), &generation.shadows));
+        let forwarded = request
+            .as_ref()
+            .ok()
+            .map(|(request, appended)| (request, *appended));
+        let mirror = mirror.and_then(|source| source.copy(forwarded, &generation.shadows));
         let exchange = Exchange {
             generation: &generation,
             client,
             progress,
         };
-        let request = match request {
+        let (mut request, appended) = match request {
             Ok(request) => request,
             Err(err) => {
                 let response = ProxyError::BadTarget(err).into_response(tally.is_grpc());
@@ -152,6 +155,8 @@ impl Proxy {
             }
         };
         if let Some(upgrade) = upgrade {
+            // hyper's client writes the map alone.
+            appended.append_to(request.headers_mut());
             // Boxed, as the other rare paths here (a JSON body, a mirror's copy, the fallback
             // variant): inline, their futures would size every request's.
             let response = Box::pin(exchange.upgrade(route, request, upgrade)).await;
@@ -167,7 +172,7 @@ impl Proxy {
         };
         let (route, response) = match route
             .upstream
-            .send(request, ready.into(), limits.request_timeout)
+            .send(request, appended, ready.into(), limits.request_timeout)
             .await
         {
             Ok(answer) => (route, Ok(answer)),
@@ -295,10 +300,11 @@ impl<'a> Exchange<'a> {
             tally.is_grpc(),
         );
         let answer = match request {
-            Ok(request) => match fallback
+            Ok((request, appended)) => match fallback
                 .upstream
                 .send(
                     request,
+                    appended,
                     Instant::now().into(),
                     config.limits.request_timeout,
                 )

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Request, Response, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
 use http_body::{Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -191,11 +191,14 @@ impl Upstream {
     /// arm a timer of their own; on a pooled HTTP/1.1 connection the deadline is watched by
     /// the connection's `Alarm`.
     ///
+    /// `appended`: fields the request gets after its map's (`Appended`).
+    ///
     /// Most HTTP/1.1 answers keep their fields as they came, in the body (`Body::fields`),
     /// and leave the response's map empty.
     pub async fn send(
         &self,
         mut request: Request<UpstreamBody>,
+        appended: Appended<'_>,
         started: Instant,
         timeout: Duration,
     ) -> Result<(Response<Body>, Lease), SendError> {
@@ -222,11 +225,14 @@ impl Upstream {
                 // rare path, and inline its future would size every request's.
                 let sent = match pooled {
                     Some(connection) => {
-                        let sent = connection.send(request, idle, deadline, timeout).await;
+                        let exchange = connection.send(request, idle, deadline, timeout);
+                        let sent = exchange.appending(appended).await;
                         sent.map(|response| response.map(Body::http1))
                     }
                     None => {
-                        Box::pin(self.send_on_new_http1(request, idle, deadline, timeout)).await
+                        let new =
+                            self.send_on_new_http1(request, appended, idle, deadline, timeout);
+                        Box::pin(new).await
                     }
                 };
                 match sent {
@@ -235,13 +241,15 @@ impl Upstream {
                     // idempotent request the upstream closed the connection under before
                     // answering): sent again on a fresh one.
                     Err(SendError::NotSent { request, .. }) if reused => {
-                        Box::pin(self.send_on_new_http1(*request.0, idle, deadline, timeout))
-                            .await?
+                        let new =
+                            self.send_on_new_http1(*request.0, appended, idle, deadline, timeout);
+                        Box::pin(new).await?
                     }
                     Err(err) => return Err(err),
                 }
             }
             Transport::Http2 { connections, .. } => {
+                appended.append_to(request.headers_mut());
                 // Boxed: its retry and replay state would triple every HTTP/1.1 request's
                 // future; an HTTP/2 request pays one allocation for it.
                 let send = connections.send(request, || Box::pin(self.connect_http2()));
@@ -256,6 +264,7 @@ impl Upstream {
     async fn send_on_new_http1(
         &self,
         request: Request<UpstreamBody>,
+        appended: Appended<'_>,
         idle: &Arc<http1::Pool>,
         deadline: Instant,
         timeout: Duration,
@@ -266,7 +275,8 @@ impl Upstream {
             Err(_) => return Err(UpstreamError::no_response_within(timeout).into()),
         };
         let connection = http1::Connection::new(stream);
-        let response = connection.send(request, idle, deadline, timeout).await?;
+        let exchange = connection.send(request, idle, deadline, timeout);
+        let response = exchange.appending(appended).await?;
         Ok(response.map(Body::http1))
     }
 
@@ -406,6 +416,32 @@ impl Upstream {
                     humantime::format_duration(self.connect_timeout)
                 ),
             }),
+        }
+    }
+}
+
+/// Fields a request gets where it is written out, after those of its map: abproxy's own
+/// HTTP/1.1 writer appends a line for each, where an insert into the map would hash the
+/// name (the forwarding fields, on nearly every request). hyper's HTTP/2 client gets them in
+/// the map.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Appended<'a> {
+    fields: [Option<(&'a HeaderName, &'a HeaderValue)>; 2],
+}
+
+impl<'a> Appended<'a> {
+    pub fn new(fields: [Option<(&'a HeaderName, &'a HeaderValue)>; 2]) -> Appended<'a> {
+        Appended { fields }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> + '_ {
+        self.fields.iter().flatten().copied()
+    }
+
+    /// The fields in `headers`, for a writer that takes only the map.
+    pub fn append_to(&self, headers: &mut HeaderMap) {
+        for (name, value) in self.iter() {
+            headers.append(name.clone(), value.clone());
         }
     }
 }

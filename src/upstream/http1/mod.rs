@@ -33,7 +33,7 @@ pub(super) use pool::Pool;
 use request::{Outgoing, Payload, WriteFailure};
 
 use super::error::{io_failure_kind, SendError};
-use super::{Stream, UpstreamBody, UpstreamError, UpstreamErrorKind};
+use super::{Appended, Stream, UpstreamBody, UpstreamError, UpstreamErrorKind};
 use crate::alarm::Alarm;
 use crate::wire;
 
@@ -97,6 +97,7 @@ impl Connection {
         Exchange {
             connection: Some(self),
             state: State::Start(request),
+            appended: Appended::default(),
             pool,
             deadline,
             timeout,
@@ -184,6 +185,7 @@ pub(super) struct Exchange<'a> {
     /// Until the head arrives; then the response body's.
     connection: Option<Box<Connection>>,
     state: State,
+    appended: Appended<'a>,
     pool: &'a Arc<Pool>,
     deadline: Instant,
     timeout: Duration,
@@ -227,7 +229,7 @@ impl Future for Exchange<'_> {
             let State::Start(request) = std::mem::replace(&mut this.state, State::Done) else {
                 unreachable!("just matched")
             };
-            this.state = start(request, connection, cx);
+            this.state = start(request, this.appended, connection, cx);
         }
         let State::Sending {
             outgoing,
@@ -315,7 +317,13 @@ impl Future for Exchange<'_> {
     }
 }
 
-impl Exchange<'_> {
+impl<'a> Exchange<'a> {
+    /// The request is written with `appended`'s fields after its map's.
+    pub fn appending(mut self, appended: Appended<'a>) -> Exchange<'a> {
+        self.appended = appended;
+        self
+    }
+
     /// No answer came. The request is given back (`NotSent`) if none of it was written, or
     /// if it may be sent again: an idempotent request on a reused connection that the
     /// upstream closed before a byte of an answer, which is what a keep-alive race looks
@@ -356,6 +364,7 @@ impl Exchange<'_> {
 /// Encodes the request's head into the connection's buffer and readies its body to follow.
 fn start(
     request: Request<UpstreamBody>,
+    appended: Appended<'_>,
     connection: &mut Connection,
     cx: &mut Context<'_>,
 ) -> State {
@@ -373,7 +382,7 @@ fn start(
     let buffer = std::mem::take(&mut connection.head);
     connection.heard = false;
     State::Sending {
-        outgoing: request::outgoing(&parts, payload, buffer),
+        outgoing: request::outgoing(&parts, appended, payload, buffer),
         written: false,
         write_error: None,
         head_request: parts.method == http::Method::HEAD,

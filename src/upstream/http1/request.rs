@@ -9,6 +9,7 @@ use http::Method;
 use http_body::Body as _;
 
 use crate::upstream::upload::{Upload, UploadError};
+use crate::upstream::Appended;
 use crate::wire::{self, header_line, names_listed_in, Encoding};
 
 /// A request on its way out, its body framed by abproxy.
@@ -36,7 +37,12 @@ impl Payload {
 /// Encodes `parts`' head into `buffer` (cleared first), with the body's framing: a
 /// `content-length` when the length is known, chunked otherwise. The client's own framing
 /// headers are dropped; the body decides.
-pub(super) fn outgoing(parts: &Parts, payload: Payload, mut buffer: Vec<u8>) -> Outgoing {
+pub(super) fn outgoing(
+    parts: &Parts,
+    appended: Appended<'_>,
+    payload: Payload,
+    mut buffer: Vec<u8>,
+) -> Outgoing {
     buffer.clear();
     buffer.extend_from_slice(parts.method.as_str().as_bytes());
     buffer.push(b' ');
@@ -46,7 +52,8 @@ pub(super) fn outgoing(parts: &Parts, payload: Payload, mut buffer: Vec<u8>) -> 
         .map_or("/", |target| target.as_str());
     buffer.extend_from_slice(target.as_bytes());
     buffer.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
+    let fields = parts.headers.iter().chain(appended.iter());
+    for (name, value) in fields {
         if name != CONTENT_LENGTH && name != TRANSFER_ENCODING {
             header_line(&mut buffer, name.as_str().as_bytes(), value.as_bytes());
         }
@@ -87,9 +94,31 @@ mod tests {
     use http::Request;
 
     fn head(request: Request<()>, body: &'static [u8]) -> String {
+        head_appending(request, body, Appended::default())
+    }
+
+    fn head_appending(request: Request<()>, body: &'static [u8], appended: Appended<'_>) -> String {
         let (parts, ()) = request.into_parts();
-        let outgoing = outgoing(&parts, Payload::Bytes(Bytes::from_static(body)), Vec::new());
+        let payload = Payload::Bytes(Bytes::from_static(body));
+        let outgoing = outgoing(&parts, appended, payload, Vec::new());
         String::from_utf8(outgoing.into_parts().1).expect("ascii")
+    }
+
+    #[test]
+    fn appended_fields_follow_the_maps() {
+        let request = Request::get("/")
+            .header("host", "m")
+            .body(())
+            .expect("request");
+        let (name, value) = (
+            http::HeaderName::from_static("x-forwarded-for"),
+            http::HeaderValue::from_static("10.0.0.1"),
+        );
+        let appended = Appended::new([None, Some((&name, &value))]);
+        assert_eq!(
+            head_appending(request, b"", appended),
+            "GET / HTTP/1.1\r\nhost: m\r\nx-forwarded-for: 10.0.0.1\r\n\r\n"
+        );
     }
 
     #[test]
