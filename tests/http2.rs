@@ -238,6 +238,11 @@ async fn a_treatment_whose_upstream_is_down_falls_back_to_control() {
         )
         .await;
     assert_eq!(fallbacks, assigned_to_treatment);
+    // Those that fell back were forwarded as those that did not.
+    for request in control.received() {
+        assert_eq!(request.headers["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(request.headers["x-forwarded-proto"], "http");
+    }
 }
 
 /// A loopback address that never completes a TCP handshake: its accept queue is full, so

@@ -25,32 +25,39 @@ static HOP_BY_HOP: [HeaderName; 7] = [
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// The client end of a connection, with its `X-Forwarded-For` entry formatted once per
-/// connection rather than once per request.
+/// The client end of a connection, with its forwarding fields made once per connection
+/// rather than once per request.
 #[derive(Debug, Clone)]
 pub struct Peer {
-    forwarded_for: HeaderValue,
-    /// `X-Forwarded-Proto`: how the client reached abproxy.
-    proto: HeaderValue,
+    /// `X-Forwarded-For` (the client's address) and `X-Forwarded-Proto` (how it reached
+    /// abproxy), in that order: a request is given all, one or none of them.
+    forwarding: [(HeaderName, HeaderValue); 2],
 }
 
 impl Peer {
     /// A client on plain HTTP (or h2c).
     pub fn new(addr: SocketAddr) -> Peer {
-        let forwarded_for = HeaderValue::from_str(&addr.ip().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Peer {
-            forwarded_for,
-            proto: HeaderValue::from_static("http"),
-        }
+        Peer::with_proto(addr, "http")
     }
 
     /// A client whose TLS abproxy terminated.
     pub fn over_tls(addr: SocketAddr) -> Peer {
+        Peer::with_proto(addr, "https")
+    }
+
+    fn with_proto(addr: SocketAddr, proto: &'static str) -> Peer {
+        let forwarded_for = HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         Peer {
-            proto: HeaderValue::from_static("https"),
-            ..Peer::new(addr)
+            forwarding: [
+                (X_FORWARDED_FOR.clone(), forwarded_for),
+                (X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto)),
+            ],
         }
+    }
+
+    fn forwarded_for(&self) -> &HeaderValue {
+        &self.forwarding[0].1
     }
 }
 
@@ -164,10 +171,13 @@ fn forwarding<'c>(headers: &mut HeaderMap, client: &'c Peer) -> Appended<'c> {
     if has_for {
         append_forwarded_for(headers, client);
     }
-    Appended::new([
-        (!has_for).then_some((&X_FORWARDED_FOR, &client.forwarded_for)),
-        (!has_proto).then_some((&X_FORWARDED_PROTO, &client.proto)),
-    ])
+    let [for_field, proto_field] = &client.forwarding;
+    match (has_for, has_proto) {
+        (false, false) => &client.forwarding,
+        (false, true) => std::slice::from_ref(for_field),
+        (true, false) => std::slice::from_ref(proto_field),
+        (true, true) => &[],
+    }
 }
 
 /// Strips the upstream's connection-level headers before the response goes to the client.
@@ -205,7 +215,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
 fn append_forwarded_for(headers: &mut HeaderMap, client: &Peer) {
     let mut earlier = match headers.entry(&X_FORWARDED_FOR) {
         Entry::Vacant(entry) => {
-            entry.insert(client.forwarded_for.clone());
+            entry.insert(client.forwarded_for().clone());
             return;
         }
         Entry::Occupied(entry) => entry,
@@ -215,8 +225,8 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: &Peer) {
         value.extend_from_slice(line.as_bytes());
         value.extend_from_slice(b", ");
     }
-    value.extend_from_slice(client.forwarded_for.as_bytes());
-    let value = HeaderValue::from_bytes(&value).unwrap_or_else(|_| client.forwarded_for.clone());
+    value.extend_from_slice(client.forwarded_for().as_bytes());
+    let value = HeaderValue::from_bytes(&value).unwrap_or_else(|_| client.forwarded_for().clone());
     earlier.insert(value);
 }
 
@@ -278,31 +288,50 @@ mod tests {
         assert_eq!(lines, ["10.0.0.1, 10.0.0.2, 127.0.0.1"]);
     }
 
-    /// The map after `forwarding`, with the fields it leaves for the writer appended.
-    fn forwarded(mut headers: HeaderMap, client: &Peer) -> (HeaderMap, usize) {
-        let appended = forwarding(&mut headers, client);
-        let count = appended.iter().count();
-        appended.append_to(&mut headers);
-        (headers, count)
+    /// The names `forwarding` leaves to the writer, and the map's forwarding fields after it.
+    fn forwarded(headers: &[(&'static str, &'static str)]) -> (Vec<String>, Vec<String>) {
+        let client = Peer::over_tls("10.9.8.7:5000".parse().expect("addr"));
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        let written = forwarding(&mut map, &client);
+        let names = written.iter().map(|(name, _)| name.to_string()).collect();
+        let kept = map
+            .iter()
+            .map(|(name, value)| format!("{name}: {}", value.to_str().expect("ascii")))
+            .collect();
+        (names, kept)
     }
 
     #[test]
     fn forwarding_fields_are_left_to_the_writer_unless_the_client_sent_its_own() {
-        let client = Peer::over_tls("10.9.8.7:5000".parse().expect("addr"));
-        let (plain, appended) = forwarded(HeaderMap::new(), &client);
-        assert_eq!(appended, 2, "both written as lines");
-        assert_eq!(plain[&X_FORWARDED_FOR], "10.9.8.7");
-        assert_eq!(plain[&X_FORWARDED_PROTO], "https");
+        let (written, kept) = forwarded(&[]);
+        assert_eq!(written, ["x-forwarded-for", "x-forwarded-proto"]);
+        assert!(kept.is_empty(), "{kept:?}");
 
-        let mut behind_a_balancer = HeaderMap::new();
-        behind_a_balancer.insert(&X_FORWARDED_FOR, HeaderValue::from_static("192.0.2.1"));
-        behind_a_balancer.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-        let (folded, appended) = forwarded(behind_a_balancer, &client);
-        assert_eq!(appended, 0, "folded and kept in the map");
-        let lines: Vec<_> = folded.get_all(&X_FORWARDED_FOR).iter().collect();
-        assert_eq!(lines, ["192.0.2.1, 10.9.8.7"]);
-        let protos: Vec<_> = folded.get_all(&X_FORWARDED_PROTO).iter().collect();
-        assert_eq!(protos, ["http"], "the balancer's word is kept");
+        let (written, kept) = forwarded(&[("x-forwarded-for", "192.0.2.1")]);
+        assert_eq!(written, ["x-forwarded-proto"]);
+        assert_eq!(kept, ["x-forwarded-for: 192.0.2.1, 10.9.8.7"]);
+
+        // A load balancer that terminated TLS said how the client came: its word stands.
+        let (written, kept) = forwarded(&[("x-forwarded-proto", "https")]);
+        assert_eq!(written, ["x-forwarded-for"]);
+        assert_eq!(kept, ["x-forwarded-proto: https"]);
+
+        let both = [
+            ("x-forwarded-for", "192.0.2.1"),
+            ("x-forwarded-proto", "http"),
+        ];
+        let (written, kept) = forwarded(&both);
+        assert!(written.is_empty(), "{written:?}");
+        assert_eq!(
+            kept,
+            [
+                "x-forwarded-for: 192.0.2.1, 10.9.8.7",
+                "x-forwarded-proto: http"
+            ]
+        );
     }
 
     #[test]

@@ -102,7 +102,9 @@ impl MirrorSource {
         // (The body was copied when it was read.)
         let copy = request.zip(self.body).map(|((request, appended), body)| {
             let mut headers = detach::headers(request.headers());
-            appended.append_to(&mut headers);
+            for (name, value) in appended {
+                headers.append(name.clone(), value.clone());
+            }
             PendingMirror {
                 mirrors: self.mirrors,
                 method: request.method().clone(),

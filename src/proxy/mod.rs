@@ -156,7 +156,10 @@ impl Proxy {
         };
         if let Some(upgrade) = upgrade {
             // hyper's client writes the map alone.
-            appended.append_to(request.headers_mut());
+            let headers = request.headers_mut();
+            for (name, value) in appended {
+                headers.append(name.clone(), value.clone());
+            }
             // Boxed, as the other rare paths here (a JSON body, a mirror's copy, the fallback
             // variant): inline, their futures would size every request's.
             let response = Box::pin(exchange.upgrade(route, request, upgrade)).await;

@@ -31,7 +31,7 @@ use crate::assign::bucket;
 use crate::config::{self, hex};
 use crate::metrics::{Metrics, ShadowMetrics};
 use crate::upstream::UpstreamErrorKind;
-use crate::upstream::{Appended, SendError, Upstream};
+use crate::upstream::{SendError, Upstream};
 
 static SHADOW_MARKER: HeaderName = HeaderName::from_static("x-abproxy-shadow");
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -334,12 +334,7 @@ impl Worker {
         // The lease lives until the body has been read, as the connection is busy until then.
         let (response, _lease) = match self
             .upstream
-            .send(
-                request,
-                Appended::default(),
-                Instant::now().into(),
-                self.config.timeout,
-            )
+            .send(request, &[], Instant::now().into(), self.config.timeout)
             .await
         {
             Ok(answer) => answer,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
+use http::{HeaderName, HeaderValue, Request, Response, Uri};
 use http_body::{Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -191,7 +191,12 @@ impl Upstream {
     /// arm a timer of their own; on a pooled HTTP/1.1 connection the deadline is watched by
     /// the connection's `Alarm`.
     ///
-    /// `appended`: fields the request gets after its map's (`Appended`).
+    /// `appended`: fields the request gets after its map's. abproxy's HTTP/1.1 writer
+    /// appends a line for each, where an insert into the map would hash the name (the
+    /// forwarding fields, on nearly every request); hyper's HTTP/2 client gets them in the
+    /// map. None of them may be in the map already, nor be a framing or hop-by-hop field. A
+    /// request given back unsent (`SendError::NotSent`) may or may not have them in its map:
+    /// build it again rather than send it on.
     ///
     /// Most HTTP/1.1 answers keep their fields as they came, in the body (`Body::fields`),
     /// and leave the response's map empty.
@@ -225,8 +230,8 @@ impl Upstream {
                 // rare path, and inline its future would size every request's.
                 let sent = match pooled {
                     Some(connection) => {
-                        let exchange = connection.send(request, idle, deadline, timeout);
-                        let sent = exchange.appending(appended).await;
+                        let exchange = connection.send(request, appended, idle, deadline, timeout);
+                        let sent = exchange.await;
                         sent.map(|response| response.map(Body::http1))
                     }
                     None => {
@@ -249,7 +254,10 @@ impl Upstream {
                 }
             }
             Transport::Http2 { connections, .. } => {
-                appended.append_to(request.headers_mut());
+                let headers = request.headers_mut();
+                for (name, value) in appended {
+                    headers.append(name.clone(), value.clone());
+                }
                 // Boxed: its retry and replay state would triple every HTTP/1.1 request's
                 // future; an HTTP/2 request pays one allocation for it.
                 let send = connections.send(request, || Box::pin(self.connect_http2()));
@@ -275,8 +283,9 @@ impl Upstream {
             Err(_) => return Err(UpstreamError::no_response_within(timeout).into()),
         };
         let connection = http1::Connection::new(stream);
-        let exchange = connection.send(request, idle, deadline, timeout);
-        let response = exchange.appending(appended).await?;
+        let response = connection
+            .send(request, appended, idle, deadline, timeout)
+            .await?;
         Ok(response.map(Body::http1))
     }
 
@@ -420,31 +429,9 @@ impl Upstream {
     }
 }
 
-/// Fields a request gets where it is written out, after those of its map: abproxy's own
-/// HTTP/1.1 writer appends a line for each, where an insert into the map would hash the
-/// name (the forwarding fields, on nearly every request). hyper's HTTP/2 client gets them in
-/// the map.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Appended<'a> {
-    fields: [Option<(&'a HeaderName, &'a HeaderValue)>; 2],
-}
-
-impl<'a> Appended<'a> {
-    pub fn new(fields: [Option<(&'a HeaderName, &'a HeaderValue)>; 2]) -> Appended<'a> {
-        Appended { fields }
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> + '_ {
-        self.fields.iter().flatten().copied()
-    }
-
-    /// The fields in `headers`, for a writer that takes only the map.
-    pub fn append_to(&self, headers: &mut HeaderMap) {
-        for (name, value) in self.iter() {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-}
+/// Fields a request gets after its map's, written as lines by abproxy's HTTP/1.1 writer
+/// (`Upstream::send`).
+pub type Appended<'a> = &'a [(HeaderName, HeaderValue)];
 
 /// A connection to an upstream before HTTP starts on it: plain TCP, or TLS over it.
 type Stream = tokio_util::either::Either<

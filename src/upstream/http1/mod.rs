@@ -87,17 +87,18 @@ impl Connection {
     /// connection, and returns it to `pool` once read to its end if it can serve again.
     /// A request none of which could be written comes back in `SendError::NotSent`.
     /// No response head by `deadline` is an upstream timeout (`timeout` long).
-    pub fn send(
+    pub fn send<'a>(
         self: Box<Self>,
         request: Request<UpstreamBody>,
-        pool: &Arc<Pool>,
+        appended: Appended<'a>,
+        pool: &'a Arc<Pool>,
         deadline: Instant,
         timeout: Duration,
-    ) -> Exchange<'_> {
+    ) -> Exchange<'a> {
         Exchange {
             connection: Some(self),
             state: State::Start(request),
-            appended: Appended::default(),
+            appended,
             pool,
             deadline,
             timeout,
@@ -185,6 +186,7 @@ pub(super) struct Exchange<'a> {
     /// Until the head arrives; then the response body's.
     connection: Option<Box<Connection>>,
     state: State,
+    /// Written after the request's map (`Upstream::send`).
     appended: Appended<'a>,
     pool: &'a Arc<Pool>,
     deadline: Instant,
@@ -317,13 +319,7 @@ impl Future for Exchange<'_> {
     }
 }
 
-impl<'a> Exchange<'a> {
-    /// The request is written with `appended`'s fields after its map's.
-    pub fn appending(mut self, appended: Appended<'a>) -> Exchange<'a> {
-        self.appended = appended;
-        self
-    }
-
+impl Exchange<'_> {
     /// No answer came. The request is given back (`NotSent`) if none of it was written, or
     /// if it may be sent again: an idempotent request on a reused connection that the
     /// upstream closed before a byte of an answer, which is what a keep-alive race looks
@@ -629,7 +625,7 @@ mod tests {
         request: Request<UpstreamBody>,
         pool: &Arc<Pool>,
     ) -> Response<Body> {
-        match connection.send(request, pool, far(), MINUTE).await {
+        match connection.send(request, &[], pool, far(), MINUTE).await {
             Ok(response) => response,
             Err(err) => panic!("failed: {err}"),
         }
@@ -846,7 +842,7 @@ mod tests {
         let started = Instant::now();
         let timeout = Duration::from_secs(5);
         let failed = Connection::new(Stream::Left(stream))
-            .send(get("/"), &pool, started + timeout, timeout)
+            .send(get("/"), &[], &pool, started + timeout, timeout)
             .await;
         let Err(SendError::Upstream(err)) = failed else {
             panic!("no answer came, and the request went out");
@@ -885,7 +881,7 @@ mod tests {
                 let started = Instant::now();
                 let connection = pooled(&pool).await.expect("kept");
                 let failed = connection
-                    .send(get("/again"), &pool, started + timeout, timeout)
+                    .send(get("/again"), &[], &pool, started + timeout, timeout)
                     .await;
                 (failed.err(), started.elapsed())
             }
@@ -909,7 +905,7 @@ mod tests {
         let failed = upstream
             .connect()
             .await
-            .send(get("/"), &pool, far(), MINUTE)
+            .send(get("/"), &[], &pool, far(), MINUTE)
             .await;
         let Err(SendError::Upstream(err)) = failed else {
             panic!("the request went out, and no answer came");
@@ -930,7 +926,9 @@ mod tests {
         let upstream = Scripted::start(&[(OK, Then::KeepOpen)]).await;
         let pool = Arc::new(Pool::default());
         let connection = timed_out_on_reuse(&upstream, &pool).await;
-        let failed = connection.send(get("/again"), &pool, far(), MINUTE).await;
+        let failed = connection
+            .send(get("/again"), &[], &pool, far(), MINUTE)
+            .await;
         let Err(SendError::NotSent { source, request }) = failed else {
             panic!("not given back to be sent again");
         };
@@ -945,7 +943,7 @@ mod tests {
         let pool = Arc::new(Pool::default());
         let connection = timed_out_on_reuse(&upstream, &pool).await;
         let failed = connection
-            .send(post("/predict", "{}"), &pool, far(), MINUTE)
+            .send(post("/predict", "{}"), &[], &pool, far(), MINUTE)
             .await;
         let Err(SendError::Upstream(err)) = failed else {
             panic!("a POST that reached the upstream may not be sent twice");
@@ -962,7 +960,9 @@ mod tests {
         .await;
         let pool = Arc::new(Pool::default());
         let connection = timed_out_on_reuse(&upstream, &pool).await;
-        let failed = connection.send(get("/again"), &pool, far(), MINUTE).await;
+        let failed = connection
+            .send(get("/again"), &[], &pool, far(), MINUTE)
+            .await;
         assert!(
             matches!(failed, Err(SendError::Upstream(_))),
             "an upstream that said anything was alive when the request arrived"
@@ -979,7 +979,7 @@ mod tests {
         .await;
         let pool = Arc::new(Pool::default());
         let response = connection
-            .send(large_post("/predict"), &pool, far(), MINUTE)
+            .send(large_post("/predict"), &[], &pool, far(), MINUTE)
             .await
             .expect("the upstream's answer, not the reset of the upload");
         assert_eq!(response.status(), 413);
@@ -1026,7 +1026,7 @@ mod tests {
         let failed = upstream
             .connect()
             .await
-            .send(get("/"), &pool, far(), MINUTE)
+            .send(get("/"), &[], &pool, far(), MINUTE)
             .await;
         let Err(SendError::Upstream(err)) = failed else {
             panic!("a garbled answer was taken");
@@ -1059,7 +1059,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let pool = Arc::new(Pool::default());
         let failed = Connection::new(Stream::Left(stream))
-            .send(post("/predict", "{\"x\":1}"), &pool, far(), MINUTE)
+            .send(post("/predict", "{\"x\":1}"), &[], &pool, far(), MINUTE)
             .await;
         let Err(SendError::NotSent { source, request }) = failed else {
             panic!("the request was not given back");

@@ -52,11 +52,13 @@ pub(super) fn outgoing(
         .map_or("/", |target| target.as_str());
     buffer.extend_from_slice(target.as_bytes());
     buffer.extend_from_slice(b" HTTP/1.1\r\n");
-    let fields = parts.headers.iter().chain(appended.iter());
-    for (name, value) in fields {
+    for (name, value) in &parts.headers {
         if name != CONTENT_LENGTH && name != TRANSFER_ENCODING {
             header_line(&mut buffer, name.as_str().as_bytes(), value.as_bytes());
         }
+    }
+    for (name, value) in appended {
+        header_line(&mut buffer, name.as_str().as_bytes(), value.as_bytes());
     }
     let (data, upload, encoding) = match payload {
         Payload::Bytes(bytes) => {
@@ -94,7 +96,7 @@ mod tests {
     use http::Request;
 
     fn head(request: Request<()>, body: &'static [u8]) -> String {
-        head_appending(request, body, Appended::default())
+        head_appending(request, body, &[])
     }
 
     fn head_appending(request: Request<()>, body: &'static [u8], appended: Appended<'_>) -> String {
@@ -110,13 +112,12 @@ mod tests {
             .header("host", "m")
             .body(())
             .expect("request");
-        let (name, value) = (
+        let appended = [(
             http::HeaderName::from_static("x-forwarded-for"),
             http::HeaderValue::from_static("10.0.0.1"),
-        );
-        let appended = Appended::new([None, Some((&name, &value))]);
+        )];
         assert_eq!(
-            head_appending(request, b"", appended),
+            head_appending(request, b"", &appended),
             "GET / HTTP/1.1\r\nhost: m\r\nx-forwarded-for: 10.0.0.1\r\n\r\n"
         );
     }
