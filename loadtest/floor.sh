@@ -67,16 +67,10 @@ stop() {
 
 # "ns user_ticks total_ticks" of the proxy's processes (nginx: master and worker).
 cpu() {
-    local pids
-    pids="$PROXY $(children_of "$PROXY" | tr '\n' ' ')"
-    local ns=0 user=0 total=0 pid
-    for pid in $pids; do
-        ns=$((ns + $(awk '{ s += $1 } END { printf "%.0f", s }' /proc/"$pid"/task/*/schedstat)))
-        read -r u s < <(awk '{ print $14, $15 }' /proc/"$pid"/stat)
-        user=$((user + u))
-        total=$((total + u + s))
-    done
-    echo "$ns $user $total"
+    local pids user system
+    read -ra pids <<<"$PROXY $(children_of "$PROXY" | tr '\n' ' ')"
+    read -r user system < <(cpu_ticks "${pids[@]}")
+    echo "$(cpu_ns "${pids[@]}") $user $((user + system))"
 }
 
 answers() { sed -n 's/^ *"answers": \([0-9]*\),$/\1/p' "$1"; }

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Request, Version};
 
@@ -213,21 +213,14 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Appends the client to `X-Forwarded-For`, folding earlier lines of it into one.
 fn append_forwarded_for(headers: &mut HeaderMap, client: &Peer) {
-    let mut earlier = match headers.entry(&X_FORWARDED_FOR) {
-        Entry::Vacant(entry) => {
-            entry.insert(client.forwarded_for().clone());
-            return;
-        }
-        Entry::Occupied(entry) => entry,
-    };
     let mut value = Vec::new();
-    for line in earlier.iter() {
+    for line in headers.get_all(&X_FORWARDED_FOR) {
         value.extend_from_slice(line.as_bytes());
         value.extend_from_slice(b", ");
     }
     value.extend_from_slice(client.forwarded_for().as_bytes());
     let value = HeaderValue::from_bytes(&value).unwrap_or_else(|_| client.forwarded_for().clone());
-    earlier.insert(value);
+    headers.insert(&X_FORWARDED_FOR, value);
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use http_body::Body as _;
 use super::body::ResponseBody;
 use crate::detach;
 use crate::shadow::{self, Mirror, ShadowTarget};
-use crate::upstream::{Appended, UpstreamBody};
+use crate::upstream::{self, Appended, UpstreamBody};
 
 /// The shadows mirroring one request, as a bit set over `Generation::shadows` (config
 /// validation caps shadows at 64).
@@ -102,9 +102,7 @@ impl MirrorSource {
         // (The body was copied when it was read.)
         let copy = request.zip(self.body).map(|((request, appended), body)| {
             let mut headers = detach::headers(request.headers());
-            for (name, value) in appended {
-                headers.append(name.clone(), value.clone());
-            }
+            upstream::append_to_map(&mut headers, appended);
             PendingMirror {
                 mirrors: self.mirrors,
                 method: request.method().clone(),

@@ -156,10 +156,7 @@ impl Proxy {
         };
         if let Some(upgrade) = upgrade {
             // hyper's client writes the map alone.
-            let headers = request.headers_mut();
-            for (name, value) in appended {
-                headers.append(name.clone(), value.clone());
-            }
+            upstream::append_to_map(request.headers_mut(), appended);
             // Boxed, as the other rare paths here (a JSON body, a mirror's copy, the fallback
             // variant): inline, their futures would size every request's.
             let response = Box::pin(exchange.upgrade(route, request, upgrade)).await;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{HeaderName, HeaderValue, Request, Response, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
 use http_body::{Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -230,8 +230,9 @@ impl Upstream {
                 // rare path, and inline its future would size every request's.
                 let sent = match pooled {
                     Some(connection) => {
-                        let exchange = connection.send(request, appended, idle, deadline, timeout);
-                        let sent = exchange.await;
+                        let sent = connection
+                            .send(request, appended, idle, deadline, timeout)
+                            .await;
                         sent.map(|response| response.map(Body::http1))
                     }
                     None => {
@@ -254,10 +255,7 @@ impl Upstream {
                 }
             }
             Transport::Http2 { connections, .. } => {
-                let headers = request.headers_mut();
-                for (name, value) in appended {
-                    headers.append(name.clone(), value.clone());
-                }
+                append_to_map(request.headers_mut(), appended);
                 // Boxed: its retry and replay state would triple every HTTP/1.1 request's
                 // future; an HTTP/2 request pays one allocation for it.
                 let send = connections.send(request, || Box::pin(self.connect_http2()));
@@ -432,6 +430,14 @@ impl Upstream {
 /// Fields a request gets after its map's, written as lines by abproxy's HTTP/1.1 writer
 /// (`Upstream::send`).
 pub type Appended<'a> = &'a [(HeaderName, HeaderValue)];
+
+/// `appended` in `headers`, for a writer that takes only the map (hyper's clients, a
+/// shadow's copy).
+pub fn append_to_map(headers: &mut HeaderMap, appended: Appended<'_>) {
+    for (name, value) in appended {
+        headers.append(name.clone(), value.clone());
+    }
+}
 
 /// A connection to an upstream before HTTP starts on it: plain TCP, or TLS over it.
 type Stream = tokio_util::either::Either<
