@@ -1273,9 +1273,12 @@ mod tests {
             .expect_err("timeout");
         assert_eq!(err.to_string(), "no complete answer within 300ms");
 
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let down = listener.local_addr().expect("addr");
-        drop(listener);
+        // Bound and never listened on, it refuses; held, no other test's server takes it.
+        let closed = tokio::net::TcpSocket::new_v4().expect("socket");
+        closed
+            .bind("127.0.0.1:0".parse().expect("address"))
+            .expect("bind");
+        let down = closed.local_addr().expect("addr");
         let err = read(&canary, &pointed_at(&canary, down), 10_000, 8_000)
             .await
             .expect_err("down");

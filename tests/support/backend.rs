@@ -170,11 +170,18 @@ impl Backend {
         Self::spawn(name, Behaviour::Reset).await
     }
 
-    /// An address where nothing listens: bound, then released.
+    /// An address where nothing listens, and nothing can: a port bound (without
+    /// `SO_REUSEADDR`) and never listened on refuses connections, and is held for the rest
+    /// of the test process. A port bound and released could be taken by another test's
+    /// server meanwhile, which would then answer (a 404 where a refusal was expected).
     pub async fn down_url() -> String {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        drop(listener);
+        static HELD: Mutex<Vec<tokio::net::TcpSocket>> = Mutex::new(Vec::new());
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("address"))
+            .expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        HELD.lock().expect("lock").push(socket);
         format!("http://{addr}")
     }
 
