@@ -419,6 +419,29 @@ async fn an_answers_fields_reach_the_client_as_they_came_less_the_hop_by_hop_one
     }
 }
 
+/// An answer that must be edited (its `Connection` names a field to drop) is written from a
+/// map: it still names the variant once, abproxy's word over the upstream's.
+#[tokio::test]
+async fn an_edited_answer_names_the_variant_once_and_drops_the_fields_connection_names() {
+    let upstream = answering(
+        b"HTTP/1.1 200 OK\r\nConnection: x-hop\r\nX-Hop: 1\r\nX-Variant: upstream\r\n\
+          X-Model-Version: v7\r\nContent-Length: 2\r\n\r\n{}",
+    )
+    .await;
+    let proxy = Proxy::in_front_of(&upstream).await;
+    let mut wire = Wire::to(&proxy).await;
+    for _ in 0..2 {
+        wire.send(get("/", "a").as_bytes()).await;
+        let answer = wire.answer(false).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(values(&answer, "x-variant"), ["control"]);
+        assert_eq!(answer.header("x-model-version"), Some("v7"));
+        assert_eq!(answer.header("x-hop"), None);
+        assert_eq!(answer.header("connection"), None);
+        assert_eq!(answer.body, b"{}");
+    }
+}
+
 /// hyper's server writes only a response's map: an answer it serves (here to HTTP/1.0)
 /// carries the fields all the same.
 #[tokio::test]

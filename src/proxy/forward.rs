@@ -102,18 +102,24 @@ pub fn upstream_request<'c>(
     grpc_call: bool,
 ) -> Result<(Request<UpstreamBody>, Appended<'c>), http::Error> {
     let headers = &mut parts.headers;
-    // gRPC requires `te: trailers` end to end (it tells servers the client reads trailers).
-    let keeps_te = grpc_call
-        && headers
-            .get(header::TE)
-            .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    remove_hop_by_hop(headers);
-    if keeps_te {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    let mut present = Present::in_map(headers);
+    if present.hop_by_hop {
+        // gRPC requires `te: trailers` end to end (it tells servers the client reads
+        // trailers).
+        let keeps_te = grpc_call
+            && headers
+                .get(header::TE)
+                .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        remove_present_hop_by_hop(headers);
+        if keeps_te {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        // `Connection` may have named any field.
+        present = Present::in_map(headers);
     }
     let host = if !preserve_host {
         Some(upstream.host().clone())
-    } else if headers.contains_key(header::HOST) {
+    } else if present.host {
         None
     } else {
         // HTTP/2 clients send the authority as a pseudo-header, not as `Host`; an HTTP/1.0
@@ -126,7 +132,7 @@ pub fn upstream_request<'c>(
                 .unwrap_or_else(|| upstream.host().clone()),
         )
     };
-    let (uri, version) = if upstream.is_http2() {
+    if upstream.is_http2() {
         // HTTP/2 names the host in `:authority` alone.
         let host = match host {
             Some(host) => host,
@@ -135,44 +141,53 @@ pub fn upstream_request<'c>(
                 .unwrap_or_else(|| upstream.host().clone()),
         };
         headers.remove(header::HOST);
-        (
-            upstream.uri_for(parts.uri.path_and_query(), &host)?,
-            Version::HTTP_2,
-        )
+        parts.uri = upstream.uri_for(parts.uri.path_and_query(), &host)?;
+        parts.version = Version::HTTP_2;
     } else {
-        let uri = upstream.uri_for(parts.uri.path_and_query(), upstream.host())?;
+        parts.uri = upstream.uri_for(parts.uri.path_and_query(), upstream.host())?;
+        parts.version = Version::HTTP_11;
         if let Some(host) = host {
             headers.insert(header::HOST, host);
         }
-        (uri, Version::HTTP_11)
-    };
-    let appended = forwarding(headers, client);
+    }
+    let appended = forwarding(&mut parts.headers, &present, client);
+    Ok((Request::from_parts(parts, body), appended))
+}
 
-    let mut request = Request::new(body);
-    *request.method_mut() = parts.method;
-    *request.uri_mut() = uri;
-    *request.version_mut() = version;
-    *request.headers_mut() = parts.headers;
-    *request.extensions_mut() = parts.extensions;
-    Ok((request, appended))
+/// What one pass over a request's field names finds: most requests carry no hop-by-hop
+/// field and no forwarding field, and a pass over the few names present costs less than a
+/// hashed lookup for each name looked for.
+#[derive(Default)]
+struct Present {
+    hop_by_hop: bool,
+    host: bool,
+    forwarded_for: bool,
+    forwarded_proto: bool,
+}
+
+impl Present {
+    fn in_map(headers: &HeaderMap) -> Present {
+        let mut present = Present::default();
+        for name in headers.keys() {
+            present.hop_by_hop |= is_hop_by_hop(name);
+            present.host |= name == header::HOST;
+            present.forwarded_for |= name == X_FORWARDED_FOR;
+            present.forwarded_proto |= name == X_FORWARDED_PROTO;
+        }
+        present
+    }
 }
 
 /// `X-Forwarded-For` with the client appended, and `X-Forwarded-Proto` unless a load balancer
 /// in front that terminated TLS has said `https` already (its word is kept). Most requests
-/// carry neither: both are then written after the map's fields, found absent by a pass over
-/// the few names present rather than a hashed insert each. A client's own `X-Forwarded-For`
-/// is folded in the map.
-fn forwarding<'c>(headers: &mut HeaderMap, client: &'c Peer) -> Appended<'c> {
-    let (mut has_for, mut has_proto) = (false, false);
-    for name in headers.keys() {
-        has_for |= name == X_FORWARDED_FOR;
-        has_proto |= name == X_FORWARDED_PROTO;
-    }
-    if has_for {
+/// carry neither: both are then written after the map's fields rather than inserted. A
+/// client's own `X-Forwarded-For` is folded in the map.
+fn forwarding<'c>(headers: &mut HeaderMap, present: &Present, client: &'c Peer) -> Appended<'c> {
+    if present.forwarded_for {
         append_forwarded_for(headers, client);
     }
     let [for_field, proto_field] = &client.forwarding;
-    match (has_for, has_proto) {
+    match (present.forwarded_for, present.forwarded_proto) {
         (false, false) => &client.forwarding,
         (false, true) => std::slice::from_ref(for_field),
         (true, false) => std::slice::from_ref(proto_field),
@@ -196,6 +211,11 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
+    remove_present_hop_by_hop(headers);
+}
+
+/// `remove_hop_by_hop` for a map known to hold one at least.
+fn remove_present_hop_by_hop(headers: &mut HeaderMap) {
     // `Connection: keep-alive` or `close` name nothing else to drop: skip the scan.
     let names_fields = headers
         .get_all(header::CONNECTION)
@@ -288,7 +308,8 @@ mod tests {
         for (name, value) in headers {
             map.append(*name, HeaderValue::from_static(value));
         }
-        let written = forwarding(&mut map, &client);
+        let present = Present::in_map(&map);
+        let written = forwarding(&mut map, &present, &client);
         let names = written.iter().map(|(name, _)| name.to_string()).collect();
         let kept = map
             .iter()

@@ -381,10 +381,8 @@ impl Connection {
                 let (proxy, peer) = (proxy.clone(), peer.clone());
                 let request = request.map(ClientBody::Streaming);
                 async move {
-                    let mut response = proxy.handle(request, &peer).await;
-                    // hyper writes the map alone.
-                    super::body::fields_into_map(&mut response);
-                    Ok::<_, Infallible>(response)
+                    let answer = proxy.handle(request, &peer).await;
+                    Ok::<_, Infallible>(answer.into_response())
                 }
             })
         };

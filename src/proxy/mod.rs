@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::request::Parts;
-use http::{Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -29,7 +29,7 @@ use forward::ClientHead;
 pub use forward::Peer;
 pub use listener::{serve, serve_tls};
 
-use crate::config::{Config, Limits};
+use crate::config::Limits;
 use crate::detach;
 use crate::grpc;
 use crate::metrics::{Metrics, VariantMetrics};
@@ -60,11 +60,7 @@ impl Proxy {
     }
 
     /// Serves one client request from start to end on one config generation.
-    pub async fn handle(
-        &self,
-        request: Request<ClientBody>,
-        client: &Peer,
-    ) -> Response<ResponseBody> {
+    pub async fn handle(&self, request: Request<ClientBody>, client: &Peer) -> Answer {
         let _in_flight = InFlight::enter(&self.in_flight);
         let started = Instant::now();
         // The one arc-swap load of this request: it runs on this generation even if a reload
@@ -83,7 +79,7 @@ impl Proxy {
             grpc::is_call(&parts.headers),
         );
         if parts.method == http::Method::CONNECT {
-            return refuse(ProxyError::Connect, tally);
+            return refuse(ProxyError::Connect, tally).into();
         }
 
         // 1. Read the body only when a `json:` source needs it; otherwise it streams through.
@@ -91,7 +87,7 @@ impl Proxy {
         let mut body = if generation.needs_body(&parts) {
             match Box::pin(read_body(&parts, body, limits)).await {
                 Ok(bytes) => RequestBody::Buffered(bytes),
-                Err(err) => return refuse(err, tally),
+                Err(err) => return refuse(err, tally).into(),
             }
         } else {
             RequestBody::Unread(body)
@@ -100,13 +96,14 @@ impl Proxy {
         // 2. Assign the variant that owns the user's bucket.
         let assignment = match generation.assign(&parts, body.buffered()) {
             Ok(assignment) => assignment,
-            Err(err) => return refuse(err.into(), tally),
+            Err(err) => return refuse(err.into(), tally).into(),
         };
-        let route = &generation.routes[assignment.route];
+        let assigned = assignment.route;
+        let route = &generation.routes[assigned];
         // A WebSocket for a variant on HTTP/2 is refused as unassigned: the config cannot
         // serve it, and that is no failure of the variant's.
         if upgrade.is_some() && route.upstream.is_http2() {
-            return refuse(ProxyError::UpgradeOverHttp2(route.name.clone()), tally);
+            return refuse(ProxyError::UpgradeOverHttp2(route.name.clone()), tally).into();
         }
         tally.assign(route.metrics.clone(), assignment.unit);
 
@@ -118,7 +115,7 @@ impl Proxy {
         if !mirrors.is_empty() {
             if let Err(err) = Box::pin(body.buffer_for_mirror(&parts, limits)).await {
                 let response = err.into_response(tally.is_grpc());
-                return answered(route, response, tally, config);
+                return answered(generation, assigned, response, tally);
             }
         }
 
@@ -151,7 +148,7 @@ impl Proxy {
             Ok(request) => request,
             Err(err) => {
                 let response = ProxyError::BadTarget(err).into_response(tally.is_grpc());
-                return answered(route, response, tally, config);
+                return answered(generation, assigned, response, tally);
             }
         };
         if let Some(upgrade) = upgrade {
@@ -160,7 +157,7 @@ impl Proxy {
             // Boxed, as the other rare paths here (a JSON body, a mirror's copy, the fallback
             // variant): inline, their futures would size every request's.
             let response = Box::pin(exchange.upgrade(route, request, upgrade)).await;
-            return answered(route, response, tally, config);
+            return answered(generation, assigned, response, tally);
         }
         // The upstream's time runs from when the request can go: a body still on its way
         // may have been read first (for a `json:` source, for the shadows), on the client's
@@ -170,14 +167,15 @@ impl Proxy {
         } else {
             Instant::now()
         };
-        let (route, response) = match route
+        let (answering, response) = match route
             .upstream
             .send(request, appended, ready.into(), limits.request_timeout)
             .await
         {
-            Ok(answer) => (route, Ok(answer)),
-            Err(failed) => Box::pin(exchange.recover(route, failed, spare, &mut tally)).await,
+            Ok(answer) => (assigned, Ok(answer)),
+            Err(failed) => Box::pin(exchange.recover(assigned, failed, spare, &mut tally)).await,
         };
+        let route = &generation.routes[answering];
 
         // 5. Build the client's response; a successful answer's prediction is read as it
         //    passes.
@@ -200,7 +198,7 @@ impl Proxy {
         }
 
         // 7. Name the variant that answered, and count the request (now, or as its body ends).
-        answered(route, response, tally, config)
+        answered(generation, answering, response, tally)
     }
 
     /// How long a client may leave its answer unread before its connection is cut: as long
@@ -223,18 +221,67 @@ fn refuse(err: ProxyError, tally: Tally) -> Response<ResponseBody> {
     response
 }
 
-/// Stamps the variant header on a response to an assigned request and counts it: now, or
-/// when its body ends.
+/// A response, and the variant that answered it if one did.
+///
+/// The variant's field is written by the response's writer, from the generation the request
+/// ran on: abproxy's HTTP/1.1 server writes it as a line of its own, where an insert into the
+/// map would clone the name and value and hash the name on every request.
+pub struct Answer {
+    response: Response<ResponseBody>,
+    variant: VariantField,
+}
+
+impl Answer {
+    /// The response with the variant's field and the upstream's fields in its map: for a
+    /// writer that reads the map alone (hyper's server).
+    pub fn into_response(self) -> Response<ResponseBody> {
+        let mut response = self.response;
+        body::fields_into_map(&mut response);
+        if let Some((name, value)) = self.variant.get() {
+            response.headers_mut().insert(name.clone(), value.clone());
+        }
+        response
+    }
+
+    /// The response without the variant's field, and the field.
+    pub(crate) fn into_parts(self) -> (Response<ResponseBody>, VariantField) {
+        (self.response, self.variant)
+    }
+}
+
+/// The field that names the variant an answer came from: the request's generation, and the
+/// index of the route that answered in it.
+pub(crate) struct VariantField(Option<(Arc<Generation>, usize)>);
+
+impl VariantField {
+    pub fn get(&self) -> Option<(&HeaderName, &HeaderValue)> {
+        self.0.as_ref().map(|(generation, route)| {
+            (
+                &generation.config.server.variant_header,
+                &generation.routes[*route].header_value,
+            )
+        })
+    }
+}
+
+/// An answer no variant gave.
+impl From<Response<ResponseBody>> for Answer {
+    fn from(response: Response<ResponseBody>) -> Answer {
+        Answer {
+            response,
+            variant: VariantField(None),
+        }
+    }
+}
+
+/// Counts an answer to an assigned request (now, or when its body ends) and names the
+/// variant that gave it, `route` of `generation`.
 fn answered(
-    route: &Route,
+    generation: Arc<Generation>,
+    route: usize,
     mut response: Response<ResponseBody>,
     tally: Tally,
-    config: &Config,
-) -> Response<ResponseBody> {
-    response.headers_mut().insert(
-        config.server.variant_header.clone(),
-        route.header_value.clone(),
-    );
+) -> Answer {
     if tally.is_grpc() {
         // Its status may be a field of the head.
         body::fields_into_map(&mut response);
@@ -243,7 +290,10 @@ fn answered(
     if let Some(ending) = tally.head(response.status(), response.headers(), streams) {
         response.body_mut().count_at_end(ending);
     }
-    response
+    Answer {
+        response,
+        variant: VariantField(Some((generation, route))),
+    }
 }
 
 /// The upstream's answer as the client gets it: without its connection-level headers, its
@@ -265,7 +315,7 @@ struct Exchange<'a> {
     progress: Option<UploadProgress>,
 }
 
-type Answered = Result<(Response<upstream::Body>, Lease), ProxyError>;
+type Reply = Result<(Response<upstream::Body>, Lease), ProxyError>;
 
 impl<'a> Exchange<'a> {
     /// Answers a request its route's upstream did not. One that could not be sent at all (no
@@ -273,19 +323,20 @@ impl<'a> Exchange<'a> {
     /// the route all the same, which the canary guard sees, answered by the fallback.
     async fn recover(
         &self,
-        route: &'a Route,
+        assigned: usize,
         failed: SendError,
         spare: Option<ClientHead>,
         tally: &mut Tally,
-    ) -> (&'a Route, Answered) {
+    ) -> (usize, Reply) {
         let config = &self.generation.config;
-        let (source, request, fallback, spare) = match (failed, route.fallback, spare) {
+        let route = &self.generation.routes[assigned];
+        let (source, request, fallback_index, spare) = match (failed, route.fallback, spare) {
             (SendError::NotSent { source, request }, Some(fallback), Some(spare)) => {
                 (source, request, fallback, spare)
             }
-            (failed, _, _) => return (route, Err(self.failure(route, failed))),
+            (failed, _, _) => return (assigned, Err(self.failure(route, failed))),
         };
-        let fallback = &self.generation.routes[fallback];
+        let fallback = &self.generation.routes[fallback_index];
         tracing::debug!(variant = %route.name, fallback = %fallback.name, error = %source, "upstream unreachable, falling back");
         route.metrics.upstream_error(source.kind);
         route.metrics.fell_back(tally.elapsed(), tally.unit());
@@ -315,7 +366,7 @@ impl<'a> Exchange<'a> {
             },
             Err(err) => Err(ProxyError::BadTarget(err)),
         };
-        (fallback, answer)
+        (fallback_index, answer)
     }
 
     /// Passes an `Upgrade` (WebSocket) to the route's HTTP/1.1 upstream on a connection of its

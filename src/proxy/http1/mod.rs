@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::io::poll_read_buf;
 
 use super::listener::Finish;
-use super::{Peer, Proxy, ResponseBody};
+use super::{Answer, Peer, Proxy, ResponseBody};
 use crate::alarm::Alarm;
 use crate::clock;
 use crate::wire::{self, Encoding, Outgoing, WriteFailure};
@@ -97,7 +97,7 @@ where
                 return Served::HandOff(Rewind::new(connection.io, read));
             }
         };
-        let Some(response) = ({
+        let Some(answer) = ({
             // Made in its pinned place: moved, the 3.5 KB future would be copied.
             let handling = proxy.handle(request, peer);
             tokio::pin!(handling);
@@ -107,7 +107,7 @@ where
             return Served::Closed;
         };
         let (delivered, keep_alive) = {
-            let (outgoing, keep_alive) = connection.outgoing(response, asked, finish);
+            let (outgoing, keep_alive) = connection.outgoing(answer, asked, finish);
             tokio::pin!(outgoing);
             let delivered = poll_fn(|cx| connection.poll_deliver(outgoing.as_mut(), cx)).await;
             connection.head = outgoing.take_buffer();
@@ -232,12 +232,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         &mut self,
         handling: Pin<&mut F>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Response<ResponseBody>>>
+    ) -> Poll<Option<Answer>>
     where
-        F: Future<Output = Response<ResponseBody>>,
+        F: Future<Output = Answer>,
     {
-        if let Poll::Ready(response) = handling.poll(cx) {
-            return Poll::Ready(Some(response));
+        if let Poll::Ready(answer) = handling.poll(cx) {
+            return Poll::Ready(Some(answer));
         }
         if self.client_left(cx) {
             return Poll::Ready(None);
@@ -265,11 +265,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// it is written from rather than in a future of its own moved into this one's.
     fn outgoing(
         &mut self,
-        response: Response<ResponseBody>,
+        answer: Answer,
         asked: Asked,
         finish: &mut Finish,
     ) -> (Outgoing<ResponseBody>, bool) {
         // Rebound and matched in place, never moved: the answer is a few hundred bytes.
+        let (response, variant) = answer.into_parts();
         let (mut parts, mut body) = response.into_parts();
         let interim = parts.status.is_informational();
         if interim {
@@ -283,8 +284,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             ..asked
         };
         let mut head = std::mem::take(&mut self.head);
-        let framed = response::encode(&parts, &body, &asked, &mut head);
-        drop(body.take_fields());
+        let framed = response::encode(&parts, &body, variant.get(), &asked, &mut head);
+        drop((variant, body.take_fields()));
         parts.headers.clear();
         self.headers = Some(parts.headers);
         let mut outgoing = match framed.encoding {

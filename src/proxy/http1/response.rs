@@ -2,7 +2,7 @@
 
 use std::io::Write as _;
 
-use http::header;
+use http::header::{self, HeaderName, HeaderValue};
 use http::response::Parts;
 use http::StatusCode;
 use http_body::Body as _;
@@ -31,10 +31,12 @@ pub(super) struct Framed {
 /// Encodes `parts` into `buffer` (cleared first), with the framing its body needs: the
 /// answer's own `content-length` if it has one, else the body's exact length, else chunked.
 /// An upstream answer's fields that pass through as they came are written first, less the
-/// hop-by-hop ones, then the map's.
+/// hop-by-hop ones, then the map's, then the field that names the variant (which replaces
+/// any of that name: the name is abproxy's to say).
 pub(super) fn encode(
     parts: &Parts,
     body: &ResponseBody,
+    variant: Option<(&HeaderName, &HeaderValue)>,
     asked: &Asked,
     buffer: &mut Vec<u8>,
 ) -> Framed {
@@ -58,13 +60,15 @@ pub(super) fn encode(
         says_close: false,
         dated: false,
     };
+    let is_variant = |name: &[u8]| variant.is_some_and(|(variant, _)| is_named(name, variant));
     if let Some(fields) = body.fields() {
-        // The map holds what abproxy says itself (the variant's header): its names are not
-        // the upstream's to say as well.
+        // The map holds what abproxy says itself: its names are not the upstream's to say as
+        // well.
         let said_here = |name: &[u8]| parts.headers.keys().any(|key| is_named(name, key));
         for field in fields.iter() {
             if !is_hop_by_hop(field.name)
                 && !said_here(field.name)
+                && !is_variant(field.name)
                 && lines.admits(field.name, field.value)
             {
                 lines.buffer.extend_from_slice(field.line);
@@ -74,9 +78,12 @@ pub(super) fn encode(
     }
     for (name, value) in &parts.headers {
         let (name, value) = (name.as_str().as_bytes(), value.as_bytes());
-        if lines.admits(name, value) {
+        if !is_variant(name) && lines.admits(name, value) {
             header_line(lines.buffer, name, value);
         }
+    }
+    if let Some((name, value)) = variant {
+        header_line(lines.buffer, name.as_str().as_bytes(), value.as_bytes());
     }
     let Lines {
         buffer,
@@ -204,7 +211,7 @@ mod tests {
     fn written(response: Response<ResponseBody>, asked: &Asked) -> (String, Framed) {
         let (parts, body) = response.into_parts();
         let mut buffer = Vec::new();
-        let framed = encode(&parts, &body, asked, &mut buffer);
+        let framed = encode(&parts, &body, None, asked, &mut buffer);
         let text = String::from_utf8(buffer).expect("ascii");
         let without_date = text
             .lines()
@@ -232,6 +239,29 @@ mod tests {
         );
         assert!(matches!(framed.encoding, Some(Encoding::Length(2))));
         assert!(framed.keep_alive);
+    }
+
+    #[test]
+    fn the_variant_is_named_once_after_the_maps_fields_in_place_of_the_upstreams_word() {
+        let response = Response::builder()
+            .header("content-type", "application/json")
+            .header("X-Variant", "upstream")
+            .body(full("{}"))
+            .expect("response");
+        let (parts, body) = response.into_parts();
+        let name = HeaderName::from_static("x-variant");
+        let value = HeaderValue::from_static("treatment");
+        let mut buffer = Vec::new();
+        encode(&parts, &body, Some((&name, &value)), &asked(), &mut buffer);
+        let text = String::from_utf8(buffer).expect("ascii");
+        assert!(
+            text.starts_with(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-variant: treatment\r\n\
+                 content-length: 2\r\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(text.matches("x-variant").count(), 1, "{text}");
     }
 
     #[test]
