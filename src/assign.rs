@@ -8,9 +8,9 @@ use std::fmt;
 use std::str::FromStr;
 
 use http::header::{HeaderName, COOKIE};
-use http::request::Parts;
 use sha2::{Digest, Sha256};
 
+use crate::head::RequestHead;
 use crate::json_pointer::JsonPointer;
 
 /// `int.from_bytes(SHA-256(salt ‖ user_id), "big") mod buckets`, reducing all 256 bits.
@@ -103,23 +103,26 @@ impl UserIdSource {
     ///
     /// Absent, empty and unreadable values (a malformed JSON body, a non-UTF-8 header) all
     /// yield `None` so that the next source gets its turn rather than the request failing.
-    pub fn extract<'a>(&self, parts: &'a Parts, body: Option<&[u8]>) -> Option<Cow<'a, str>> {
+    pub fn extract<'a>(
+        &self,
+        head: impl Into<RequestHead<'a>>,
+        body: Option<&[u8]>,
+    ) -> Option<Cow<'a, str>> {
+        let head = head.into();
         let found = match self {
-            UserIdSource::Header(name) => parts
-                .headers
+            UserIdSource::Header(name) => head
                 .get(name)
-                .and_then(|value| std::str::from_utf8(value.as_bytes()).ok())
+                .and_then(|value| std::str::from_utf8(value).ok())
                 .map(|value| Cow::Borrowed(value.trim())),
-            UserIdSource::Cookie(name) => parts
-                .headers
-                .get_all(COOKIE)
-                .iter()
-                .filter_map(|value| std::str::from_utf8(value.as_bytes()).ok())
+            UserIdSource::Cookie(name) => head
+                .get_all(&COOKIE)
+                .filter_map(|value| std::str::from_utf8(value).ok())
                 .find_map(|header| cookie_value(header, name))
                 .map(Cow::Borrowed),
-            UserIdSource::Query(name) => {
-                parts.uri.query().and_then(|query| query_value(query, name))
-            }
+            UserIdSource::Query(name) => head
+                .uri()
+                .query()
+                .and_then(|query| query_value(query, name)),
             UserIdSource::Json(pointer) => body
                 .and_then(|body| json_value(body, pointer))
                 .map(Cow::Owned),
@@ -244,7 +247,7 @@ impl Split {
 mod tests {
     use super::*;
 
-    fn request(uri: &str, headers: &[(&str, &str)]) -> Parts {
+    fn request(uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
         let mut builder = http::Request::builder().uri(uri);
         for (name, value) in headers {
             builder = builder.header(*name, *value);

@@ -6,16 +6,17 @@
 
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 
+use crate::head::RequestHead;
+
 pub static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 pub static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// Whether a request is a gRPC call (`application/grpc`, `application/grpc+proto`, …).
 /// gRPC-Web (`application/grpc-web…`) is not: its status travels inside the body, and to
 /// abproxy it is an ordinary HTTP exchange.
-pub fn is_call(headers: &HeaderMap) -> bool {
-    headers.get(CONTENT_TYPE).is_some_and(|value| {
+pub fn is_call<'a>(head: impl Into<RequestHead<'a>>) -> bool {
+    head.into().get(&CONTENT_TYPE).is_some_and(|value| {
         value
-            .as_bytes()
             .strip_prefix(b"application/grpc")
             .is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
     })
@@ -174,18 +175,30 @@ mod tests {
             CONTENT_TYPE,
             HeaderValue::from_static("application/grpc+proto"),
         );
-        assert!(is_call(&headers));
+        assert!(is_call(RequestHead::new(
+            &Default::default(),
+            &headers,
+            None
+        )));
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        assert!(!is_call(&headers));
+        assert!(!is_call(RequestHead::new(
+            &Default::default(),
+            &headers,
+            None
+        )));
         headers.insert(
             CONTENT_TYPE,
             HeaderValue::from_static("application/grpc-web+proto"),
         );
         assert!(
-            !is_call(&headers),
+            !is_call(RequestHead::new(&Default::default(), &headers, None)),
             "gRPC-Web carries its status in the body"
         );
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        assert!(is_call(&headers));
+        assert!(is_call(RequestHead::new(
+            &Default::default(),
+            &headers,
+            None
+        )));
     }
 }

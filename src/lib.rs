@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 mod detach;
 pub mod grpc;
+pub mod head;
 pub mod http_client;
 pub mod json_pointer;
 pub mod metrics;

@@ -7,11 +7,11 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::header::{HeaderName, HeaderValue};
-use http::request::Parts;
 
 use crate::assign::{hash, OnMissing, Split};
 use crate::canary::Guard;
 use crate::config::{Config, Loaded};
+use crate::head::RequestHead;
 use crate::metrics::{Metrics, VariantMetrics};
 use crate::prediction::Predictions;
 use crate::shadow::{Background, ShadowTarget};
@@ -29,6 +29,10 @@ pub struct Generation {
     pub shadows: Box<[Arc<ShadowTarget>]>,
     /// True when a `json:` source may need the request body read before routing.
     pub reads_body: bool,
+    /// True when no request needs its fields in a map on its way upstream: requests whose
+    /// fields came as lines (see `head`) pass them on as they came. A mirror's copy, a
+    /// fallback's, an HTTP/2 upstream and a `Host` of abproxy's own each need the map.
+    pub passes_lines: bool,
 }
 
 /// One variant as the request path sees it.
@@ -92,6 +96,11 @@ impl Generation {
         let Loaded { config, sha256 } = loaded;
         let routes = build_routes(&config, previous, metrics, guard);
         let shadows = build_shadows(&config, previous, metrics, background);
+        let passes_lines = config.server.preserve_host
+            && shadows.is_empty()
+            && routes
+                .iter()
+                .all(|route| route.fallback.is_none() && !route.upstream.is_http2());
         Generation {
             number,
             sha256,
@@ -104,12 +113,14 @@ impl Generation {
             config,
             routes,
             shadows,
+            passes_lines,
         }
     }
 
     /// Whether this request's user ID may be in its body: a `json:` source comes before any
     /// source that already found one. A header that decides spares the body from buffering.
-    pub fn needs_body(&self, parts: &Parts) -> bool {
+    pub fn needs_body<'a>(&self, head: impl Into<RequestHead<'a>>) -> bool {
+        let head = head.into();
         self.reads_body
             && !self
                 .config
@@ -117,21 +128,22 @@ impl Generation {
                 .sources
                 .iter()
                 .take_while(|source| !source.needs_body())
-                .any(|source| source.extract(parts, None).is_some())
+                .any(|source| source.extract(head, None).is_some())
     }
 
     /// Picks the variant for a request: override header, then user ID sources, then `on_missing`.
     pub fn assign<'a>(
         &self,
-        parts: &'a Parts,
+        head: impl Into<RequestHead<'a>>,
         body: Option<&[u8]>,
     ) -> Result<Assignment<'a>, AssignError> {
+        let head = head.into();
         let assignment = &self.config.assignment;
         let user_id = assignment
             .sources
             .iter()
-            .find_map(|source| source.extract(parts, body));
-        if let Some(forced) = self.forced_route(parts)? {
+            .find_map(|source| source.extract(head, body));
+        if let Some(forced) = self.forced_route(head)? {
             return Ok(Assignment {
                 route: forced,
                 user_id,
@@ -168,14 +180,23 @@ impl Generation {
     }
 
     /// The route named by the override header, when one is configured and present.
-    fn forced_route(&self, parts: &Parts) -> Result<Option<usize>, AssignError> {
+    fn forced_route(&self, head: RequestHead<'_>) -> Result<Option<usize>, AssignError> {
         let Some(header) = &self.config.assignment.override_header else {
             return Ok(None);
         };
-        let Some(value) = parts.headers.get(header) else {
+        let Some(value) = head.get(header) else {
             return Ok(None);
         };
-        let name = value.to_str().unwrap_or_default().trim();
+        // Only visible ASCII names a variant (as `HeaderValue::to_str` reads it).
+        let name = if value
+            .iter()
+            .all(|&byte| byte == b'\t' || (b' '..=b'~').contains(&byte))
+        {
+            std::str::from_utf8(value).unwrap_or_default()
+        } else {
+            ""
+        };
+        let name = name.trim();
         self.routes
             .iter()
             .position(|route| route.name == name)

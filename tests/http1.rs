@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::backend::{answering, FIELDS_AS_SENT};
+use support::backend::{answering, answering_and_keeping_heads, FIELDS_AS_SENT};
 use support::{variants, Backend, Proxy};
 
 /// A client connection that writes bytes as given and reads answers one by one.
@@ -417,6 +417,63 @@ async fn an_answers_fields_reach_the_client_as_they_came_less_the_hop_by_hop_one
         );
         assert_eq!(answer.header("connection"), None);
     }
+}
+
+/// A request's fields reach the upstream as the client sent them (their case, order and
+/// spacing, a repeated one on each of its lines), less the hop-by-hop ones, with the
+/// forwarding fields after them.
+#[tokio::test]
+async fn a_requests_fields_reach_the_upstream_as_they_came_less_the_hop_by_hop_ones() {
+    let (upstream, heads) =
+        answering_and_keeping_heads(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").await;
+    let proxy = Proxy::in_front_of(&upstream).await;
+    let mut wire = Wire::to(&proxy).await;
+    wire.send(
+        b"GET /v1/m?q=1 HTTP/1.1\r\nHost: models.example\r\nX-User-Id: a\r\nAccept:  */*\r\n\
+          X-Tag: 1\r\nTE: trailers\r\nKeep-Alive: timeout=5\r\nConnection: keep-alive\r\n\
+          Proxy-Connection: keep-alive\r\nX-Forwarded-Proto: https\r\nX-Tag: 2\r\n\r\n",
+    )
+    .await;
+    let answer = wire.answer(false).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("x-variant"), Some("control"));
+    let heads = heads.lock().expect("heads").clone();
+    assert_eq!(
+        heads,
+        [
+            "GET /v1/m?q=1 HTTP/1.1\r\nHost: models.example\r\nX-User-Id: a\r\nAccept:  */*\r\n\
+          X-Tag: 1\r\nX-Forwarded-Proto: https\r\nX-Tag: 2\r\nx-forwarded-for: 127.0.0.1\r\n\r\n"
+        ]
+    );
+}
+
+/// A request with a field to edit (an `X-Forwarded-For` to append the client to) is sent from
+/// its map, and a request without `Host` gets one.
+#[tokio::test]
+async fn a_request_with_fields_to_edit_reaches_the_upstream_edited() {
+    let (upstream, heads) =
+        answering_and_keeping_heads(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").await;
+    let proxy = Proxy::in_front_of(&upstream).await;
+    let mut wire = Wire::to(&proxy).await;
+    wire.send(b"GET / HTTP/1.1\r\nHost: m\r\nX-Forwarded-For: 10.0.0.1\r\nX-Tag: 1\r\n\r\n")
+        .await;
+    assert_eq!(wire.answer(false).await.status, 200);
+    wire.send(b"GET / HTTP/1.1\r\nX-Tag: 1\r\n\r\n").await;
+    assert_eq!(wire.answer(false).await.status, 200);
+    let heads = heads.lock().expect("heads").clone();
+    assert_eq!(
+        heads,
+        [
+            "GET / HTTP/1.1\r\nhost: m\r\nx-forwarded-for: 10.0.0.1, 127.0.0.1\r\nx-tag: 1\r\n\
+             x-forwarded-proto: http\r\n\r\n"
+                .to_owned(),
+            format!(
+                "GET / HTTP/1.1\r\nhost: {}\r\nX-Tag: 1\r\nx-forwarded-for: 127.0.0.1\r\n\
+                 x-forwarded-proto: http\r\n\r\n",
+                upstream.trim_start_matches("http://")
+            ),
+        ]
+    );
 }
 
 /// An answer that must be edited (its `Connection` names a field to drop) is written from a

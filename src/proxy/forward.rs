@@ -10,7 +10,7 @@ use http::request::Parts;
 use http::{Request, Version};
 
 use crate::upstream::{Appended, Upstream, UpstreamBody};
-use crate::wire::{self, names_listed_in};
+use crate::wire::{self, names_listed_in, Fields};
 
 static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
@@ -22,7 +22,7 @@ static HOP_BY_HOP: [HeaderName; 7] = [
     header::PROXY_AUTHENTICATE,
 ];
 
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(super) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// The client end of a connection, with its forwarding fields made once per connection
@@ -95,6 +95,7 @@ impl ClientHead {
 /// content-type is read once).
 pub fn upstream_request<'c>(
     mut parts: Parts,
+    lines: Option<&'c Fields>,
     body: UpstreamBody,
     upstream: &Upstream,
     client: &'c Peer,
@@ -103,6 +104,9 @@ pub fn upstream_request<'c>(
 ) -> Result<(Request<UpstreamBody>, Appended<'c>), http::Error> {
     let headers = &mut parts.headers;
     let mut present = Present::in_map(headers);
+    if let Some(lines) = lines {
+        present.note_lines(lines);
+    }
     if present.hop_by_hop {
         // gRPC requires `te: trailers` end to end (it tells servers the client reads
         // trailers).
@@ -150,7 +154,10 @@ pub fn upstream_request<'c>(
             headers.insert(header::HOST, host);
         }
     }
-    let appended = forwarding(&mut parts.headers, &present, client);
+    let appended = Appended {
+        lines,
+        fields: forwarding(&mut parts.headers, &present, client),
+    };
     Ok((Request::from_parts(parts, body), appended))
 }
 
@@ -159,6 +166,7 @@ pub fn upstream_request<'c>(
 /// hashed lookup for each name looked for.
 #[derive(Default)]
 struct Present {
+    /// In the map: fields that came as lines are filtered as they are written.
     hop_by_hop: bool,
     host: bool,
     forwarded_for: bool,
@@ -176,13 +184,26 @@ impl Present {
         }
         present
     }
+
+    /// Notes the fields that came as lines: none is an `X-Forwarded-For` (its request's
+    /// fields are in the map, to fold the client into it).
+    fn note_lines(&mut self, lines: &Fields) {
+        for field in lines.iter() {
+            self.host |= wire::is_named(field.name, &header::HOST);
+            self.forwarded_proto |= wire::is_named(field.name, &X_FORWARDED_PROTO);
+        }
+    }
 }
 
 /// `X-Forwarded-For` with the client appended, and `X-Forwarded-Proto` unless a load balancer
 /// in front that terminated TLS has said `https` already (its word is kept). Most requests
 /// carry neither: both are then written after the map's fields rather than inserted. A
 /// client's own `X-Forwarded-For` is folded in the map.
-fn forwarding<'c>(headers: &mut HeaderMap, present: &Present, client: &'c Peer) -> Appended<'c> {
+fn forwarding<'c>(
+    headers: &mut HeaderMap,
+    present: &Present,
+    client: &'c Peer,
+) -> &'c [(HeaderName, HeaderValue)] {
     if present.forwarded_for {
         append_forwarded_for(headers, client);
     }

@@ -381,7 +381,7 @@ impl Connection {
                 let (proxy, peer) = (proxy.clone(), peer.clone());
                 let request = request.map(ClientBody::Streaming);
                 async move {
-                    let answer = proxy.handle(request, &peer).await;
+                    let answer = proxy.handle(request, None, &peer).await;
                     Ok::<_, Infallible>(answer.into_response())
                 }
             })

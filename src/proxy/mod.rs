@@ -32,12 +32,14 @@ pub use listener::{serve, serve_tls};
 use crate::config::Limits;
 use crate::detach;
 use crate::grpc;
+use crate::head::RequestHead;
 use crate::metrics::{Metrics, VariantMetrics};
 use crate::route::{Generation, Route};
 use crate::upstream::{
     self, client_went_away, Lease, SendError, Upload, UploadError, UploadProgress, UpstreamBody,
     UpstreamErrorKind,
 };
+use crate::wire::Fields;
 use mirror::Mirrors;
 use tally::Tally;
 use upgrade::Upgrade;
@@ -59,8 +61,14 @@ impl Proxy {
         }
     }
 
-    /// Serves one client request from start to end on one config generation.
-    pub async fn handle(&self, request: Request<ClientBody>, client: &Peer) -> Answer {
+    /// Serves one client request from start to end on one config generation. `lines`: the
+    /// request's fields as they came, if its map is empty (see `head`).
+    pub(crate) async fn handle(
+        &self,
+        request: Request<ClientBody>,
+        lines: Option<Fields>,
+        client: &Peer,
+    ) -> Answer {
         let _in_flight = InFlight::enter(&self.in_flight);
         let started = Instant::now();
         // The one arc-swap load of this request: it runs on this generation even if a reload
@@ -73,18 +81,25 @@ impl Proxy {
             ClientBody::Complete(_) => (None, true),
             ClientBody::Streaming(_) => (Upgrade::requested(&mut parts), false),
         };
-        let mut tally = Tally::new(
-            self.unassigned.clone(),
-            started,
-            grpc::is_call(&parts.headers),
-        );
+        let grpc_call = grpc::is_call(RequestHead::new(&parts.uri, &parts.headers, lines.as_ref()));
+        // Fields that came as lines are passed on so, unless something on the request's way
+        // reads a map: a gRPC call's `te` is kept, and the generation may need one.
+        let lines = match lines {
+            Some(lines) if grpc_call || !generation.passes_lines => {
+                lines.append_to(&mut parts.headers);
+                None
+            }
+            lines => lines,
+        };
+        let head = RequestHead::new(&parts.uri, &parts.headers, lines.as_ref());
+        let mut tally = Tally::new(self.unassigned.clone(), started, grpc_call);
         if parts.method == http::Method::CONNECT {
             return refuse(ProxyError::Connect, tally).into();
         }
 
         // 1. Read the body only when a `json:` source needs it; otherwise it streams through.
         let limits = &config.limits;
-        let mut body = if generation.needs_body(&parts) {
+        let mut body = if generation.needs_body(head) {
             match Box::pin(read_body(&parts, body, limits)).await {
                 Ok(bytes) => RequestBody::Buffered(bytes),
                 Err(err) => return refuse(err, tally).into(),
@@ -94,7 +109,7 @@ impl Proxy {
         };
 
         // 2. Assign the variant that owns the user's bucket.
-        let assignment = match generation.assign(&parts, body.buffered()) {
+        let assignment = match generation.assign(head, body.buffered()) {
             Ok(assignment) => assignment,
             Err(err) => return refuse(err.into(), tally).into(),
         };
@@ -128,6 +143,7 @@ impl Proxy {
         let (upload, progress) = body.into_upstream(limits.client_body_timeout);
         let request = forward::upstream_request(
             parts,
+            lines.as_ref(),
             upload,
             &route.upstream,
             client,
@@ -344,6 +360,7 @@ impl<'a> Exchange<'a> {
         let body = request.0.into_body();
         let request = forward::upstream_request(
             spare.into_parts(),
+            None,
             body,
             &fallback.upstream,
             self.client,

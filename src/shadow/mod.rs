@@ -30,7 +30,7 @@ pub use log::ShadowLog;
 use crate::assign::bucket;
 use crate::config::{self, hex};
 use crate::metrics::{Metrics, ShadowMetrics};
-use crate::upstream::UpstreamErrorKind;
+use crate::upstream::{Appended, UpstreamErrorKind};
 use crate::upstream::{SendError, Upstream};
 
 static SHADOW_MARKER: HeaderName = HeaderName::from_static("x-abproxy-shadow");
@@ -334,7 +334,12 @@ impl Worker {
         // The lease lives until the body has been read, as the connection is busy until then.
         let (response, _lease) = match self
             .upstream
-            .send(request, &[], Instant::now().into(), self.config.timeout)
+            .send(
+                request,
+                Appended::default(),
+                Instant::now().into(),
+                self.config.timeout,
+            )
             .await
         {
             Ok(answer) => answer,

@@ -42,7 +42,7 @@ pub use upload::{Upload, UploadError, UploadProgress};
 
 use crate::config::{self, Protocol};
 use crate::detach;
-use crate::wire::Fields;
+use crate::wire::{self, Fields};
 use connect::dial;
 use multiplex::{Multiplexed, Returnable};
 
@@ -193,10 +193,13 @@ impl Upstream {
     ///
     /// `appended`: fields the request gets after its map's. abproxy's HTTP/1.1 writer
     /// appends a line for each, where an insert into the map would hash the name (the
-    /// forwarding fields, on nearly every request); hyper's HTTP/2 client gets them in the
-    /// map. None of them may be in the map already, nor be a framing or hop-by-hop field. A
-    /// request given back unsent (`SendError::NotSent`) may or may not have them in its map:
-    /// build it again rather than send it on.
+    /// client's fields as they came, and the forwarding fields, on nearly every request);
+    /// hyper's HTTP/2 client gets them in the map. None of them may be in the map already,
+    /// nor be a forwarding field as well as a line, and of the lines the hop-by-hop and
+    /// framing ones are left out. A request given back unsent (`SendError::NotSent`) may or
+    /// may not have them in its map: build it again rather than send it on. A request that
+    /// waits for a connection's place copies its map (`detach`), but the lines are
+    /// borrowed: it keeps its head's bytes while it waits.
     ///
     /// Most HTTP/1.1 answers keep their fields as they came, in the body (`Body::fields`),
     /// and leave the response's map empty.
@@ -428,13 +431,37 @@ impl Upstream {
 }
 
 /// Fields a request gets after its map's, written as lines by abproxy's HTTP/1.1 writer
-/// (`Upstream::send`).
-pub type Appended<'a> = &'a [(HeaderName, HeaderValue)];
+/// (`Upstream::send`), where inserts into the map would parse and hash each name.
+#[derive(Clone, Copy, Default)]
+pub struct Appended<'a> {
+    /// The client's fields as they came (its map then holds only fields abproxy set), less
+    /// the hop-by-hop and framing ones.
+    pub(crate) lines: Option<&'a Fields>,
+    /// Fields abproxy adds (the forwarding ones).
+    pub fields: &'a [(HeaderName, HeaderValue)],
+}
+
+impl<'a> Appended<'a> {
+    /// The lines that go on.
+    pub(crate) fn lines(&self) -> impl Iterator<Item = wire::Field<'a>> + 'a {
+        let lines = self.lines.into_iter().flat_map(Fields::iter);
+        lines.filter(|field| passes_on(field.name))
+    }
+}
+
+/// Whether a client's field goes upstream as it came: a hop-by-hop field is the client
+/// connection's, and framing is the writer's to say.
+fn passes_on(name: &[u8]) -> bool {
+    !wire::is_hop_by_hop(name) && !wire::is_named(name, &http::header::CONTENT_LENGTH)
+}
 
 /// `appended` in `headers`, for a writer that takes only the map (hyper's clients, a
 /// shadow's copy).
 pub fn append_to_map(headers: &mut HeaderMap, appended: Appended<'_>) {
-    for (name, value) in appended {
+    if let Some(lines) = appended.lines {
+        lines.append_those_to(headers, passes_on);
+    }
+    for (name, value) in appended.fields {
         headers.append(name.clone(), value.clone());
     }
 }

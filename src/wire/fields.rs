@@ -29,10 +29,10 @@ pub(crate) enum InvalidField {
     Value(HeaderName),
 }
 
-/// An answer's fields as its upstream sent them: its head, split off the read buffer after
-/// the parser accepted it, and where each field lies. An answer passed through is written
-/// out from these, where a map would cost a name parse, a hashed insert and a reference
-/// count a field.
+/// A head's fields as its sender sent them: the head, split off the read buffer after the
+/// parser accepted it, and where each field lies. An upstream's answer, or a client's
+/// request, passed through is written out from these, where a map would cost a name parse,
+/// a hashed insert and a reference count a field.
 #[derive(Debug)]
 pub(crate) struct Fields {
     head: Bytes,
@@ -64,18 +64,46 @@ impl Fields {
         })
     }
 
-    /// The fields appended to `headers`, for a writer that takes a map: values share the
-    /// head's bytes.
-    pub(crate) fn append_to(self, headers: &mut HeaderMap) {
+    /// The value of the first field named `name` (in any case).
+    pub(crate) fn value(&self, name: &HeaderName) -> Option<&[u8]> {
+        let name = name.as_str().as_bytes();
+        let span = self
+            .spans
+            .iter()
+            .find(|span| self.head[range(span.name)].eq_ignore_ascii_case(name))?;
+        Some(&self.head[range(span.value)])
+    }
+
+    /// The values of the fields named `name` (in any case), in order.
+    pub(crate) fn values<'s, 'n>(
+        &'s self,
+        name: &'n HeaderName,
+    ) -> impl Iterator<Item = &'s [u8]> + 'n
+    where
+        's: 'n,
+    {
+        self.iter()
+            .filter(move |field| super::is_named(field.name, name))
+            .map(|field| field.value)
+    }
+
+    /// The fields appended to `headers`, for a writer or reader that takes a map: values
+    /// share the head's bytes.
+    pub(crate) fn append_to(&self, headers: &mut HeaderMap) {
+        self.append_those_to(headers, |_| true);
+    }
+
+    /// `append_to`, of the fields whose name `keep` keeps.
+    pub(crate) fn append_those_to(&self, headers: &mut HeaderMap, keep: impl Fn(&[u8]) -> bool) {
         headers.reserve(self.spans.len());
-        for Field { name, value, .. } in self.iter() {
+        for Field { name, value, .. } in self.iter().filter(|field| keep(field.name)) {
             // The parser checks names and values as `http` does: neither fails here, but for
             // a name over 64 KiB (in a head read whole in one large read).
             let (Ok(name), Ok(value)) = (
                 field_name(name),
                 HeaderValue::from_maybe_shared(self.head.slice_ref(value)),
             ) else {
-                tracing::debug!(field = %String::from_utf8_lossy(name), "answer field dropped: not a valid header");
+                tracing::debug!(field = %String::from_utf8_lossy(name), "field dropped: not a valid header");
                 continue;
             };
             headers.append(name, value);

@@ -364,18 +364,31 @@ pub const FIELDS_AS_SENT: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application
 /// An upstream that answers every request on a connection with `reply`, bytes as given: for
 /// answers a hyper server would not write.
 pub async fn answering(reply: &'static [u8]) -> String {
+    answering_and_keeping_heads(reply).await.0
+}
+
+/// The request heads an upstream read, each as it came (bodiless requests only).
+pub type Heads = Arc<Mutex<Vec<String>>>;
+
+/// `answering`, keeping the heads of the requests it answered.
+pub async fn answering_and_keeping_heads(reply: &'static [u8]) -> (String, Heads) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let heads = Heads::default();
+    let kept = heads.clone();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
+            let kept = kept.clone();
             tokio::spawn(async move {
                 let mut seen = Vec::new();
                 let mut buf = [0; 4096];
                 while let Ok(read @ 1..) = stream.read(&mut buf).await {
                     seen.extend_from_slice(&buf[..read]);
                     while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        seen.drain(..end + 4);
+                        let head = seen.drain(..end + 4).collect::<Vec<_>>();
+                        let head = String::from_utf8_lossy(&head).into_owned();
+                        kept.lock().expect("heads").push(head);
                         if stream.write_all(reply).await.is_err() {
                             return;
                         }
@@ -384,5 +397,5 @@ pub async fn answering(reply: &'static [u8]) -> String {
             });
         }
     });
-    url
+    (url, heads)
 }

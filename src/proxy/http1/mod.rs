@@ -78,28 +78,30 @@ where
         let deadline = Instant::from_std(clock::coarse_now()) + header_timeout;
         // No step's values are bound past it, so that what each holds (the request, its
         // 3.5 KB future, the answer) shares its room in this future with the next step's.
-        let (request, asked) = match connection.next_request(&mut alarm, deadline, finish).await {
-            Next::Request(Parsed {
-                request,
-                keep_alive,
-                trailers,
-            }) => {
-                let asked = Asked {
-                    head: request.method() == Method::HEAD,
+        let (request, lines, asked) =
+            match connection.next_request(&mut alarm, deadline, finish).await {
+                Next::Request(Parsed {
+                    request,
+                    lines,
                     keep_alive,
                     trailers,
-                };
-                (request, asked)
-            }
-            Next::Closed => return Served::Closed,
-            Next::Other => {
-                let read = connection.read.freeze();
-                return Served::HandOff(Rewind::new(connection.io, read));
-            }
-        };
+                }) => {
+                    let asked = Asked {
+                        head: request.method() == Method::HEAD,
+                        keep_alive,
+                        trailers,
+                    };
+                    (request, lines, asked)
+                }
+                Next::Closed => return Served::Closed,
+                Next::Other => {
+                    let read = connection.read.freeze();
+                    return Served::HandOff(Rewind::new(connection.io, read));
+                }
+            };
         let Some(answer) = ({
             // Made in its pinned place: moved, the 3.5 KB future would be copied.
-            let handling = proxy.handle(request, peer);
+            let handling = proxy.handle(request, lines, peer);
             tokio::pin!(handling);
             poll_fn(|cx| connection.poll_answer(handling.as_mut(), cx)).await
         }) else {

@@ -7,8 +7,11 @@ use http::header::{self, HeaderName};
 use http::{HeaderMap, Method, Request, Uri, Version};
 
 use super::LONGEST_HEAD;
+use crate::proxy::forward::X_FORWARDED_FOR;
 use crate::proxy::ClientBody;
-use crate::wire::{content_length, fill, is_named, lists, locate, within, Span};
+use crate::wire::{
+    content_length, fill, is_named, lists, locate, names_fields, within, Fields, Span,
+};
 
 /// More header lines than this go to hyper, which takes up to 100.
 const MOST_HEADERS: usize = 64;
@@ -30,7 +33,11 @@ pub(super) enum Head {
 }
 
 pub(super) struct Parsed {
+    /// Its map is empty when `lines` holds its fields.
     pub request: Request<ClientBody>,
+    /// The request's fields as they came, when none needs editing on the way upstream (see
+    /// `Facts::edited`): passed on as they came, with no map filled.
+    pub lines: Option<Fields>,
     /// HTTP/1.1's default, unless the client said `Connection: close`.
     pub keep_alive: bool,
     /// The client takes trailers (`TE: trailers`).
@@ -46,6 +53,9 @@ struct Facts {
     /// Anything served by hyper: a chunked or `Expect`ing body, an upgrade, repeated or
     /// unreadable lengths.
     other: bool,
+    /// A field to edit on the way upstream: a `Connection` that names fields to drop with
+    /// it, or an `X-Forwarded-For` to append the client to.
+    edited: bool,
 }
 
 impl Facts {
@@ -63,6 +73,9 @@ impl Facts {
             }
         } else if is(&header::CONNECTION) {
             self.close |= lists(value, b"close");
+            self.edited |= names_fields(value);
+        } else if is(&X_FORWARDED_FOR) {
+            self.edited = true;
         } else if is(&header::TE) {
             self.trailers |= lists(value, b"trailers");
         } else if is(&header::TRANSFER_ENCODING) || is(&header::EXPECT) || is(&header::UPGRADE) {
@@ -120,16 +133,23 @@ pub(super) fn parse(buffer: &mut BytesMut, headers: &mut Option<HeaderMap>) -> H
     let Ok(uri) = Uri::from_maybe_shared(slice(target)) else {
         return rejoined(message, buffer);
     };
-    let mut map = headers.take().unwrap_or_default();
-    map.clear();
-    map.reserve(spans.len());
-    if fill(&mut map, &message, spans).is_err() {
-        return rejoined(message, buffer);
-    }
     let body = if body_length == 0 {
         Bytes::new()
     } else {
         message.slice(head_length..)
+    };
+    let (map, lines) = if facts.edited {
+        let mut map = headers.take().unwrap_or_default();
+        map.clear();
+        map.reserve(spans.len());
+        if fill(&mut map, &message, spans).is_err() {
+            return rejoined(message, buffer);
+        }
+        (map, None)
+    } else {
+        // httparse checks names and values as `http` does: a map made of these later takes
+        // them all.
+        (HeaderMap::new(), Some(Fields::new(message, spans.into())))
     };
     let mut request = Request::new(ClientBody::Complete(body));
     *request.method_mut() = method;
@@ -138,6 +158,7 @@ pub(super) fn parse(buffer: &mut BytesMut, headers: &mut Option<HeaderMap>) -> H
     *request.headers_mut() = map;
     Head::Request(Parsed {
         request,
+        lines,
         keep_alive: !facts.close,
         trailers: facts.trailers,
     })
@@ -178,12 +199,29 @@ mod tests {
         let request = parsed.request;
         assert_eq!(request.method(), Method::POST);
         assert_eq!(request.uri(), "/predict?x=1");
-        assert_eq!(request.headers()["host"], "m");
-        let tags: Vec<_> = request.headers().get_all("x-tag").iter().collect();
-        assert_eq!(tags, ["a", "b"]);
+        assert!(request.headers().is_empty(), "the fields stay as they came");
+        let lines = parsed.lines.expect("lines");
+        assert_eq!(lines.value(&header::HOST), Some(&b"m"[..]));
+        let tag = HeaderName::from_static("x-tag");
+        assert_eq!(lines.values(&tag).collect::<Vec<_>>(), [b"a", b"b"]);
         assert!(matches!(request.body(), ClientBody::Complete(body) if body == "{}"));
         assert!(parsed.keep_alive);
         assert_eq!(&rest[..], b"GET /next");
+    }
+
+    #[test]
+    fn fields_to_edit_on_the_way_upstream_are_read_into_the_map() {
+        for edited in [
+            &b"GET / HTTP/1.1\r\nHost: m\r\nConnection: x-hop\r\nX-Hop: 1\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: m\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n",
+        ] {
+            let (parsed, _) = served_here(edited);
+            assert!(parsed.lines.is_none());
+            assert_eq!(parsed.request.headers()["host"], "m");
+        }
+        let (parsed, _) =
+            served_here(b"GET / HTTP/1.1\r\nHost: m\r\nConnection: keep-alive\r\n\r\n");
+        assert!(parsed.lines.is_some(), "a `Connection` that names no field");
     }
 
     #[test]

@@ -625,7 +625,10 @@ mod tests {
         request: Request<UpstreamBody>,
         pool: &Arc<Pool>,
     ) -> Response<Body> {
-        match connection.send(request, &[], pool, far(), MINUTE).await {
+        match connection
+            .send(request, Appended::default(), pool, far(), MINUTE)
+            .await
+        {
             Ok(response) => response,
             Err(err) => panic!("failed: {err}"),
         }
@@ -842,7 +845,13 @@ mod tests {
         let started = Instant::now();
         let timeout = Duration::from_secs(5);
         let failed = Connection::new(Stream::Left(stream))
-            .send(get("/"), &[], &pool, started + timeout, timeout)
+            .send(
+                get("/"),
+                Appended::default(),
+                &pool,
+                started + timeout,
+                timeout,
+            )
             .await;
         let Err(SendError::Upstream(err)) = failed else {
             panic!("no answer came, and the request went out");
@@ -881,7 +890,13 @@ mod tests {
                 let started = Instant::now();
                 let connection = pooled(&pool).await.expect("kept");
                 let failed = connection
-                    .send(get("/again"), &[], &pool, started + timeout, timeout)
+                    .send(
+                        get("/again"),
+                        Appended::default(),
+                        &pool,
+                        started + timeout,
+                        timeout,
+                    )
                     .await;
                 (failed.err(), started.elapsed())
             }
@@ -905,7 +920,7 @@ mod tests {
         let failed = upstream
             .connect()
             .await
-            .send(get("/"), &[], &pool, far(), MINUTE)
+            .send(get("/"), Appended::default(), &pool, far(), MINUTE)
             .await;
         let Err(SendError::Upstream(err)) = failed else {
             panic!("the request went out, and no answer came");
@@ -927,7 +942,7 @@ mod tests {
         let pool = Arc::new(Pool::default());
         let connection = timed_out_on_reuse(&upstream, &pool).await;
         let failed = connection
-            .send(get("/again"), &[], &pool, far(), MINUTE)
+            .send(get("/again"), Appended::default(), &pool, far(), MINUTE)
             .await;
         let Err(SendError::NotSent { source, request }) = failed else {
             panic!("not given back to be sent again");
@@ -943,7 +958,13 @@ mod tests {
         let pool = Arc::new(Pool::default());
         let connection = timed_out_on_reuse(&upstream, &pool).await;
         let failed = connection
-            .send(post("/predict", "{}"), &[], &pool, far(), MINUTE)
+            .send(
+                post("/predict", "{}"),
+                Appended::default(),
+                &pool,
+                far(),
+                MINUTE,
+            )
             .await;
         let Err(SendError::Upstream(err)) = failed else {
             panic!("a POST that reached the upstream may not be sent twice");
@@ -961,7 +982,7 @@ mod tests {
         let pool = Arc::new(Pool::default());
         let connection = timed_out_on_reuse(&upstream, &pool).await;
         let failed = connection
-            .send(get("/again"), &[], &pool, far(), MINUTE)
+            .send(get("/again"), Appended::default(), &pool, far(), MINUTE)
             .await;
         assert!(
             matches!(failed, Err(SendError::Upstream(_))),
@@ -979,7 +1000,13 @@ mod tests {
         .await;
         let pool = Arc::new(Pool::default());
         let response = connection
-            .send(large_post("/predict"), &[], &pool, far(), MINUTE)
+            .send(
+                large_post("/predict"),
+                Appended::default(),
+                &pool,
+                far(),
+                MINUTE,
+            )
             .await
             .expect("the upstream's answer, not the reset of the upload");
         assert_eq!(response.status(), 413);
@@ -1026,7 +1053,7 @@ mod tests {
         let failed = upstream
             .connect()
             .await
-            .send(get("/"), &[], &pool, far(), MINUTE)
+            .send(get("/"), Appended::default(), &pool, far(), MINUTE)
             .await;
         let Err(SendError::Upstream(err)) = failed else {
             panic!("a garbled answer was taken");
@@ -1059,7 +1086,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let pool = Arc::new(Pool::default());
         let failed = Connection::new(Stream::Left(stream))
-            .send(post("/predict", "{\"x\":1}"), &[], &pool, far(), MINUTE)
+            .send(
+                post("/predict", "{\"x\":1}"),
+                Appended::default(),
+                &pool,
+                far(),
+                MINUTE,
+            )
             .await;
         let Err(SendError::NotSent { source, request }) = failed else {
             panic!("the request was not given back");

@@ -57,7 +57,11 @@ pub(super) fn outgoing(
             header_line(&mut buffer, name.as_str().as_bytes(), value.as_bytes());
         }
     }
-    for (name, value) in appended {
+    for field in appended.lines() {
+        buffer.extend_from_slice(field.line);
+        buffer.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in appended.fields {
         header_line(&mut buffer, name.as_str().as_bytes(), value.as_bytes());
     }
     let (data, upload, encoding) = match payload {
@@ -96,7 +100,7 @@ mod tests {
     use http::Request;
 
     fn head(request: Request<()>, body: &'static [u8]) -> String {
-        head_appending(request, body, &[])
+        head_appending(request, body, Appended::default())
     }
 
     fn head_appending(request: Request<()>, body: &'static [u8], appended: Appended<'_>) -> String {
@@ -112,12 +116,16 @@ mod tests {
             .header("host", "m")
             .body(())
             .expect("request");
-        let appended = [(
+        let fields = [(
             http::HeaderName::from_static("x-forwarded-for"),
             http::HeaderValue::from_static("10.0.0.1"),
         )];
+        let appended = Appended {
+            lines: None,
+            fields: &fields,
+        };
         assert_eq!(
-            head_appending(request, b"", &appended),
+            head_appending(request, b"", appended),
             "GET / HTTP/1.1\r\nhost: m\r\nx-forwarded-for: 10.0.0.1\r\n\r\n"
         );
     }
