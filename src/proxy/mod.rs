@@ -41,7 +41,7 @@ use crate::upstream::{
 };
 use crate::wire::Fields;
 use mirror::Mirrors;
-use tally::Tally;
+use tally::{Tally, Unassigned};
 use upgrade::Upgrade;
 
 /// State shared by every connection: the live generation and process-wide metrics.
@@ -49,7 +49,7 @@ pub struct Proxy {
     current: Arc<ArcSwap<Generation>>,
     in_flight: Gauge,
     /// Requests refused before assignment are counted under `variant="none"`.
-    unassigned: Arc<VariantMetrics>,
+    unassigned: VariantMetrics,
 }
 
 impl Proxy {
@@ -57,7 +57,7 @@ impl Proxy {
         Proxy {
             current,
             in_flight: metrics.process().in_flight,
-            unassigned: Arc::new(metrics.unassigned()),
+            unassigned: metrics.unassigned(),
         }
     }
 
@@ -92,7 +92,7 @@ impl Proxy {
             lines => lines,
         };
         let head = RequestHead::new(&parts.uri, &parts.headers, lines.as_ref());
-        let mut tally = Tally::new(self.unassigned.clone(), started, grpc_call);
+        let tally = Unassigned::new(&self.unassigned, started, grpc_call);
         if parts.method == http::Method::CONNECT {
             return refuse(ProxyError::Connect, tally).into();
         }
@@ -120,7 +120,7 @@ impl Proxy {
         if upgrade.is_some() && route.upstream.is_http2() {
             return refuse(ProxyError::UpgradeOverHttp2(route.name.clone()), tally).into();
         }
-        tally.assign(route.metrics.clone(), assignment.unit);
+        let mut tally = tally.assign(route.metrics.clone(), assignment.unit);
 
         // 3. Choose the shadows that mirror this user; they need the body in memory.
         let mirrors = match upgrade {
@@ -230,10 +230,10 @@ impl Proxy {
 }
 
 /// Answers a request that never reached a variant.
-fn refuse(err: ProxyError, tally: Tally) -> Response<ResponseBody> {
+fn refuse(err: ProxyError, tally: Unassigned<'_>) -> Response<ResponseBody> {
     tracing::debug!(error = %err, "request refused");
     let response = err.into_response(tally.is_grpc());
-    tally.head(response.status(), response.headers(), false);
+    tally.refused(response.status(), response.headers());
     response
 }
 

@@ -32,22 +32,68 @@ pub struct Tally {
     counted: bool,
 }
 
-impl Tally {
-    pub fn new(unassigned: Arc<VariantMetrics>, started: Instant, grpc: bool) -> Tally {
-        Tally {
-            metrics: unassigned,
-            unit: Unit::Fixed,
+/// A request not yet assigned to a variant: counted under `variant="none"` if it ends so
+/// (refused, or dropped as the client's 499). It borrows the proxy's metrics for those, where
+/// a `Tally` of its own would take and give back a reference count on every request.
+pub struct Unassigned<'p> {
+    metrics: &'p VariantMetrics,
+    started: Instant,
+    grpc: bool,
+    counted: bool,
+}
+
+impl<'p> Unassigned<'p> {
+    pub fn new(metrics: &'p VariantMetrics, started: Instant, grpc: bool) -> Unassigned<'p> {
+        Unassigned {
+            metrics,
             started,
             grpc,
             counted: false,
         }
     }
 
-    pub fn assign(&mut self, variant: Arc<VariantMetrics>, unit: Unit) {
-        self.metrics = variant;
-        self.unit = unit;
+    pub fn is_grpc(&self) -> bool {
+        self.grpc
     }
 
+    /// Counted under `variant` from here on.
+    pub fn assign(mut self, variant: Arc<VariantMetrics>, unit: Unit) -> Tally {
+        self.counted = true;
+        Tally {
+            metrics: variant,
+            unit,
+            started: self.started,
+            grpc: self.grpc,
+            counted: false,
+        }
+    }
+
+    /// Refused with an answer of abproxy's own: counted now.
+    pub fn refused(mut self, status: StatusCode, headers: &HeaderMap) {
+        let elapsed = self.started.elapsed();
+        self.metrics.head(elapsed);
+        let code = if self.grpc {
+            grpc::Code::of(headers)
+        } else {
+            None
+        };
+        let answer = answer(self.grpc, status, code);
+        self.metrics.record(answer, elapsed, Unit::Fixed);
+        self.counted = true;
+    }
+}
+
+impl Drop for Unassigned<'_> {
+    fn drop(&mut self) {
+        if !self.counted {
+            let answer = Answer::http(CLIENT_CLOSED_REQUEST);
+            self.metrics
+                .record(answer, self.started.elapsed(), Unit::Fixed);
+        }
+    }
+}
+
+impl Tally {
     pub fn is_grpc(&self) -> bool {
         self.grpc
     }
@@ -95,20 +141,23 @@ impl Tally {
     }
 
     fn answer(&self, status: StatusCode, code: Option<grpc::Code>) -> Answer {
-        match code {
-            Some(code) => Answer::grpc(status, code),
-            // A gRPC answer that ends with no status at all is broken (RFC: grpc's `Unknown`).
-            None if self.grpc && status == StatusCode::OK => {
-                Answer::grpc(status, grpc::Code::UNKNOWN)
-            }
-            None => Answer::http(status),
-        }
+        answer(self.grpc, status, code)
     }
 
     fn finish(&mut self, answer: Answer) {
         self.metrics
             .record(answer, self.started.elapsed(), self.unit);
         self.counted = true;
+    }
+}
+
+/// How an answer counts, by its status and a gRPC call's code.
+fn answer(grpc: bool, status: StatusCode, code: Option<grpc::Code>) -> Answer {
+    match code {
+        Some(code) => Answer::grpc(status, code),
+        // A gRPC answer that ends with no status at all is broken (RFC: grpc's `Unknown`).
+        None if grpc && status == StatusCode::OK => Answer::grpc(status, grpc::Code::UNKNOWN),
+        None => Answer::http(status),
     }
 }
 

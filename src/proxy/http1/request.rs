@@ -145,17 +145,19 @@ pub(super) fn parse(buffer: &mut BytesMut, headers: &mut Option<HeaderMap>) -> H
         if fill(&mut map, &message, spans).is_err() {
             return rejoined(message, buffer);
         }
-        (map, None)
+        (Some(map), None)
     } else {
         // httparse checks names and values as `http` does: a map made of these later takes
         // them all.
-        (HeaderMap::new(), Some(Fields::new(message, spans.into())))
+        (None, Some(Fields::new(message, spans.into())))
     };
     let mut request = Request::new(ClientBody::Complete(body));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
-    *request.headers_mut() = map;
+    if let Some(map) = map {
+        *request.headers_mut() = map;
+    }
     Head::Request(Parsed {
         request,
         lines,
