@@ -67,3 +67,49 @@ impl<'a> From<&'a Parts> for RequestHead<'a> {
         RequestHead::new(&parts.uri, &parts.headers, None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http::header::{CONTENT_TYPE, COOKIE};
+
+    use super::*;
+    use crate::assign::UserIdSource;
+    use crate::wire::{locate, Span};
+
+    /// The fields of `head` as abproxy's server keeps them.
+    fn lines(head: &'static [u8]) -> Fields {
+        let mut fields = [httparse::EMPTY_HEADER; 8];
+        let mut request = httparse::Request::new(&mut fields);
+        request.parse(head).expect("a head");
+        let mut spans = [Span::default(); 8];
+        let spans = locate(head, request.headers, &mut spans);
+        Fields::new(Bytes::from_static(head), spans.into())
+    }
+
+    #[test]
+    fn fields_kept_as_lines_are_found_in_any_case_and_repeated_ones_in_order() {
+        let fields = lines(
+            b"GET /?u=q HTTP/1.1\r\nHost: m\r\nCookie: a=1\r\nX-User-Id: u\r\ncookie: uid=2\r\n\r\n",
+        );
+        let (uri, map) = (Uri::from_static("/?u=q"), HeaderMap::new());
+        let head = RequestHead::new(&uri, &map, Some(&fields));
+        let user_id = HeaderName::from_static("x-user-id");
+        assert_eq!(head.get(&user_id), Some(&b"u"[..]));
+        assert_eq!(head.get(&CONTENT_TYPE), None);
+        assert_eq!(
+            head.get_all(&COOKIE).collect::<Vec<_>>(),
+            [&b"a=1"[..], b"uid=2"]
+        );
+        let source = |text: &str| text.parse::<UserIdSource>().expect("source");
+        assert_eq!(
+            source("cookie:uid").extract(head, None).as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            source("header:x-user-id").extract(head, None).as_deref(),
+            Some("u")
+        );
+        assert_eq!(source("query:u").extract(head, None).as_deref(), Some("q"));
+    }
+}

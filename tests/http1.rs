@@ -447,6 +447,77 @@ async fn a_requests_fields_reach_the_upstream_as_they_came_less_the_hop_by_hop_o
     );
 }
 
+/// A body's length is the writer's to say: the client's `Content-Length` line is not passed
+/// on beside it.
+#[tokio::test]
+async fn a_posts_length_reaches_the_upstream_once_in_the_writers_words() {
+    let (upstream, heads) =
+        answering_and_keeping_heads(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").await;
+    let proxy = Proxy::in_front_of(&upstream).await;
+    let mut wire = Wire::to(&proxy).await;
+    wire.send(b"POST /p HTTP/1.1\r\nHost: m\r\nContent-Length: 2\r\nX-Tag: 1\r\n\r\n{}")
+        .await;
+    assert_eq!(wire.answer(false).await.status, 200);
+    let heads = heads.lock().expect("heads").clone();
+    assert_eq!(
+        heads,
+        [
+            "POST /p HTTP/1.1\r\nHost: m\r\nX-Tag: 1\r\nx-forwarded-for: 127.0.0.1\r\n\
+          x-forwarded-proto: http\r\ncontent-length: 2\r\n\r\n"
+        ]
+    );
+}
+
+/// With `preserve_host = false` the request goes from its map: one `Host`, the upstream's.
+#[tokio::test]
+async fn a_request_whose_host_is_replaced_carries_one_host() {
+    let (upstream, heads) =
+        answering_and_keeping_heads(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").await;
+    let config =
+        format!("[[variant]]\nname = \"control\"\nupstream = \"{upstream}\"\nweight = 100\n");
+    let proxy = Proxy::start_with_server("preserve_host = false", &config).await;
+    let mut wire = Wire::to(&proxy).await;
+    wire.send(b"GET / HTTP/1.1\r\nHost: m\r\nX-Tag: 1\r\n\r\n")
+        .await;
+    assert_eq!(wire.answer(false).await.status, 200);
+    let heads = heads.lock().expect("heads").clone();
+    assert_eq!(
+        heads,
+        [format!(
+            "GET / HTTP/1.1\r\nhost: {}\r\nx-tag: 1\r\nx-forwarded-for: 127.0.0.1\r\n\
+             x-forwarded-proto: http\r\n\r\n",
+            upstream.trim_start_matches("http://")
+        )]
+    );
+}
+
+/// A gRPC call over HTTP/1.1 keeps `te: trailers` (hop-by-hop, but gRPC's end to end).
+#[tokio::test]
+async fn a_grpc_call_over_http1_keeps_te_trailers() {
+    let (upstream, heads) = answering_and_keeping_heads(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/grpc\r\ngrpc-status: 0\r\n\
+          Content-Length: 0\r\n\r\n",
+    )
+    .await;
+    let proxy = Proxy::in_front_of(&upstream).await;
+    let mut wire = Wire::to(&proxy).await;
+    wire.send(
+        b"POST /pkg.Model/Predict HTTP/1.1\r\nHost: m\r\nContent-Type: application/grpc\r\n\
+          TE: trailers\r\nContent-Length: 5\r\n\r\n\0\0\0\0\0",
+    )
+    .await;
+    assert_eq!(wire.answer(false).await.status, 200);
+    let heads = heads.lock().expect("heads").clone();
+    assert_eq!(
+        heads,
+        [
+            "POST /pkg.Model/Predict HTTP/1.1\r\nhost: m\r\ncontent-type: application/grpc\r\n\
+          te: trailers\r\nx-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\n\
+          content-length: 5\r\n\r\n"
+        ]
+    );
+}
+
 /// A request with a field to edit (an `X-Forwarded-For` to append the client to) is sent from
 /// its map, and a request without `Host` gets one.
 #[tokio::test]

@@ -103,6 +103,15 @@ pub fn upstream_request<'c>(
     grpc_call: bool,
 ) -> Result<(Request<UpstreamBody>, Appended<'c>), http::Error> {
     let headers = &mut parts.headers;
+    // The lines go on as they came only to an HTTP/1.1 upstream that gets the client's `Host`
+    // (a generation that has other upstreams fills the map before this).
+    let lines = match lines {
+        Some(lines) if upstream.is_http2() || !preserve_host => {
+            lines.append_to(headers);
+            None
+        }
+        lines => lines,
+    };
     let mut present = Present::in_map(headers);
     if let Some(lines) = lines {
         present.note_lines(lines);

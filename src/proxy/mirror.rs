@@ -103,6 +103,10 @@ impl MirrorSource {
         let copy = request.zip(self.body).map(|((request, appended), body)| {
             let mut headers = detach::headers(request.headers());
             upstream::append_to_map(&mut headers, appended);
+            if appended.lines.is_some() {
+                // They share the client's read buffer.
+                headers = detach::headers(&headers);
+            }
             PendingMirror {
                 mirrors: self.mirrors,
                 method: request.method().clone(),

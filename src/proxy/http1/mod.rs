@@ -286,7 +286,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             ..asked
         };
         let mut head = std::mem::take(&mut self.head);
-        let framed = response::encode(&parts, &body, variant.get(), &asked, &mut head);
+        // The 500 in place of an interim answer is abproxy's, as hyper's path has it.
+        let named = variant.get().filter(|_| !interim);
+        let framed = response::encode(&parts, &body, named, &asked, &mut head);
         drop((variant, body.take_fields()));
         parts.headers.clear();
         self.headers = Some(parts.headers);

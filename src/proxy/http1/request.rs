@@ -216,6 +216,8 @@ mod tests {
         for edited in [
             &b"GET / HTTP/1.1\r\nHost: m\r\nConnection: x-hop\r\nX-Hop: 1\r\n\r\n"[..],
             b"GET / HTTP/1.1\r\nHost: m\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: m\r\nCONNECTION: X-Hop\r\nX-Hop: 1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: m\r\nx-FORWARDED-for: 10.0.0.1\r\n\r\n",
         ] {
             let (parsed, _) = served_here(edited);
             assert!(parsed.lines.is_none());
