@@ -419,25 +419,42 @@ async fn an_answers_fields_reach_the_client_as_they_came_less_the_hop_by_hop_one
     }
 }
 
+/// An upstream's answer: 200, a JSON body.
+const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+
+/// What an upstream answering `reply` reads when `requests` come one after another on one
+/// client connection to abproxy in front of it (with `server`'s extra `[server]` keys): its
+/// address (host and port), and the heads of the requests, as they came.
+async fn heads_upstream_reads(
+    reply: &'static [u8],
+    server: &str,
+    requests: &[&[u8]],
+) -> (String, Vec<String>) {
+    let (upstream, heads) = answering_and_keeping_heads(reply).await;
+    let config =
+        format!("[[variant]]\nname = \"control\"\nupstream = \"{upstream}\"\nweight = 100\n");
+    let proxy = Proxy::start_with_server(server, &config).await;
+    let mut wire = Wire::to(&proxy).await;
+    for request in requests {
+        wire.send(request).await;
+        let answer = wire.answer(false).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.header("x-variant"), Some("control"));
+    }
+    let heads = heads.lock().expect("heads").clone();
+    (upstream.trim_start_matches("http://").to_owned(), heads)
+}
+
 /// A request's fields reach the upstream as the client sent them (their case, order and
 /// spacing, a repeated one on each of its lines), less the hop-by-hop ones, with the
 /// forwarding fields after them.
 #[tokio::test]
 async fn a_requests_fields_reach_the_upstream_as_they_came_less_the_hop_by_hop_ones() {
-    let (upstream, heads) =
-        answering_and_keeping_heads(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").await;
-    let proxy = Proxy::in_front_of(&upstream).await;
-    let mut wire = Wire::to(&proxy).await;
-    wire.send(
-        b"GET /v1/m?q=1 HTTP/1.1\r\nHost: models.example\r\nX-User-Id: a\r\nAccept:  */*\r\n\
-          X-Tag: 1\r\nTE: trailers\r\nKeep-Alive: timeout=5\r\nConnection: keep-alive\r\n\
-          Proxy-Connection: keep-alive\r\nX-Forwarded-Proto: https\r\nX-Tag: 2\r\n\r\n",
-    )
-    .await;
-    let answer = wire.answer(false).await;
-    assert_eq!(answer.status, 200);
-    assert_eq!(answer.header("x-variant"), Some("control"));
-    let heads = heads.lock().expect("heads").clone();
+    let request = b"GET /v1/m?q=1 HTTP/1.1\r\nHost: models.example\r\nX-User-Id: a\r\n\
+        Accept:  */*\r\nX-Tag: 1\r\nTE: trailers\r\nKeep-Alive: timeout=5\r\n\
+        Connection: keep-alive\r\nProxy-Connection: keep-alive\r\nX-Forwarded-Proto: https\r\n\
+        X-Tag: 2\r\n\r\n";
+    let (_, heads) = heads_upstream_reads(ANSWER, "", &[request]).await;
     assert_eq!(
         heads,
         [
@@ -451,14 +468,8 @@ async fn a_requests_fields_reach_the_upstream_as_they_came_less_the_hop_by_hop_o
 /// on beside it.
 #[tokio::test]
 async fn a_posts_length_reaches_the_upstream_once_in_the_writers_words() {
-    let (upstream, heads) =
-        answering_and_keeping_heads(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").await;
-    let proxy = Proxy::in_front_of(&upstream).await;
-    let mut wire = Wire::to(&proxy).await;
-    wire.send(b"POST /p HTTP/1.1\r\nHost: m\r\nContent-Length: 2\r\nX-Tag: 1\r\n\r\n{}")
-        .await;
-    assert_eq!(wire.answer(false).await.status, 200);
-    let heads = heads.lock().expect("heads").clone();
+    let request = b"POST /p HTTP/1.1\r\nHost: m\r\nContent-Length: 2\r\nX-Tag: 1\r\n\r\n{}";
+    let (_, heads) = heads_upstream_reads(ANSWER, "", &[request]).await;
     assert_eq!(
         heads,
         [
@@ -471,22 +482,13 @@ async fn a_posts_length_reaches_the_upstream_once_in_the_writers_words() {
 /// With `preserve_host = false` the request goes from its map: one `Host`, the upstream's.
 #[tokio::test]
 async fn a_request_whose_host_is_replaced_carries_one_host() {
-    let (upstream, heads) =
-        answering_and_keeping_heads(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").await;
-    let config =
-        format!("[[variant]]\nname = \"control\"\nupstream = \"{upstream}\"\nweight = 100\n");
-    let proxy = Proxy::start_with_server("preserve_host = false", &config).await;
-    let mut wire = Wire::to(&proxy).await;
-    wire.send(b"GET / HTTP/1.1\r\nHost: m\r\nX-Tag: 1\r\n\r\n")
-        .await;
-    assert_eq!(wire.answer(false).await.status, 200);
-    let heads = heads.lock().expect("heads").clone();
+    let request = b"GET / HTTP/1.1\r\nHost: m\r\nX-Tag: 1\r\n\r\n";
+    let (upstream, heads) = heads_upstream_reads(ANSWER, "preserve_host = false", &[request]).await;
     assert_eq!(
         heads,
         [format!(
-            "GET / HTTP/1.1\r\nhost: {}\r\nx-tag: 1\r\nx-forwarded-for: 127.0.0.1\r\n\
-             x-forwarded-proto: http\r\n\r\n",
-            upstream.trim_start_matches("http://")
+            "GET / HTTP/1.1\r\nhost: {upstream}\r\nx-tag: 1\r\nx-forwarded-for: 127.0.0.1\r\n\
+             x-forwarded-proto: http\r\n\r\n"
         )]
     );
 }
@@ -494,20 +496,11 @@ async fn a_request_whose_host_is_replaced_carries_one_host() {
 /// A gRPC call over HTTP/1.1 keeps `te: trailers` (hop-by-hop, but gRPC's end to end).
 #[tokio::test]
 async fn a_grpc_call_over_http1_keeps_te_trailers() {
-    let (upstream, heads) = answering_and_keeping_heads(
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/grpc\r\ngrpc-status: 0\r\n\
-          Content-Length: 0\r\n\r\n",
-    )
-    .await;
-    let proxy = Proxy::in_front_of(&upstream).await;
-    let mut wire = Wire::to(&proxy).await;
-    wire.send(
-        b"POST /pkg.Model/Predict HTTP/1.1\r\nHost: m\r\nContent-Type: application/grpc\r\n\
-          TE: trailers\r\nContent-Length: 5\r\n\r\n\0\0\0\0\0",
-    )
-    .await;
-    assert_eq!(wire.answer(false).await.status, 200);
-    let heads = heads.lock().expect("heads").clone();
+    let reply = b"HTTP/1.1 200 OK\r\nContent-Type: application/grpc\r\ngrpc-status: 0\r\n\
+        Content-Length: 0\r\n\r\n";
+    let request = b"POST /pkg.Model/Predict HTTP/1.1\r\nHost: m\r\n\
+        Content-Type: application/grpc\r\nTE: trailers\r\nContent-Length: 5\r\n\r\n\0\0\0\0\0";
+    let (_, heads) = heads_upstream_reads(reply, "", &[request]).await;
     assert_eq!(
         heads,
         [
@@ -522,16 +515,11 @@ async fn a_grpc_call_over_http1_keeps_te_trailers() {
 /// its map, and a request without `Host` gets one.
 #[tokio::test]
 async fn a_request_with_fields_to_edit_reaches_the_upstream_edited() {
-    let (upstream, heads) =
-        answering_and_keeping_heads(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").await;
-    let proxy = Proxy::in_front_of(&upstream).await;
-    let mut wire = Wire::to(&proxy).await;
-    wire.send(b"GET / HTTP/1.1\r\nHost: m\r\nX-Forwarded-For: 10.0.0.1\r\nX-Tag: 1\r\n\r\n")
-        .await;
-    assert_eq!(wire.answer(false).await.status, 200);
-    wire.send(b"GET / HTTP/1.1\r\nX-Tag: 1\r\n\r\n").await;
-    assert_eq!(wire.answer(false).await.status, 200);
-    let heads = heads.lock().expect("heads").clone();
+    let requests: [&[u8]; 2] = [
+        b"GET / HTTP/1.1\r\nHost: m\r\nX-Forwarded-For: 10.0.0.1\r\nX-Tag: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX-Tag: 1\r\n\r\n",
+    ];
+    let (upstream, heads) = heads_upstream_reads(ANSWER, "", &requests).await;
     assert_eq!(
         heads,
         [
@@ -539,9 +527,8 @@ async fn a_request_with_fields_to_edit_reaches_the_upstream_edited() {
              x-forwarded-proto: http\r\n\r\n"
                 .to_owned(),
             format!(
-                "GET / HTTP/1.1\r\nhost: {}\r\nX-Tag: 1\r\nx-forwarded-for: 127.0.0.1\r\n\
-                 x-forwarded-proto: http\r\n\r\n",
-                upstream.trim_start_matches("http://")
+                "GET / HTTP/1.1\r\nhost: {upstream}\r\nX-Tag: 1\r\nx-forwarded-for: 127.0.0.1\r\n\
+                 x-forwarded-proto: http\r\n\r\n"
             ),
         ]
     );
