@@ -70,26 +70,14 @@ impl<'a> From<&'a Parts> for RequestHead<'a> {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
     use http::header::{CONTENT_TYPE, COOKIE};
 
     use super::*;
     use crate::assign::UserIdSource;
-    use crate::wire::{locate, Span};
-
-    /// The fields of `head` as abproxy's server keeps them.
-    fn lines(head: &'static [u8]) -> Fields {
-        let mut fields = [httparse::EMPTY_HEADER; 8];
-        let mut request = httparse::Request::new(&mut fields);
-        request.parse(head).expect("a head");
-        let mut spans = [Span::default(); 8];
-        let spans = locate(head, request.headers, &mut spans);
-        Fields::new(Bytes::from_static(head), spans.into())
-    }
 
     #[test]
     fn fields_kept_as_lines_are_found_in_any_case_and_repeated_ones_in_order() {
-        let fields = lines(
+        let fields = Fields::of_request(
             b"GET /?u=q HTTP/1.1\r\nHost: m\r\nCookie: a=1\r\nX-User-Id: u\r\ncookie: uid=2\r\n\r\n",
         );
         let (uri, map) = (Uri::from_static("/?u=q"), HeaderMap::new());

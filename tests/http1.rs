@@ -511,25 +511,32 @@ async fn a_grpc_call_over_http1_keeps_te_trailers() {
     );
 }
 
-/// A request with a field to edit (an `X-Forwarded-For` to append the client to) is sent from
-/// its map, and a request without `Host` gets one.
+/// A client's `X-Forwarded-For` lines go on as one, the client appended; a request without
+/// `Host` gets one; and a request whose `Connection` names a field is sent from its map,
+/// without that field.
 #[tokio::test]
-async fn a_request_with_fields_to_edit_reaches_the_upstream_edited() {
-    let requests: [&[u8]; 2] = [
-        b"GET / HTTP/1.1\r\nHost: m\r\nX-Forwarded-For: 10.0.0.1\r\nX-Tag: 1\r\n\r\n",
+async fn forwarding_and_host_are_added_and_fields_connection_names_dropped() {
+    let requests: [&[u8]; 3] = [
+        b"GET / HTTP/1.1\r\nHost: m\r\nX-Forwarded-For: 10.0.0.1\r\nX-Tag: 1\r\n\
+          x-forwarded-for: 10.0.0.2\r\n\r\n",
         b"GET / HTTP/1.1\r\nX-Tag: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: m\r\nConnection: x-hop\r\nX-Hop: 1\r\n\
+          X-Forwarded-For: 10.0.0.1\r\n\r\n",
     ];
     let (upstream, heads) = heads_upstream_reads(ANSWER, "", &requests).await;
     assert_eq!(
         heads,
         [
-            "GET / HTTP/1.1\r\nhost: m\r\nx-forwarded-for: 10.0.0.1, 127.0.0.1\r\nx-tag: 1\r\n\
-             x-forwarded-proto: http\r\n\r\n"
+            "GET / HTTP/1.1\r\nHost: m\r\nX-Tag: 1\r\n\
+             x-forwarded-for: 10.0.0.1, 10.0.0.2, 127.0.0.1\r\nx-forwarded-proto: http\r\n\r\n"
                 .to_owned(),
             format!(
                 "GET / HTTP/1.1\r\nhost: {upstream}\r\nX-Tag: 1\r\nx-forwarded-for: 127.0.0.1\r\n\
                  x-forwarded-proto: http\r\n\r\n"
             ),
+            "GET / HTTP/1.1\r\nhost: m\r\nx-forwarded-for: 10.0.0.1, 127.0.0.1\r\n\
+             x-forwarded-proto: http\r\n\r\n"
+                .to_owned(),
         ]
     );
 }

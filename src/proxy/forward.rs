@@ -22,7 +22,7 @@ static HOP_BY_HOP: [HeaderName; 7] = [
     header::PROXY_AUTHENTICATE,
 ];
 
-pub(super) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// The client end of a connection, with its forwarding fields made once per connection
@@ -166,6 +166,10 @@ pub fn upstream_request<'c>(
     let appended = Appended {
         lines,
         fields: forwarding(&mut parts.headers, &present, client),
+        // The lines' own `X-Forwarded-For` goes on as one line, with the client appended.
+        folded: present
+            .forwarded_for_in_lines
+            .then(|| &client.forwarding[0]),
     };
     Ok((Request::from_parts(parts, body), appended))
 }
@@ -177,6 +181,8 @@ pub fn upstream_request<'c>(
 struct Present {
     /// In the map: fields that came as lines are filtered as they are written.
     hop_by_hop: bool,
+    /// An `X-Forwarded-For` among the fields that came as lines.
+    forwarded_for_in_lines: bool,
     host: bool,
     forwarded_for: bool,
     forwarded_proto: bool,
@@ -194,11 +200,11 @@ impl Present {
         present
     }
 
-    /// Notes the fields that came as lines: none is an `X-Forwarded-For` (its request's
-    /// fields are in the map, to fold the client into it).
+    /// Notes the fields that came as lines.
     fn note_lines(&mut self, lines: &Fields) {
         for field in lines.iter() {
             self.host |= wire::is_named(field.name, &header::HOST);
+            self.forwarded_for_in_lines |= wire::is_named(field.name, &X_FORWARDED_FOR);
             self.forwarded_proto |= wire::is_named(field.name, &X_FORWARDED_PROTO);
         }
     }
@@ -207,7 +213,8 @@ impl Present {
 /// `X-Forwarded-For` with the client appended, and `X-Forwarded-Proto` unless a load balancer
 /// in front that terminated TLS has said `https` already (its word is kept). Most requests
 /// carry neither: both are then written after the map's fields rather than inserted. A
-/// client's own `X-Forwarded-For` is folded in the map.
+/// client's own `X-Forwarded-For` is folded in the map, or by the writer when it came as
+/// lines (`Appended::folded`).
 fn forwarding<'c>(
     headers: &mut HeaderMap,
     present: &Present,
@@ -217,7 +224,8 @@ fn forwarding<'c>(
         append_forwarded_for(headers, client);
     }
     let [for_field, proto_field] = &client.forwarding;
-    match (present.forwarded_for, present.forwarded_proto) {
+    let forwarded_for = present.forwarded_for || present.forwarded_for_in_lines;
+    match (forwarded_for, present.forwarded_proto) {
         (false, false) => &client.forwarding,
         (false, true) => std::slice::from_ref(for_field),
         (true, false) => std::slice::from_ref(proto_field),

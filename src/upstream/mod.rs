@@ -195,8 +195,9 @@ impl Upstream {
     /// appends a line for each, where an insert into the map would hash the name (the
     /// client's fields as they came, and the forwarding fields, on nearly every request);
     /// hyper's HTTP/2 client gets them in the map. None of them may be in the map already,
-    /// nor be a forwarding field as well as a line, and of the lines the hop-by-hop and
-    /// framing ones are left out. A request given back unsent (`SendError::NotSent`) may or
+    /// nor be a forwarding field as well as a line (the lines' `X-Forwarded-For` is
+    /// `folded` with the client's address), and of the lines the hop-by-hop and framing ones
+    /// are left out. A request given back unsent (`SendError::NotSent`) may or
     /// may not have them in its map: build it again rather than send it on. A request that
     /// waits for a connection's place copies its map (`detach`), but the lines are
     /// borrowed: it keeps its head's bytes while it waits.
@@ -439,13 +440,29 @@ pub struct Appended<'a> {
     pub(crate) lines: Option<&'a Fields>,
     /// Fields abproxy adds (the forwarding ones).
     pub fields: &'a [(HeaderName, HeaderValue)],
+    /// A field of the lines that goes on as one, its value appended to theirs:
+    /// `X-Forwarded-For`, with the client's address.
+    pub(crate) folded: Option<&'a (HeaderName, HeaderValue)>,
 }
 
 impl<'a> Appended<'a> {
-    /// The lines that go on.
-    pub(crate) fn lines(&self) -> impl Iterator<Item = wire::Field<'a>> + 'a {
-        let lines = self.lines.into_iter().flat_map(Fields::iter);
-        lines.filter(|field| passes_on(field.name))
+    /// Whether a line goes on as it came.
+    pub(crate) fn passes_on(&self, name: &[u8]) -> bool {
+        passes_on(name)
+            && !self
+                .folded
+                .is_some_and(|(folded, _)| wire::is_named(name, folded))
+    }
+
+    /// The folded field's value: the lines' values, then the appended one, a comma between.
+    pub(crate) fn write_folded(&self, buffer: &mut Vec<u8>) -> Option<&'a HeaderName> {
+        let (name, appended) = self.folded?;
+        for value in self.lines.into_iter().flat_map(|lines| lines.values(name)) {
+            buffer.extend_from_slice(value);
+            buffer.extend_from_slice(b", ");
+        }
+        buffer.extend_from_slice(appended.as_bytes());
+        Some(name)
     }
 }
 
@@ -459,7 +476,13 @@ fn passes_on(name: &[u8]) -> bool {
 /// shadow's copy).
 pub fn append_to_map(headers: &mut HeaderMap, appended: Appended<'_>) {
     if let Some(lines) = appended.lines {
-        lines.append_those_to(headers, passes_on);
+        lines.append_those_to(headers, |name| appended.passes_on(name));
+    }
+    let mut value = Vec::new();
+    if let Some(name) = appended.write_folded(&mut value) {
+        if let Ok(value) = HeaderValue::from_bytes(&value) {
+            headers.append(name.clone(), value);
+        }
     }
     for (name, value) in appended.fields {
         headers.append(name.clone(), value.clone());

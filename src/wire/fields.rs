@@ -111,6 +111,19 @@ impl Fields {
     }
 }
 
+#[cfg(test)]
+impl Fields {
+    /// The fields of a request head, as abproxy's server keeps them.
+    pub(crate) fn of_request(head: &'static [u8]) -> Fields {
+        let mut fields = [httparse::EMPTY_HEADER; 16];
+        let mut request = httparse::Request::new(&mut fields);
+        request.parse(head).expect("a request head");
+        let mut spans = [Span::default(); 16];
+        let spans = locate(head, request.headers, &mut spans);
+        Fields::new(Bytes::from_static(head), spans.into())
+    }
+}
+
 /// Where `part`, a slice of `whole`, lies in it.
 pub(crate) fn within(whole: &[u8], part: &[u8]) -> (u32, u32) {
     let start = part.as_ptr() as usize - whole.as_ptr() as usize;

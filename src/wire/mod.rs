@@ -15,7 +15,7 @@ use http::HeaderMap;
 use tokio::io::AsyncRead;
 
 pub(crate) use date::Date;
-pub(crate) use fields::{fill, locate, within, Field, Fields, InvalidField, Span};
+pub(crate) use fields::{fill, locate, within, Fields, InvalidField, Span};
 pub(crate) use outgoing::{Encoding, Outgoing, WriteFailure};
 
 /// The field names that the lines of `field` (`Trailer`, `Connection`) list, comma-separated.

@@ -7,7 +7,6 @@ use http::header::{self, HeaderName};
 use http::{HeaderMap, Method, Request, Uri, Version};
 
 use super::LONGEST_HEAD;
-use crate::proxy::forward::X_FORWARDED_FOR;
 use crate::proxy::ClientBody;
 use crate::wire::{
     content_length, fill, is_named, lists, locate, names_fields, within, Fields, Span,
@@ -54,7 +53,7 @@ struct Facts {
     /// unreadable lengths.
     other: bool,
     /// A field to edit on the way upstream: a `Connection` that names fields to drop with
-    /// it, or an `X-Forwarded-For` to append the client to.
+    /// it. (The writer appends the client to an `X-Forwarded-For` that came as lines.)
     edited: bool,
 }
 
@@ -74,8 +73,6 @@ impl Facts {
         } else if is(&header::CONNECTION) {
             self.close |= lists(value, b"close");
             self.edited |= names_fields(value);
-        } else if is(&X_FORWARDED_FOR) {
-            self.edited = true;
         } else if is(&header::TE) {
             self.trailers |= lists(value, b"trailers");
         } else if is(&header::TRANSFER_ENCODING) || is(&header::EXPECT) || is(&header::UPGRADE) {
@@ -215,17 +212,23 @@ mod tests {
     fn fields_to_edit_on_the_way_upstream_are_read_into_the_map() {
         for edited in [
             &b"GET / HTTP/1.1\r\nHost: m\r\nConnection: x-hop\r\nX-Hop: 1\r\n\r\n"[..],
-            b"GET / HTTP/1.1\r\nHost: m\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: m\r\nCONNECTION: X-Hop\r\nX-Hop: 1\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: m\r\nx-FORWARDED-for: 10.0.0.1\r\n\r\n",
         ] {
             let (parsed, _) = served_here(edited);
             assert!(parsed.lines.is_none());
             assert_eq!(parsed.request.headers()["host"], "m");
         }
-        let (parsed, _) =
-            served_here(b"GET / HTTP/1.1\r\nHost: m\r\nConnection: keep-alive\r\n\r\n");
-        assert!(parsed.lines.is_some(), "a `Connection` that names no field");
+        for kept in [
+            &b"GET / HTTP/1.1\r\nHost: m\r\nConnection: keep-alive\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: m\r\nx-FORWARDED-for: 10.0.0.1\r\n\r\n",
+        ] {
+            let (parsed, _) = served_here(kept);
+            assert!(
+                parsed.lines.is_some(),
+                "{:?}",
+                String::from_utf8_lossy(kept)
+            );
+        }
     }
 
     #[test]

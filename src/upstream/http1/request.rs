@@ -57,8 +57,16 @@ pub(super) fn outgoing(
             header_line(&mut buffer, name.as_str().as_bytes(), value.as_bytes());
         }
     }
-    for field in appended.lines() {
-        buffer.extend_from_slice(field.line);
+    for field in appended.lines.iter().flat_map(|lines| lines.iter()) {
+        if appended.passes_on(field.name) {
+            buffer.extend_from_slice(field.line);
+            buffer.extend_from_slice(b"\r\n");
+        }
+    }
+    if let Some((name, _)) = appended.folded {
+        buffer.extend_from_slice(name.as_str().as_bytes());
+        buffer.extend_from_slice(b": ");
+        appended.write_folded(&mut buffer);
         buffer.extend_from_slice(b"\r\n");
     }
     for (name, value) in appended.fields {
@@ -123,10 +131,37 @@ mod tests {
         let appended = Appended {
             lines: None,
             fields: &fields,
+            folded: None,
         };
         assert_eq!(
             head_appending(request, b"", appended),
             "GET / HTTP/1.1\r\nhost: m\r\nx-forwarded-for: 10.0.0.1\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn lines_follow_the_map_less_hop_by_hop_and_framing_with_the_folded_field_after_them() {
+        let request = Request::get("/")
+            .header("host", "m")
+            .body(())
+            .expect("request");
+        let lines = crate::wire::Fields::of_request(
+            b"GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nAccept:  */*\r\nTE: trailers\r\n\
+              Content-Length: 0\r\nx-forwarded-for: 10.0.0.2\r\n\r\n",
+        );
+        let folded = (
+            http::HeaderName::from_static("x-forwarded-for"),
+            http::HeaderValue::from_static("127.0.0.1"),
+        );
+        let appended = Appended {
+            lines: Some(&lines),
+            fields: &[],
+            folded: Some(&folded),
+        };
+        assert_eq!(
+            head_appending(request, b"", appended),
+            "GET / HTTP/1.1\r\nhost: m\r\nAccept:  */*\r\n\
+             x-forwarded-for: 10.0.0.1, 10.0.0.2, 127.0.0.1\r\n\r\n"
         );
     }
 
