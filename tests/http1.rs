@@ -399,16 +399,25 @@ fn assert_end_to_end_fields_only(answer: &Answer) {
     assert_eq!(answer.body, b"{}");
 }
 
+/// The answers to two requests on one connection to abproxy in front of an upstream that
+/// answers each with `reply`: the second on a kept-alive upstream connection.
+async fn two_answers_of(reply: &'static [u8]) -> Vec<Answer> {
+    let upstream = answering(reply).await;
+    let proxy = Proxy::in_front_of(&upstream).await;
+    let mut wire = Wire::to(&proxy).await;
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        wire.send(get("/", "a").as_bytes()).await;
+        answers.push(wire.answer(false).await);
+    }
+    answers
+}
+
 /// Most answers' fields go to the client as they came, without a header map between:
 /// names in their own case, repeated fields in order, and the hop-by-hop ones dropped.
 #[tokio::test]
 async fn an_answers_fields_reach_the_client_as_they_came_less_the_hop_by_hop_ones() {
-    let upstream = answering(FIELDS_AS_SENT).await;
-    let proxy = Proxy::in_front_of(&upstream).await;
-    let mut wire = Wire::to(&proxy).await;
-    for _ in 0..2 {
-        wire.send(get("/", "a").as_bytes()).await;
-        let answer = wire.answer(false).await;
+    for answer in two_answers_of(FIELDS_AS_SENT).await {
         assert_end_to_end_fields_only(&answer);
         assert!(
             answer.head.contains("\r\nX-Model-Version:"),
@@ -545,16 +554,9 @@ async fn forwarding_and_host_are_added_and_fields_connection_names_dropped() {
 /// map: it still names the variant once, abproxy's word over the upstream's.
 #[tokio::test]
 async fn an_edited_answer_names_the_variant_once_and_drops_the_fields_connection_names() {
-    let upstream = answering(
-        b"HTTP/1.1 200 OK\r\nConnection: x-hop\r\nX-Hop: 1\r\nX-Variant: upstream\r\n\
-          X-Model-Version: v7\r\nContent-Length: 2\r\n\r\n{}",
-    )
-    .await;
-    let proxy = Proxy::in_front_of(&upstream).await;
-    let mut wire = Wire::to(&proxy).await;
-    for _ in 0..2 {
-        wire.send(get("/", "a").as_bytes()).await;
-        let answer = wire.answer(false).await;
+    let reply = b"HTTP/1.1 200 OK\r\nConnection: x-hop\r\nX-Hop: 1\r\nX-Variant: upstream\r\n\
+        X-Model-Version: v7\r\nContent-Length: 2\r\n\r\n{}";
+    for answer in two_answers_of(reply).await {
         assert_eq!(answer.status, 200);
         assert_eq!(values(&answer, "x-variant"), ["control"]);
         assert_eq!(answer.header("x-model-version"), Some("v7"));
@@ -605,15 +607,9 @@ async fn a_streamed_answer_is_chunked_with_its_trailers_for_clients_that_take_th
 /// still framed in order.
 #[tokio::test]
 async fn a_chunked_answer_whose_end_comes_with_its_last_chunk_is_framed_in_order() {
-    let upstream = answering(
-        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
-    )
-    .await;
-    let proxy = Proxy::in_front_of(&upstream).await;
-    let mut wire = Wire::to(&proxy).await;
-    for _ in 0..2 {
-        wire.send(get("/", "a").as_bytes()).await;
-        let answer = wire.answer(false).await;
+    let reply =
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+    for answer in two_answers_of(reply).await {
         assert_eq!(answer.status, 200);
         assert_eq!(answer.body, b"hello world");
     }
