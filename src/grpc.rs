@@ -175,30 +175,17 @@ mod tests {
             CONTENT_TYPE,
             HeaderValue::from_static("application/grpc+proto"),
         );
-        assert!(is_call(RequestHead::new(
-            &Default::default(),
-            &headers,
-            None
-        )));
+        let call =
+            |headers: &HeaderMap| is_call(RequestHead::new(&Default::default(), headers, None));
+        assert!(call(&headers));
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        assert!(!is_call(RequestHead::new(
-            &Default::default(),
-            &headers,
-            None
-        )));
+        assert!(!call(&headers));
         headers.insert(
             CONTENT_TYPE,
             HeaderValue::from_static("application/grpc-web+proto"),
         );
-        assert!(
-            !is_call(RequestHead::new(&Default::default(), &headers, None)),
-            "gRPC-Web carries its status in the body"
-        );
+        assert!(!call(&headers), "gRPC-Web carries its status in the body");
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        assert!(is_call(RequestHead::new(
-            &Default::default(),
-            &headers,
-            None
-        )));
+        assert!(call(&headers));
     }
 }

@@ -29,9 +29,10 @@ pub struct Generation {
     pub shadows: Box<[Arc<ShadowTarget>]>,
     /// True when a `json:` source may need the request body read before routing.
     pub reads_body: bool,
-    /// True when no request needs its fields in a map on its way upstream: requests whose
-    /// fields came as lines (see `head`) pass them on as they came. A mirror's copy, a
-    /// fallback's, an HTTP/2 upstream and a `Host` of abproxy's own each need the map.
+    /// True when nothing copies a request's head before it is rewritten for its upstream (a
+    /// mirror's copy, a fallback's): requests whose fields came as lines (see `head`) then
+    /// keep them, and `forward::upstream_request` decides by the upstream whether they go on
+    /// as they came.
     pub passes_lines: bool,
 }
 
@@ -96,11 +97,8 @@ impl Generation {
         let Loaded { config, sha256 } = loaded;
         let routes = build_routes(&config, previous, metrics, guard);
         let shadows = build_shadows(&config, previous, metrics, background);
-        let passes_lines = config.server.preserve_host
-            && shadows.is_empty()
-            && routes
-                .iter()
-                .all(|route| route.fallback.is_none() && !route.upstream.is_http2());
+        let passes_lines =
+            shadows.is_empty() && routes.iter().all(|route| route.fallback.is_none());
         Generation {
             number,
             sha256,

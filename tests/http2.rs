@@ -20,6 +20,19 @@ fn h2c_variant(name: &str, server: &StreamServer, keys: &str) -> String {
     )
 }
 
+/// An h2c model that echoes at once, and abproxy in front of it as the one variant.
+async fn echo_model_behind_proxy() -> (StreamServer, Proxy) {
+    let model = StreamServer::start(
+        "model",
+        Mode::Echo {
+            delay: Duration::ZERO,
+        },
+    )
+    .await;
+    let proxy = Proxy::start(&h2c_variant("model", &model, "")).await;
+    (model, proxy)
+}
+
 /// One GET for each user, all sent before any answer is awaited.
 async fn all_at_once(proxy: &Proxy, users: &[String]) -> Vec<support::Reply> {
     let calls: Vec<_> = users
@@ -67,6 +80,40 @@ async fn two_hundred_requests_in_flight_share_the_configured_connections() {
     assert_eq!(proxy.requests("model", "200").await, 200.0);
 }
 
+/// An HTTP/1.1 request whose fields came as lines reaches an h2c upstream from a map: each
+/// field once, no hop-by-hop field and no `Host` (h2 names the host in `:authority`).
+#[tokio::test]
+async fn an_http1_requests_fields_reach_an_h2c_upstream_once_each() {
+    let (model, proxy) = echo_model_behind_proxy().await;
+    let reply = proxy
+        .client
+        .get("/predict")
+        .user("alice")
+        .header("x-tag", "1")
+        .header("te", "trailers")
+        .send()
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let seen = model.seen();
+    let headers = &seen[0].headers;
+    assert_eq!(seen[0].version, Version::HTTP_2);
+    for (name, value) in [
+        ("x-user-id", "alice"),
+        ("x-tag", "1"),
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-forwarded-proto", "http"),
+    ] {
+        let values: Vec<_> = headers.get_all(name).iter().collect();
+        assert_eq!(values, [value], "{name}");
+    }
+    for absent in ["host", "te", "connection"] {
+        assert!(
+            !headers.contains_key(absent),
+            "{absent} reached the upstream"
+        );
+    }
+}
+
 #[tokio::test]
 async fn an_upstream_that_says_goaway_mid_load_fails_no_request() {
     let model = StreamServer::start(
@@ -96,14 +143,7 @@ async fn an_upstream_that_says_goaway_mid_load_fails_no_request() {
 
 #[tokio::test]
 async fn trailers_cross_the_proxy_both_ways_and_te_trailers_only_for_grpc() {
-    let model = StreamServer::start(
-        "model",
-        Mode::Echo {
-            delay: Duration::ZERO,
-        },
-    )
-    .await;
-    let proxy = Proxy::start(&h2c_variant("model", &model, "")).await;
+    let (model, proxy) = echo_model_behind_proxy().await;
     let mut client = h2c_client::<Channel<Bytes>>(&proxy).await;
     let call = |content_type: &'static str| {
         let (mut sender, body) = Channel::<Bytes>::new(2);

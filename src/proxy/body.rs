@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Response};
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use tokio::sync::watch;
@@ -142,23 +142,18 @@ impl ResponseBody {
     }
 }
 
-/// Moves the fields an upstream answer carries as they came into its map, less the
-/// hop-by-hop ones (as `client_response` leaves the map): for a writer that reads only the
-/// map (hyper's server, for h2 clients and the HTTP/1.1 connections it serves) or a reader
-/// of a field (a gRPC status).
+/// Moves the fields an upstream answer carries as they came into its map (empty until then:
+/// the variant's field is its writer's to add), less the hop-by-hop ones (as
+/// `client_response` leaves the map): for a writer that reads only the map (hyper's server,
+/// for h2 clients and the HTTP/1.1 connections it serves) or a reader of a field (a gRPC
+/// status).
 pub(crate) fn fields_into_map(response: &mut Response<ResponseBody>) {
     let Some(fields) = response.body_mut().take_fields() else {
         return;
     };
-    let mut passed = HeaderMap::new();
-    fields.append_to(&mut passed);
-    super::forward::client_response_headers(&mut passed);
     let headers = response.headers_mut();
-    // What the map already has (the variant's header) is abproxy's to say.
-    for name in headers.keys() {
-        passed.remove(name);
-    }
-    headers.extend(passed);
+    fields.append_to(headers);
+    super::forward::client_response_headers(headers);
 }
 
 /// A bounded copy of the primary answer. Delivered when the body ends; a body that is cut

@@ -103,8 +103,8 @@ pub fn upstream_request<'c>(
     grpc_call: bool,
 ) -> Result<(Request<UpstreamBody>, Appended<'c>), http::Error> {
     let headers = &mut parts.headers;
-    // The lines go on as they came only to an HTTP/1.1 upstream that gets the client's `Host`
-    // (a generation that has other upstreams fills the map before this).
+    // The lines go on as they came only to an HTTP/1.1 upstream that gets the client's `Host`;
+    // hyper's HTTP/2 client and a `Host` of abproxy's own take the map.
     let lines = match lines {
         Some(lines) if upstream.is_http2() || !preserve_host => {
             lines.append_to(headers);
@@ -272,11 +272,12 @@ fn remove_present_hop_by_hop(headers: &mut HeaderMap) {
 /// Appends the client to `X-Forwarded-For`, folding earlier lines of it into one.
 fn append_forwarded_for(headers: &mut HeaderMap, client: &Peer) {
     let mut value = Vec::new();
-    for line in headers.get_all(&X_FORWARDED_FOR) {
-        value.extend_from_slice(line.as_bytes());
-        value.extend_from_slice(b", ");
-    }
-    value.extend_from_slice(client.forwarded_for().as_bytes());
+    let earlier = headers.get_all(&X_FORWARDED_FOR).into_iter();
+    wire::fold(
+        &mut value,
+        earlier.map(HeaderValue::as_bytes),
+        client.forwarded_for().as_bytes(),
+    );
     let value = HeaderValue::from_bytes(&value).unwrap_or_else(|_| client.forwarded_for().clone());
     headers.insert(&X_FORWARDED_FOR, value);
 }

@@ -457,11 +457,8 @@ impl<'a> Appended<'a> {
     /// The folded field's value: the lines' values, then the appended one, a comma between.
     pub(crate) fn write_folded(&self, buffer: &mut Vec<u8>) -> Option<&'a HeaderName> {
         let (name, appended) = self.folded?;
-        for value in self.lines.into_iter().flat_map(|lines| lines.values(name)) {
-            buffer.extend_from_slice(value);
-            buffer.extend_from_slice(b", ");
-        }
-        buffer.extend_from_slice(appended.as_bytes());
+        let values = self.lines.into_iter().flat_map(|lines| lines.values(name));
+        wire::fold(buffer, values, appended.as_bytes());
         Some(name)
     }
 }

@@ -50,6 +50,16 @@ pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
     }
 }
 
+/// Writes `values` and then `last` as one field value, a comma between each (RFC 9110 §5.3:
+/// how lines of one field combine).
+pub(crate) fn fold<'v>(buffer: &mut Vec<u8>, values: impl Iterator<Item = &'v [u8]>, last: &[u8]) {
+    for value in values {
+        buffer.extend_from_slice(value);
+        buffer.extend_from_slice(b", ");
+    }
+    buffer.extend_from_slice(last);
+}
+
 /// Whether a `Connection` value names a field to drop with it, not only `close` or
 /// `keep-alive`.
 pub(crate) fn names_fields(connection: &[u8]) -> bool {

@@ -31,8 +31,8 @@ pub(super) struct Framed {
 /// Encodes `parts` into `buffer` (cleared first), with the framing its body needs: the
 /// answer's own `content-length` if it has one, else the body's exact length, else chunked.
 /// An upstream answer's fields that pass through as they came are written first, less the
-/// hop-by-hop ones, then the map's, then the field that names the variant (which replaces
-/// any of that name: the name is abproxy's to say).
+/// hop-by-hop ones (its map is empty then), then the map's, then the field that names the
+/// variant (which replaces any of that name: the name is abproxy's to say).
 pub(super) fn encode(
     parts: &Parts,
     body: &ResponseBody,
@@ -62,12 +62,8 @@ pub(super) fn encode(
     };
     let is_variant = |name: &[u8]| variant.is_some_and(|(variant, _)| is_named(name, variant));
     if let Some(fields) = body.fields() {
-        // The map holds what abproxy says itself: its names are not the upstream's to say as
-        // well.
-        let said_here = |name: &[u8]| parts.headers.keys().any(|key| is_named(name, key));
         for field in fields.iter() {
             if !is_hop_by_hop(field.name)
-                && !said_here(field.name)
                 && !is_variant(field.name)
                 && lines.admits(field.name, field.value)
             {
